@@ -1,0 +1,42 @@
+"""The configuration: command line and JSON file in, one MachineConfig out.
+
+This package is the only reader of argv and of the `-config` file. Its entry point,
+`parse`, returns the validated MachineConfig, the notes the log should carry (which
+command-line option overrode which file setting), and whether -print-config was asked.
+"""
+
+from dataclasses import dataclass
+
+from .cmdline import draft_from_options, parse_command_line
+from .errors import ConfigError
+from .jsonfile import read_config_file
+from .merge import merge
+from .model import MachineConfig
+from .render import to_json
+from .validate import build
+
+__all__ = ["ConfigError", "MachineConfig", "Invocation", "parse", "to_json"]
+
+
+@dataclass(frozen=True)
+class Invocation:
+    config: MachineConfig
+    notes: tuple[str, ...]
+    print_config: bool
+
+
+def parse(argv: list[str]) -> Invocation | int:
+    """argv without the program name -> Invocation, or the exit status of --help or
+    --version. Raises ConfigError for any user mistake."""
+    parsed = parse_command_line(argv)
+    if isinstance(parsed, int):
+        return parsed
+    values, print_config = parsed
+    command_line = draft_from_options(values)
+    notes: list[str] = []
+    config_file = values.get("config")
+    if config_file:
+        draft, notes = merge(read_config_file(config_file[0]), command_line)
+    else:
+        draft = command_line
+    return Invocation(build(draft), tuple(notes), print_config)

@@ -1,0 +1,47 @@
+"""What a front end (command line or JSON file) hands to validation.
+
+Both front ends turn their syntax into typed values, each tagged with `where` it came
+from (`-smp`, `machine-config.vcpu_count`), so range and consistency checks are written
+once yet their messages still name the exact option or JSON path the user wrote.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# Settings of the machine as a whole, by their internal names.
+SCALARS = ("kernel", "boot_args", "initrd", "name", "vcpus", "mem_size",
+           "omit_vm_memory", "serial_stdio", "api_channel", "log_file", "pidfile",
+           "daemonize", "disable_seccomp")
+
+# Device kinds and their fields, by internal names.
+DEVICE_FIELDS = {
+    "drive": ("id", "path", "read_only", "direct", "serial"),
+    "nic": ("id", "tap", "mac"),
+    "console": ("id", "socket"),
+    "vsock": ("id", "guest_cid"),
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    value: Any
+    where: str
+
+
+@dataclass
+class Item:
+    """One device as written: its fields and where the device itself was written."""
+    kind: str
+    where: str
+    fields: dict[str, Setting] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return self.fields["id"].value
+
+
+@dataclass
+class Draft:
+    scalars: dict[str, Setting] = field(default_factory=dict)
+    devices: dict[str, list[Item]] = field(
+        default_factory=lambda: {kind: [] for kind in DEVICE_FIELDS})

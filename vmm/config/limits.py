@@ -1,0 +1,43 @@
+"""Every limit and default of the configuration, in one place.
+
+The ranges are those of StratoVirt's x86_64 microVM (shared/docs/spec.md); the few
+additions (id syntax, serial length, socket path length) come from what the guest or
+the host can actually carry, and each says where it comes from.
+"""
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+VCPUS = (1, 254)
+MEM_SIZE = (128 * MiB, 512 * GiB)
+# Guest RAM is mapped into KVM memory slots page by page.
+MEM_ALIGN = 4 * KiB
+NAME_CHARS = (1, 255)
+
+MAX_DRIVES = 6
+MAX_NICS = 2
+MAX_CONSOLES = 1
+MAX_VSOCKS = 1
+# Devices besides disks and NICs on x86_64 (12 on AArch64, which we do not target).
+MAX_OTHER_DEVICES = 2
+
+# Device ids become QMP identifiers and process names: QEMU's rule for ids.
+ID_CHARS = (1, 64)
+# VIRTIO_BLK_ID_BYTES: the GET_ID reply is 20 bytes, not NUL-terminated when full.
+DRIVE_SERIAL_BYTES = (1, 20)
+# IFNAMSIZ is 16 including the terminating NUL.
+TAP_NAME_BYTES = (1, 15)
+# VMADDR_CID_HOST is 2; 0xFFFFFFFF is VMADDR_CID_ANY.
+GUEST_CID = (3, 0xFFFF_FFFE)
+# COMMAND_LINE_SIZE on x86 is 2048 bytes including the NUL.
+BOOT_ARGS_BYTES = 2047
+# sun_path is 108 bytes including the NUL.
+SOCKET_PATH_BYTES = 107
+
+DEFAULT_NAME = "stratovirt"
+DEFAULT_VCPUS = 1
+DEFAULT_MEM_SIZE = 256 * MiB
+# StratoVirt opens disks with O_DIRECT unless told otherwise.
+DEFAULT_DIRECT = True
+DEFAULT_READ_ONLY = False

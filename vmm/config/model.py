@@ -1,0 +1,67 @@
+"""MachineConfig: the one immutable, validated product of the configuration.
+
+No module outside vmm.config reads argv or the JSON file; everything else takes one of
+these. Paths are absolute; sizes are bytes; optional things are None.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class BootSource:
+    kernel: Path
+    boot_args: str
+    initrd: Path | None
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    name: str
+    vcpus: int
+    mem_size: int
+    omit_vm_memory: bool
+
+
+@dataclass(frozen=True)
+class Drive:
+    id: str
+    path: Path
+    read_only: bool
+    direct: bool
+    serial: str | None
+
+
+@dataclass(frozen=True)
+class Nic:
+    id: str
+    tap: str
+    mac: str | None  # lower case aa:bb:cc:dd:ee:ff
+
+
+@dataclass(frozen=True)
+class Console:
+    id: str
+    socket: Path
+
+
+@dataclass(frozen=True)
+class Vsock:
+    id: str
+    guest_cid: int
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    boot: BootSource
+    machine: MachineSpec
+    drives: tuple[Drive, ...]
+    nics: tuple[Nic, ...]
+    console: Console | None
+    vsock: Vsock | None
+    serial_stdio: bool
+    api_channel: Path
+    log_file: Path | None
+    pidfile: Path | None
+    daemonize: bool
+    seccomp: bool

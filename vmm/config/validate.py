@@ -1,0 +1,247 @@
+"""Draft -> MachineConfig: ranges, syntax of names, consistency, then the host's files.
+
+Checks that need nothing but the values come first, so a typo is reported before a
+missing file. The first problem found is the one reported.
+"""
+
+import re
+import string
+
+from . import limits as L
+from . import paths
+from .draft import Draft, Item, Setting
+from .errors import ConfigError
+from .model import (BootSource, Console, Drive, MachineConfig, MachineSpec, Nic,
+                    Vsock)
+from .values import show
+
+_ID = re.compile(r"[A-Za-z][A-Za-z0-9._-]*")
+_MAC = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}")
+_SERIAL_CHARS = set(string.printable) - set(string.whitespace) | {" "}
+
+
+def build(draft: Draft) -> MachineConfig:
+    s = draft.scalars
+    _check_scalars(s)
+    _check_devices(draft.devices)
+    _check_combinations(s, draft.devices)
+    return _with_host_checks(s, draft.devices)
+
+
+def _value(s: dict[str, Setting], name: str, default):
+    return s[name].value if name in s else default
+
+
+def _require(s: dict[str, Setting], name: str, options: str, hint: str) -> Setting:
+    if name not in s:
+        raise ConfigError(options, "missing", hint)
+    return s[name]
+
+
+def _human(size: int) -> str:
+    for unit, factor in (("GiB", L.GiB), ("MiB", L.MiB), ("KiB", L.KiB)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor} {unit}"
+    return f"{size} bytes"
+
+
+def _check_range(setting: Setting, low: int, high: int, what: str, shown=str) -> None:
+    if not low <= setting.value <= high:
+        raise ConfigError(setting.where, f"{shown(setting.value)} {what} is out of range",
+                          f"allowed {shown(low)}..{shown(high)}")
+
+
+def _check_scalars(s: dict[str, Setting]) -> None:
+    _require(s, "kernel", "-kernel", "give the kernel image with -kernel or "
+             "boot-source.kernel_image_path")
+    _require(s, "api_channel", "-api-channel",
+             "give the control socket with -api-channel unix:/path/to/socket")
+    if "name" in s:
+        name = s["name"]
+        low, high = L.NAME_CHARS
+        if not low <= len(name.value) <= high:
+            raise ConfigError(name.where, f"name of {len(name.value)} characters",
+                              f"allowed {low}..{high} characters")
+        if not name.value.isprintable():
+            raise ConfigError(name.where, f"{show(name.value)} has control characters",
+                              "use printable characters")
+    if "vcpus" in s:
+        _check_range(s["vcpus"], *L.VCPUS, "vCPUs")
+    if "mem_size" in s:
+        _check_memory(s["mem_size"])
+    if "boot_args" in s:
+        args = s["boot_args"]
+        size = len(args.value.encode("utf-8", "surrogateescape"))
+        if size > L.BOOT_ARGS_BYTES:
+            raise ConfigError(args.where, f"kernel command line of {size} bytes",
+                              f"at most {L.BOOT_ARGS_BYTES} bytes")
+
+
+def _check_memory(mem: Setting) -> None:
+    low, high = L.MEM_SIZE
+    if not low <= mem.value <= high:
+        hint = ""
+        if mem.where == "-m" and mem.value < low and low <= mem.value * L.MiB <= high:
+            hint = f" (a plain number is bytes: for {mem.value} MiB write {mem.value}M)"
+        raise ConfigError(mem.where, f"{_human(mem.value)} of memory is out of range",
+                          f"allowed {_human(low)}..{_human(high)}{hint}")
+    if mem.value % L.MEM_ALIGN:
+        raise ConfigError(mem.where, f"{mem.value} bytes is not a multiple of 4 KiB",
+                          f"round it to a multiple of {L.MEM_ALIGN} bytes")
+
+
+_COUNT_LIMITS = {
+    "drive": (L.MAX_DRIVES, "disks (hot-plugged ones included)"),
+    "nic": (L.MAX_NICS, "NICs (hot-plugged ones included)"),
+    "console": (L.MAX_CONSOLES, f"console; x86_64 allows {L.MAX_OTHER_DEVICES} devices besides "
+                                "disks and NICs: one console and one vsock"),
+    "vsock": (L.MAX_VSOCKS, f"vsock; x86_64 allows {L.MAX_OTHER_DEVICES} devices besides "
+                            "disks and NICs: one console and one vsock"),
+}
+
+
+def _check_devices(devices: dict[str, list[Item]]) -> None:
+    for kind, (limit, what) in _COUNT_LIMITS.items():
+        items = devices[kind]
+        if len(items) > limit:
+            raise ConfigError(items[limit].where, f"{len(items)} {kind} devices given",
+                              f"at most {limit} {what}")
+    seen: dict[str, Item] = {}
+    for item in (i for items in devices.values() for i in items):
+        ident = item.fields["id"]
+        _check_id(ident)
+        if ident.value in seen:
+            raise ConfigError(ident.where, f"id {show(ident.value)} is also used by "
+                              f"{seen[ident.value].where}", "ids must be unique across devices")
+        seen[ident.value] = item
+    for item in devices["drive"]:
+        if "serial" in item.fields:
+            _check_serial(item.fields["serial"])
+    for item in devices["nic"]:
+        _check_tap(item.fields["tap"])
+        if "mac" in item.fields:
+            _check_mac(item.fields["mac"])
+    for item in devices["vsock"]:
+        _check_range(item.fields["guest_cid"], *L.GUEST_CID, "guest CID", shown=hex)
+    _check_distinct(devices["nic"], "tap", "tap")
+
+
+def _check_id(ident: Setting) -> None:
+    low, high = L.ID_CHARS
+    if not (low <= len(ident.value) <= high and _ID.fullmatch(ident.value)):
+        raise ConfigError(ident.where, f"{show(ident.value)} is not a valid id",
+                          f"{low}..{high} characters: a letter, then letters, digits, "
+                          "'-', '.', '_'")
+
+
+def _check_serial(serial: Setting) -> None:
+    low, high = L.DRIVE_SERIAL_BYTES
+    if not (low <= len(serial.value) <= high and set(serial.value) <= _SERIAL_CHARS):
+        raise ConfigError(serial.where, f"{show(serial.value)} is not a valid disk serial",
+                          f"{low}..{high} printable ASCII characters")
+
+
+def _check_tap(tap: Setting) -> None:
+    # The kernel's dev_valid_name(): length, no '/', ':' or whitespace, not . or ..
+    name = tap.value
+    size = len(name.encode("utf-8", "surrogateescape"))
+    low, high = L.TAP_NAME_BYTES
+    if (not low <= size <= high or name in (".", "..")
+            or any(c in "/:" or c.isspace() for c in name)):
+        raise ConfigError(tap.where, f"{show(name)} is not a valid interface name",
+                          f"{low}..{high} bytes, no '/', ':' or whitespace, not '.' or '..'")
+
+
+def _check_mac(mac: Setting) -> None:
+    if not _MAC.fullmatch(mac.value):
+        raise ConfigError(mac.where, f"{show(mac.value)} is not a MAC address",
+                          "six hex pairs separated by ':', like 0e:90:df:9f:a8:88")
+    first = int(mac.value[:2], 16)
+    if first & 1:
+        raise ConfigError(mac.where, f"{mac.value} is a multicast address",
+                          "give a unicast MAC (lowest bit of the first byte clear)")
+    if int(mac.value.replace(":", ""), 16) == 0:
+        raise ConfigError(mac.where, "00:00:00:00:00:00 is not a usable MAC",
+                          "give a unicast MAC other than all zeros")
+
+
+def _check_distinct(items: list[Item], name: str, what: str) -> None:
+    seen: dict[str, Setting] = {}
+    for item in items:
+        setting = item.fields[name]
+        if setting.value in seen:
+            raise ConfigError(setting.where, f"{what} {show(setting.value)} is also used by "
+                              f"{seen[setting.value].where}", f"give each device its own {what}")
+        seen[setting.value] = setting
+
+
+def _check_combinations(s: dict[str, Setting], devices: dict[str, list[Item]]) -> None:
+    daemonize = _value(s, "daemonize", False)
+    if "pidfile" in s and not daemonize:
+        raise ConfigError(s["pidfile"].where, "only works with -daemonize",
+                          "add -daemonize or drop -pidfile")
+    if daemonize and _value(s, "serial_stdio", False):
+        raise ConfigError(s["serial_stdio"].where, "a daemon has no stdio for the serial port",
+                          "drop -serial stdio or -daemonize")
+    created = [s[name] for name in ("api_channel", "pidfile", "log_file") if name in s]
+    created += [item.fields["socket"] for item in devices["console"]]
+    seen: dict = {}
+    for setting in created:
+        path = paths.absolute(setting)
+        if path in seen:
+            raise ConfigError(setting.where, f"{show(str(path))} is also {seen[path].where}",
+                              "give each socket, pidfile and log its own path")
+        seen[path] = setting
+
+
+def _with_host_checks(s: dict[str, Setting], devices: dict[str, list[Item]]) -> MachineConfig:
+    kernel = s["kernel"]
+    paths.existing_file(kernel, "kernel")
+    if "initrd" in s:
+        paths.existing_file(s["initrd"], "initrd")
+
+    drives, opened = [], {}
+    for item in devices["drive"]:
+        f = item.fields
+        read_only = f["read_only"].value if "read_only" in f else L.DEFAULT_READ_ONLY
+        direct = f["direct"].value if "direct" in f else L.DEFAULT_DIRECT
+        info = paths.existing_file(f["path"], "disk image", writable=not read_only,
+                                   block_ok=True)
+        if direct:
+            paths.supports_direct_io(f["path"])
+        key = (info.st_dev, info.st_ino)
+        if key in opened and not (read_only and opened[key][1]):
+            raise ConfigError(f["path"].where, f"the same file as {opened[key][0]}",
+                              "a disk image may be shared only when every user is read-only")
+        opened[key] = (f["path"].where, read_only)
+        drives.append(Drive(item.id, paths.absolute(f["path"]), read_only, direct,
+                            f["serial"].value if "serial" in f else None))
+
+    console = None
+    for item in devices["console"]:
+        console = Console(item.id, paths.new_path(item.fields["socket"], "console socket",
+                                                   socket=True))
+    api_channel = paths.new_path(s["api_channel"], "api-channel socket", socket=True)
+    pidfile = paths.new_path(s["pidfile"], "pidfile") if "pidfile" in s else None
+    log_file = paths.log_path(s["log_file"]) if "log_file" in s else None
+
+    return MachineConfig(
+        boot=BootSource(paths.absolute(kernel), _value(s, "boot_args", ""),
+                        paths.absolute(s["initrd"]) if "initrd" in s else None),
+        machine=MachineSpec(_value(s, "name", L.DEFAULT_NAME),
+                            _value(s, "vcpus", L.DEFAULT_VCPUS),
+                            _value(s, "mem_size", L.DEFAULT_MEM_SIZE),
+                            _value(s, "omit_vm_memory", False)),
+        drives=tuple(drives),
+        nics=tuple(Nic(i.id, i.fields["tap"].value,
+                       i.fields["mac"].value.lower() if "mac" in i.fields else None)
+                   for i in devices["nic"]),
+        console=console,
+        vsock=next((Vsock(i.id, i.fields["guest_cid"].value) for i in devices["vsock"]), None),
+        serial_stdio=_value(s, "serial_stdio", False),
+        api_channel=api_channel,
+        log_file=log_file,
+        pidfile=pidfile,
+        daemonize=_value(s, "daemonize", False),
+        seccomp=not _value(s, "disable_seccomp", False),
+    )

@@ -22,5 +22,6 @@ class ConfigError(Exception):
 
 
 def one_line(text: str) -> str:
-    """Escape line breaks so a message can never span two lines of stderr."""
-    return text.replace("\r", "\\r").replace("\n", "\\n")
+    """Escape every non-printable character (line breaks of any kind, terminal escape
+    sequences), so a message is always one line and safe to print on a terminal."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)

@@ -63,7 +63,7 @@ def _check_scalars(s: dict[str, Setting]) -> None:
             raise ConfigError(name.where, f"name of {len(name.value)} characters",
                               f"allowed {low}..{high} characters")
         if not name.value.isprintable():
-            raise ConfigError(name.where, f"{show(name.value)} has control characters",
+            raise ConfigError(name.where, f"{show(name.value)} has characters that are not printable",
                               "use printable characters")
     if "vcpus" in s:
         _check_range(s["vcpus"], *L.VCPUS, "vCPUs")

@@ -23,7 +23,7 @@ SIZE_HELP = ("a whole number of bytes, or with a suffix K/KiB, M/MiB, G/GiB "
 
 def show(value) -> str:
     """Quote a user-supplied value for a message: control characters escaped."""
-    if isinstance(value, str):
+    if isinstance(value, (str, bool)):
         return json.dumps(value, ensure_ascii=False)
     return str(value)
 

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Builds a Linux guest from Debian's own packages into assets/ (not committed):
+#   assets/vmlinuz       Debian's cloud kernel (bzImage)
+#   assets/initrd.img    busybox initramfs that loads the virtio modules, then a shell
+#   assets/rootfs.ext4   a small ext4 root filesystem with busybox
+# Safe to run again: it rebuilds only what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=assets
+mkdir -p "$out"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+kernel_package=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/{print $2; exit}')
+if [ -z "$kernel_package" ]; then
+    apt-get update -q
+    kernel_package=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/{print $2; exit}')
+fi
+
+busybox=/bin/busybox
+if [ ! -s "$out/vmlinuz" ] || [ ! -s "$out/initrd.img" ]; then
+    chmod 755 "$work"  # apt-get download drops to the _apt user
+    (cd "$work" && apt-get download -q -o APT::Sandbox::User=root "$kernel_package")
+    dpkg-deb -x "$work"/linux-image-*.deb "$work/k"
+    cp "$work"/k/boot/vmlinuz-* "$out/vmlinuz"
+
+    root="$work/initramfs"
+    mkdir -p "$root"/{bin,dev,proc,sys,mnt,lib/modules}
+    cp "$busybox" "$root/bin/busybox"
+    for tool in sh mount insmod mkdir cat echo ls poweroff reboot sync; do
+        ln -s busybox "$root/bin/$tool"
+    done
+    # Virtio is built as modules in the cloud kernel; this order satisfies their depends=.
+    modules="virtio_ring virtio virtio_mmio virtio_blk failover net_failover virtio_net
+             virtio_console vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport"
+    for module in $modules; do
+        found=$(find "$work/k/lib/modules" -name "$module.ko*" | head -n 1)
+        if [ -n "$found" ]; then cp "$found" "$root/lib/modules/"; fi
+    done
+    cat > "$root/init" <<INIT
+#!/bin/sh
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+for m in $(echo $modules); do
+    for f in /lib/modules/\$m.ko*; do [ -e "\$f" ] && insmod "\$f"; done
+done
+echo "initramfs: ready"
+exec sh
+INIT
+    chmod +x "$root/init"
+    (cd "$root" && find . | cpio -o -H newc --quiet | gzip -9) > "$out/initrd.img"
+fi
+
+if [ ! -s "$out/rootfs.ext4" ]; then
+    rootfs="$work/rootfs"
+    mkdir -p "$rootfs"/{bin,sbin,etc,dev,proc,sys,tmp,root}
+    cp "$busybox" "$rootfs/bin/busybox"
+    for tool in sh mount umount ls cat echo sync poweroff reboot mkdir dd md5sum; do
+        ln -s busybox "$rootfs/bin/$tool"
+    done
+    ln -s ../bin/busybox "$rootfs/sbin/init"
+    printf 'root::0:0:root:/root:/bin/sh\n' > "$rootfs/etc/passwd"
+    truncate -s 64M "$out/rootfs.ext4"
+    mkfs.ext4 -q -F -d "$rootfs" "$out/rootfs.ext4"
+fi
+echo "guest assets in $out/: $(cd "$out" && ls -d vmlinuz initrd.img rootfs.ext4 | tr '\n' ' ')"

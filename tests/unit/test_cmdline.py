@@ -187,7 +187,7 @@ def test_six_drives_accepted_seventh_refused(files):
               for arg in ("-drive", f"id=d{i},file={disk}")]
     assert len(printed(stratovirt(*files.base(), *drives[:12], "-print-config"))["drive"]) == 6
     error = stratovirt(*files.base(), *drives).error
-    assert error.startswith("-drive[6]: 7 drive devices given; at most 6 disks")
+    assert error.startswith("-drive[6]: 7 disks given; at most 6 (hot-plugged ones included)")
 
 
 def test_same_image_twice_needs_read_only(files):
@@ -293,7 +293,7 @@ def test_nic_refused(files, spec, fragment):
 
 def test_nic_limits(files):
     nics = [a for i in range(3) for a in ("-netdev", f"id=n{i},netdev=tap{i}")]
-    assert stratovirt(*files.base(), *nics).error.startswith("-netdev[2]: 3 nic devices given; at most 2 NICs")
+    assert stratovirt(*files.base(), *nics).error.startswith("-netdev[2]: 3 NICs given; at most 2 (hot-plugged")
     error = stratovirt(*files.base(), "-netdev", "id=a,netdev=tap0", "-netdev", "id=b,netdev=tap0").error
     assert error.startswith('-netdev[1].netdev: tap "tap0" is also used by -netdev[0].netdev')
 
@@ -311,7 +311,7 @@ def test_console_and_vsock(files):
 @pytest.mark.parametrize("cid", ["0", "1", "2", "0xFFFFFFFF", "4294967296"])
 def test_guest_cid_range(files, cid):
     error = stratovirt(*files.base(), "-device", f"vsock,id=v,guest-cid={cid}").error
-    assert error.startswith("-device[0].guest-cid: ") and "allowed 0x3..0xfffffffe" in error
+    assert error.startswith("-device[0].guest-cid: ") and "allowed 3..4294967294" in error
 
 
 def test_other_device_limits(files):
@@ -319,10 +319,10 @@ def test_other_device_limits(files):
     assert error.startswith('-device[0]: unknown device type "virtio-rng"; the only -device type is vsock')
     error = stratovirt(*files.base(), "-device", "vsock,id=a,guest-cid=3",
                        "-device", "vsock,id=b,guest-cid=4").error
-    assert error.startswith("-device[1]: 2 vsock devices given; at most 1 vsock; x86_64 allows 2")
+    assert error.startswith("-device[1]: 2 vsock devices given; at most 1 (x86_64 allows 2")
     error = stratovirt(*files.base(), "-chardev", f"id=a,path={files.dir}/c1",
                        "-chardev", f"id=b,path={files.dir}/c2").error
-    assert error.startswith("-chardev[1]: 2 console devices given; at most 1 console")
+    assert error.startswith("-chardev[1]: 2 consoles given; at most 1 (x86_64 allows 2 devices besides disks and NICs")
 
 
 def test_console_socket_must_not_exist(files):

@@ -45,10 +45,10 @@ def _human(size: int) -> str:
     return f"{size} bytes"
 
 
-def _check_range(setting: Setting, low: int, high: int, what: str, shown=str) -> None:
+def _check_range(setting: Setting, low: int, high: int, what: str) -> None:
     if not low <= setting.value <= high:
-        raise ConfigError(setting.where, f"{shown(setting.value)} {what} is out of range",
-                          f"allowed {shown(low)}..{shown(high)}")
+        raise ConfigError(setting.where, f"{setting.value} {what} is out of range",
+                          f"allowed {low}..{high}")
 
 
 def _check_scalars(s: dict[str, Setting]) -> None:
@@ -90,22 +90,23 @@ def _check_memory(mem: Setting) -> None:
                           f"round it to a multiple of {L.MEM_ALIGN} bytes")
 
 
+_OTHERS = (f"x86_64 allows {L.MAX_OTHER_DEVICES} devices besides disks and NICs: "
+           "one console and one vsock")
 _COUNT_LIMITS = {
-    "drive": (L.MAX_DRIVES, "disks (hot-plugged ones included)"),
-    "nic": (L.MAX_NICS, "NICs (hot-plugged ones included)"),
-    "console": (L.MAX_CONSOLES, f"console; x86_64 allows {L.MAX_OTHER_DEVICES} devices besides "
-                                "disks and NICs: one console and one vsock"),
-    "vsock": (L.MAX_VSOCKS, f"vsock; x86_64 allows {L.MAX_OTHER_DEVICES} devices besides "
-                            "disks and NICs: one console and one vsock"),
+    # kind: (limit, noun, what the limit covers)
+    "drive": (L.MAX_DRIVES, "disks", "hot-plugged ones included"),
+    "nic": (L.MAX_NICS, "NICs", "hot-plugged ones included"),
+    "console": (L.MAX_CONSOLES, "consoles", _OTHERS),
+    "vsock": (L.MAX_VSOCKS, "vsock devices", _OTHERS),
 }
 
 
 def _check_devices(devices: dict[str, list[Item]]) -> None:
-    for kind, (limit, what) in _COUNT_LIMITS.items():
+    for kind, (limit, noun, scope) in _COUNT_LIMITS.items():
         items = devices[kind]
         if len(items) > limit:
-            raise ConfigError(items[limit].where, f"{len(items)} {kind} devices given",
-                              f"at most {limit} {what}")
+            raise ConfigError(items[limit].where, f"{len(items)} {noun} given",
+                              f"at most {limit} ({scope})")
     seen: dict[str, Item] = {}
     for item in (i for items in devices.values() for i in items):
         ident = item.fields["id"]
@@ -122,7 +123,7 @@ def _check_devices(devices: dict[str, list[Item]]) -> None:
         if "mac" in item.fields:
             _check_mac(item.fields["mac"])
     for item in devices["vsock"]:
-        _check_range(item.fields["guest_cid"], *L.GUEST_CID, "guest CID", shown=hex)
+        _check_range(item.fields["guest_cid"], *L.GUEST_CID, "as guest CID")
     _check_distinct(devices["nic"], "tap", "tap")
 
 

@@ -17,14 +17,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     if isinstance(invocation, int):
         return invocation
-    for note in invocation.notes:
-        print(f"stratovirt: note: {note}", file=sys.stderr)
     if invocation.print_config:
+        for note in invocation.notes:
+            print(f"stratovirt: note: {note}", file=sys.stderr)
         print(config.to_json(invocation.config))
         return 0
-    print("stratovirt: error: this version validates configurations only; booting "
-          "a VM is not built yet (use -print-config)", file=sys.stderr)
-    return 1
+    from . import launcher  # only a VM run needs KVM and the native module
+    return launcher.run(invocation.config, invocation.notes)
 
 
 def run() -> None:

@@ -7,6 +7,7 @@ missing file. The first problem found is the one reported.
 import re
 import string
 
+from ..boot.kernel import BadKernel, KernelImage, initrd_address, inspect, read_head
 from . import limits as L
 from . import paths
 from .draft import Draft, Item, Setting
@@ -195,11 +196,34 @@ def _check_combinations(s: dict[str, Setting], devices: dict[str, list[Item]]) -
         seen[path] = setting
 
 
+def _kernel_image(kernel: Setting) -> KernelImage:
+    path = paths.absolute(kernel)
+    try:
+        return inspect(*read_head(path))
+    except BadKernel as error:
+        raise ConfigError(kernel.where, f"kernel {show(str(path))} {error}",
+                          "give an ELF vmlinux (x86_64) or a bzImage (boot protocol 2.06+)"
+                          ) from None
+
+
 def _with_host_checks(s: dict[str, Setting], devices: dict[str, list[Item]]) -> MachineConfig:
     kernel = s["kernel"]
     paths.existing_file(kernel, "kernel")
+    image = _kernel_image(kernel)
+    boot_args = _value(s, "boot_args", "")
+    if len(boot_args.encode("utf-8", "surrogateescape")) >= image.cmdline_size:
+        raise ConfigError(s["boot_args"].where, "kernel command line too long for this kernel",
+                          f"it takes at most {image.cmdline_size - 1} bytes")
     if "initrd" in s:
-        paths.existing_file(s["initrd"], "initrd")
+        initrd = s["initrd"]
+        size = paths.existing_file(initrd, "initrd").st_size
+        mem_size = _value(s, "mem_size", L.DEFAULT_MEM_SIZE)
+        try:
+            initrd_address(image, mem_size, size)
+        except BadKernel as error:
+            raise ConfigError(initrd.where, f"an initrd of {_human(size)} does not fit in "
+                              f"{_human(mem_size)} of memory: the kernel {error}",
+                              "give more memory (-m) or a smaller initrd") from None
 
     drives, opened = [], {}
     for item in devices["drive"]:
@@ -227,7 +251,7 @@ def _with_host_checks(s: dict[str, Setting], devices: dict[str, list[Item]]) -> 
     log_file = paths.log_path(s["log_file"]) if "log_file" in s else None
 
     return MachineConfig(
-        boot=BootSource(paths.absolute(kernel), _value(s, "boot_args", ""),
+        boot=BootSource(paths.absolute(kernel), boot_args,
                         paths.absolute(s["initrd"]) if "initrd" in s else None),
         machine=MachineSpec(_value(s, "name", L.DEFAULT_NAME),
                             _value(s, "vcpus", L.DEFAULT_VCPUS),

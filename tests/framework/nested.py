@@ -1,0 +1,275 @@
+"""Run a shell scenario inside an L1 Linux that has a real /dev/kvm.
+
+Why: this host's /dev/kvm is PVM and cannot run a stock Linux guest. QEMU's software
+emulator (TCG) with `-cpu max,+svm` runs an L1 Debian whose kvm-amd gives a real /dev/kvm,
+so our VMM can boot Debian's stock kernel as L2 inside L1 (../shared/docs/host.md, "way 3").
+Python is slow under TCG: use this for correctness, never for timings.
+
+    with NestedRig() as rig:
+        result = rig.run("stratovirt --version", files={"vm.json": path})
+        assert result.status == 0, result.console
+
+Each run:
+- makes sure the cached base image exists (scripts/build-l1.sh: Debian bookworm, python3,
+  qemu-system-x86, a venv /opt/vmm with the runtime dependencies);
+- builds the project wheel from the working tree (once per NestedRig), with the host's
+  /usr/bin/python3, which is bookworm's 3.11.2;
+- writes a per-run "payload" ext4 disk and boots L1 on QEMU TCG (q35, `-cpu max,+svm`) with
+  the base image `snapshot=on` (runs never change it) and the payload disk.
+
+What the scenario sees inside L1 (as root, run with `sh`, stdin /dev/null, stderr merged
+into stdout):
+- `stratovirt` and `python3` from /opt/vmm/bin first on PATH: the wheel was just
+  `pip install --no-deps --no-index`-ed there; /dev/kvm with kvm-amd loaded.
+- the `files` given to run() at /payload/files/<name>, which is also the working directory;
+  the payload disk is a per-run copy, so the scenario may change them.
+- the L2 guest from scripts/guest-assets.sh, always: /l2/vmlinuz (Debian's cloud kernel,
+  bzImage), /l2/initrd.img (busybox initramfs), /l2/rootfs.ext4 (per-run writable copy).
+- tools: busybox, iproute2, kmod (the L1 kernel's modules, e.g. `modprobe tun`), e2fsprogs
+  (`debugfs -R 'cat /f' disk.img` reads what a guest wrote), qemu-system-x86_64.
+
+Console protocol (L1's ttyS0, read on the host): the scenario's output sits between the lines
+`NESTED-SCENARIO-BEGIN` and `NESTED-SCENARIO-END status=N`; while it runs, L1's kernel
+messages are kept off the console and printed afterwards between `NESTED-KMSG-BEGIN` and
+`NESTED-KMSG-END`. A failure before the scenario prints `NESTED-SETUP-FAILED: why`.
+"""
+
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+BEGIN = "NESTED-SCENARIO-BEGIN"
+END = re.compile(r"^NESTED-SCENARIO-END status=(\d+)$")
+SETUP_FAILED = "NESTED-SETUP-FAILED"
+
+# PID 1 of L1 once /sbin/l1-init (in the base image) has mounted /proc, /sys, /dev, /tmp,
+# /run and the payload at /payload. It lives on the payload so changing it needs no rebuild.
+INIT = """\
+fail() { echo "NESTED-SETUP-FAILED: $*"; sync; busybox poweroff -f; }
+echo "nested: L1 up after $(cut -d' ' -f1 /proc/uptime) s; installing the project wheel"
+/opt/vmm/bin/pip install -q --no-deps --no-index --disable-pip-version-check \\
+    /payload/wheels/*.whl || fail "pip install of the project wheel"
+modprobe kvm_amd || fail "modprobe kvm_amd"
+echo "nested: ready after $(cut -d' ' -f1 /proc/uptime) s"
+ln -s /payload/l2 /l2
+export PATH=/opt/vmm/bin:$PATH PAYLOAD=/payload
+cd /payload/files
+seen=$(dmesg | wc -l)
+dmesg -n 1
+echo NESTED-SCENARIO-BEGIN
+sh /payload/scenario.sh </dev/null 2>&1
+echo "NESTED-SCENARIO-END status=$?"
+dmesg -n 7
+echo NESTED-KMSG-BEGIN
+dmesg | tail -n +$((seen + 1))
+echo NESTED-KMSG-END
+sync
+busybox poweroff -f
+"""
+
+
+class NestedError(Exception):
+    """L1 did not run the scenario to its end; the message ends with the console's tail."""
+
+
+class NestedTimeout(NestedError):
+    pass
+
+
+@dataclass
+class NestedResult:
+    status: int                 # the scenario's exit status
+    output: list[str]           # its lines (stdout and stderr), without kernel messages
+    console: str                # everything L1 printed, for diagnostics
+    kernel_log: list[str]       # L1's kernel messages while the scenario ran
+    boot_seconds: float         # QEMU launch to NESTED-SCENARIO-BEGIN
+    scenario_seconds: float     # BEGIN to END
+    total_seconds: float        # QEMU launch to QEMU exit
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.output)
+
+
+@dataclass
+class NestedRig:
+    memory_mib: int = 2048
+    cpus: int = 2
+    echo: bool = True           # print the console, timestamped, as it arrives (pytest shows it on failure)
+    _tmp: pathlib.Path | None = field(default=None, init=False, repr=False)
+    _wheel: pathlib.Path | None = field(default=None, init=False, repr=False)
+    _base: pathlib.Path | None = field(default=None, init=False, repr=False)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = self._wheel = None
+
+    def base(self) -> pathlib.Path:
+        """The cached base (l1.img, vmlinuz, initrd.img), built on first use."""
+        if self._base is None:
+            proc = subprocess.run([REPO / "scripts/build-l1.sh"], stdout=subprocess.PIPE,
+                                  text=True, check=True)
+            self._base = pathlib.Path(proc.stdout.splitlines()[-1])
+        return self._base
+
+    def wheel(self) -> pathlib.Path:
+        """The project wheel, built from a copy of the working tree's files as git sees them
+        (tracked and untracked, not ignored), so stale build/ output never gets in."""
+        if self._wheel is None:
+            src = self._tmpdir() / "src"
+            listing = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
+                                      "--exclude-standard"], cwd=REPO, check=True,
+                                     stdout=subprocess.PIPE, text=True).stdout
+            for name in filter(None, listing.split("\0")):
+                if (REPO / name).is_file():
+                    (src / name).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(REPO / name, src / name)
+            out = self._tmpdir() / "wheel"
+            subprocess.run(["/usr/bin/python3", "-m", "pip", "wheel", "-q", "--no-deps",
+                            "--disable-pip-version-check", "-w", out, src],
+                           check=True, stdout=subprocess.DEVNULL)
+            (self._wheel,) = out.glob("*.whl")
+            shutil.rmtree(src)
+        return self._wheel
+
+    def run(self, scenario: str, files: dict[str, pathlib.Path] | None = None,
+            timeout: float = 900) -> NestedResult:
+        """Run `scenario` (shell) in a fresh L1 and return what it printed and its status."""
+        base, wheel = self.base(), self.wheel()
+        run_dir = pathlib.Path(tempfile.mkdtemp(prefix="run-", dir=self._tmpdir()))
+        try:
+            payload = self._payload(run_dir, scenario, wheel, files or {})
+            return self._boot(base, payload, timeout)
+        finally:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+    def _tmpdir(self) -> pathlib.Path:
+        if self._tmp is None:
+            self._tmp = pathlib.Path(tempfile.mkdtemp(prefix="nested-"))
+        return self._tmp
+
+    def _payload(self, run_dir, scenario, wheel, files) -> pathlib.Path:
+        tree = run_dir / "payload"
+        for sub in ("wheels", "files", "l2"):
+            (tree / sub).mkdir(parents=True)
+        (tree / "init.sh").write_text(INIT)
+        (tree / "scenario.sh").write_text(scenario if scenario.endswith("\n") else scenario + "\n")
+        _place(wheel, tree / "wheels" / wheel.name)
+        for name, path in files.items():
+            if pathlib.PurePosixPath(name).is_absolute() or ".." in pathlib.PurePosixPath(name).parts:
+                raise ValueError(f"file name {name!r} must be relative, without '..'")
+            _place(pathlib.Path(path), tree / "files" / name)
+        for name in ("vmlinuz", "initrd.img", "rootfs.ext4"):
+            _place(_guest_asset(name), tree / "l2" / name)
+        size = sum(p.stat().st_size for p in tree.rglob("*") if p.is_file())
+        image = run_dir / "payload.img"
+        with open(image, "wb") as f:
+            f.truncate(size + size // 4 + (64 << 20))     # sparse; room for what L1 writes
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "payload", "-d", tree, image],
+                       check=True)
+        shutil.rmtree(tree)
+        return image
+
+    def _boot(self, base, payload, timeout) -> NestedResult:
+        cmd = ["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg,thread=multi",
+               "-cpu", "max,+svm", "-smp", str(self.cpus), "-m", str(self.memory_mib),
+               "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
+               "-no-reboot",
+               "-kernel", base / "vmlinuz", "-initrd", base / "initrd.img",
+               "-append", "console=ttyS0 reboot=k panic=1 quiet",
+               # vda: the base image (writes go to a throw-away overlay); vdb: the payload
+               "-drive", f"id=root,file={base / 'l1.img'},format=raw,if=none,snapshot=on",
+               "-device", "virtio-blk-pci,drive=root,addr=4",
+               "-drive", f"id=payload,file={payload},format=raw,if=none",
+               "-device", "virtio-blk-pci,drive=payload,addr=5"]
+        lines: list[tuple[float, str]] = []
+        start = time.monotonic()
+        qemu = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        reader = threading.Thread(target=self._read, args=(qemu.stdout, lines, start))
+        reader.start()
+        try:
+            qemu.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise NestedTimeout(f"L1 did not finish within {timeout:.0f} s"
+                                + _tail(lines)) from None
+        finally:
+            if qemu.poll() is None:
+                qemu.kill()
+                qemu.wait()
+            reader.join()
+            qemu.stdout.close()
+        total = time.monotonic() - start
+        return _parse(lines, total, qemu.returncode)
+
+    def _read(self, stream, lines, start):
+        for raw in stream:
+            line = raw.decode(errors="replace").rstrip("\r\n")
+            lines.append((time.monotonic() - start, line))
+            if self.echo:
+                print(f"[L1 {lines[-1][0]:7.2f}s] {line}", flush=True)
+
+
+def _parse(lines, total, qemu_status) -> NestedResult:
+    texts = [text for _, text in lines]
+    failed = [text for text in texts if text.startswith(SETUP_FAILED)]
+    if failed:
+        raise NestedError(failed[0] + _tail(lines))
+    try:
+        begin = texts.index(BEGIN)
+        end = next(i for i in range(begin + 1, len(texts)) if END.match(texts[i]))
+    except (ValueError, StopIteration):
+        raise NestedError(f"the scenario did not run to its end (QEMU exit status "
+                          f"{qemu_status})" + _tail(lines)) from None
+    kmsg = texts[end + 1:]
+    if "NESTED-KMSG-BEGIN" in kmsg and "NESTED-KMSG-END" in kmsg:
+        kmsg = kmsg[kmsg.index("NESTED-KMSG-BEGIN") + 1:kmsg.index("NESTED-KMSG-END")]
+    return NestedResult(status=int(END.match(texts[end]).group(1)),
+                        output=texts[begin + 1:end], console="\n".join(texts),
+                        kernel_log=kmsg, boot_seconds=lines[begin][0],
+                        scenario_seconds=lines[end][0] - lines[begin][0],
+                        total_seconds=total)
+
+
+def _tail(lines, count=40) -> str:
+    return "\n--- L1 console, last lines:\n" + "\n".join(text for _, text in lines[-count:])
+
+
+def _place(source: pathlib.Path, dest: pathlib.Path):
+    """Hard-link (no copy of big disk images) where possible, else copy; mkfs.ext4 -d reads
+    the file and the payload disk gets its own copy either way."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if source.is_dir():
+        shutil.copytree(source, dest, copy_function=_link_or_copy)
+    else:
+        _link_or_copy(source, dest)
+
+
+def _link_or_copy(source, dest):
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copy2(source, dest)
+
+
+def _guest_asset(name: str) -> pathlib.Path:
+    """The L2 guest from scripts/guest-assets.sh, built if missing."""
+    path = REPO / "assets" / name
+    if not path.is_file():
+        subprocess.run([REPO / "scripts/guest-assets.sh"], check=True, stdout=subprocess.DEVNULL)
+    return path

@@ -1,0 +1,45 @@
+"""Writing the boot image into guest RAM: kernel, initrd, command line, boot_params,
+MP table, page tables and GDT. Returns where the bootstrap vCPU starts."""
+
+from dataclasses import dataclass
+
+from .. import layout
+from ..config.model import MachineConfig
+from ..machine.memory import GuestMemory
+from . import longmode, mptable, params
+from .kernel import HEAD_SIZE, initrd_address, inspect
+
+
+@dataclass(frozen=True)
+class BootEntry:
+    rip: int
+    rsi: int            # boot_params, as the 64-bit boot protocol wants
+    rsp: int
+
+
+def load(config: MachineConfig, memory: GuestMemory, cmdline: str) -> BootEntry:
+    data = config.boot.kernel.read_bytes()
+    image = inspect(data[:HEAD_SIZE], len(data))
+    for segment in image.segments:
+        memory.write(segment.address,
+                     data[segment.file_offset:segment.file_offset + segment.file_size])
+        if segment.mem_size > segment.file_size:
+            memory.fill(segment.address + segment.file_size, segment.mem_size - segment.file_size)
+
+    initrd = None
+    if config.boot.initrd:
+        ramdisk = config.boot.initrd.read_bytes()
+        address = initrd_address(image, memory.size, len(ramdisk))
+        memory.write(address, ramdisk)
+        initrd = (address, len(ramdisk))
+
+    encoded = cmdline.encode() + b"\0"
+    memory.write(layout.CMDLINE_ADDR, encoded)
+    memory.write(layout.ZERO_PAGE_ADDR,
+                 params.boot_params(image, memory.size, len(encoded) - 1, initrd))
+    memory.write(layout.EBDA_ADDR, mptable.mp_table(config.machine.vcpus))
+    for address, table in longmode.page_tables():
+        memory.write(address, table)
+    memory.write(layout.GDT_ADDR, longmode.gdt_bytes())
+    memory.write(layout.IDT_ADDR, bytes(8))
+    return BootEntry(image.entry, layout.ZERO_PAGE_ADDR, layout.BOOT_STACK_ADDR)

@@ -1,0 +1,43 @@
+"""Framing of the internal control messages between the VMM's own processes.
+
+One message is one msgpack-encoded map in one SOCK_SEQPACKET datagram, with file
+descriptors riding along as SCM_RIGHTS. Nothing else in the project packs these bytes.
+"""
+
+import os
+import socket
+
+import msgpack
+
+MAX_MESSAGE_BYTES = 64 * 1024
+MAX_FDS = 16
+
+
+class ControlError(Exception):
+    pass
+
+
+def channel_pair() -> tuple[socket.socket, socket.socket]:
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+
+
+def send(sock: socket.socket, message: dict, fds: tuple[int, ...] = ()) -> None:
+    data = msgpack.packb(message, use_bin_type=True)
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ControlError(f"control message of {len(data)} bytes is too large")
+    socket.send_fds(sock, [data], list(fds))
+
+
+def receive(sock: socket.socket) -> tuple[dict, list[int]] | None:
+    """The next message and its fds, or None when the peer has closed the channel."""
+    data, fds, flags, _ = socket.recv_fds(sock, MAX_MESSAGE_BYTES, MAX_FDS)
+    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        for fd in fds:
+            os.close(fd)
+        raise ControlError("truncated control message")
+    if not data:
+        return None
+    message = msgpack.unpackb(data, raw=False)
+    if not isinstance(message, dict):
+        raise ControlError("control message is not a map")
+    return message, fds

@@ -1,0 +1,41 @@
+"""Logging for every process of the VMM: one format, which says when, which process
+(role and pid) and which thread.
+
+With -D the log file gets everything from INFO up, appended by every process (O_APPEND
+keeps their lines whole). Without it, warnings and errors go to stderr.
+"""
+
+import logging
+import sys
+from pathlib import Path
+
+_role = "launcher"
+FORMAT = ("%(asctime)s.%(msecs)03d %(role)s[%(process)d] %(threadName)s "
+          "%(levelname)s %(name)s: %(message)s")
+
+
+class _RoleFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.role = _role
+        return True
+
+
+def set_role(role: str) -> None:
+    """Called by each process once it knows what it is (after fork)."""
+    global _role
+    _role = role
+
+
+def setup(log_file: Path | None) -> None:
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    if log_file is not None:
+        handler: logging.Handler = logging.FileHandler(log_file, mode="a", encoding="utf-8")
+        root.setLevel(logging.INFO)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        root.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter(FORMAT, datefmt="%Y-%m-%dT%H:%M:%S"))
+    handler.addFilter(_RoleFilter())
+    root.addHandler(handler)

@@ -1,0 +1,128 @@
+"""The machine: KVM VM with in-kernel irqchip and PIT, guest RAM slots, legacy devices,
+vCPU threads, and the run state that QMP observes (running, paused, shut down).
+"""
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from .. import layout
+from ..boot.loader import BootEntry
+from ..config.model import MachineConfig
+from ..devices.legacy.i8042 import I8042
+from ..devices.legacy.rtc import Rtc
+from ..devices.legacy.serial import Serial
+from . import cpu
+from .bus import Bus
+from .kvm import Kvm
+from .memory import GuestMemory
+from .vcpu import VcpuThread
+
+log = logging.getLogger(__name__)
+PAUSE_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    reason: str          # QMP's SHUTDOWN reasons: guest-reset, host-qmp-quit, ...
+    guest: bool
+    status: int          # the VMM's exit status
+
+
+class Machine:
+    def __init__(self, config: MachineConfig, kvm_fd: int, memory: GuestMemory,
+                 entry: BootEntry, serial_output: int | None):
+        self.config = config
+        self.memory = memory
+        kvm = Kvm(kvm_fd)
+        self.vm = vm = kvm.create_vm()
+        vm.set_tss_address(layout.TSS_ADDR)
+        vm.set_identity_map_address(layout.IDENTITY_MAP_ADDR)
+        vm.create_irqchip()
+        vm.create_pit()
+        base = memory.host_address()
+        for slot, region in enumerate(memory.regions):
+            vm.set_memory_region(slot, region.guest_address, region.size,
+                                 base + region.file_offset)
+
+        self.pio = Bus("port I/O")
+        self.mmio = Bus("MMIO")
+        self.serial = None
+        if config.serial_stdio:
+            self.serial = Serial(serial_output, lambda level: vm.irq_line(layout.SERIAL_IRQ, level))
+            self.pio.register(layout.SERIAL_PORT, 8, self.serial)
+        self.pio.register(layout.I8042_DATA_PORT, 5,
+                          I8042(lambda: self.shutdown("guest-reset", guest=True)))
+        self.pio.register(layout.RTC_PORT, 2, Rtc())
+
+        supported = kvm.supported_cpuid()
+        self.vcpus = []
+        for index in range(config.machine.vcpus):
+            vcpu = vm.create_vcpu(index)
+            cpu.configure(vcpu, config.machine.vcpus, supported)
+            if index == 0:
+                cpu.enter_long_mode(vcpu, entry)
+            self.vcpus.append(VcpuThread(vcpu, self))
+
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._outcome: Shutdown | None = None
+        self.paused = False
+        self.listeners: list[Callable[[str, dict], None]] = []
+
+    def start(self) -> None:
+        for thread in self.vcpus:
+            thread.start()
+
+    def _notify(self, event: str, data: dict) -> None:
+        for listener in self.listeners:
+            listener(event, data)
+
+    def pause(self) -> None:
+        with self._lock:
+            if self.paused or self._done.is_set():
+                return
+            self.paused = True
+            for thread in self.vcpus:
+                thread.request(pause=True)
+            for thread in self.vcpus:
+                if not thread.wait_parked(PAUSE_TIMEOUT):
+                    log.warning("%s did not stop within %.0f s", thread.name, PAUSE_TIMEOUT)
+        self._notify("STOP", {})
+
+    def resume(self) -> None:
+        with self._lock:
+            if not self.paused or self._done.is_set():
+                return
+            self.paused = False
+            for thread in self.vcpus:
+                thread.request(pause=False)
+        self._notify("RESUME", {})
+
+    def shutdown(self, reason: str, guest: bool, status: int = 0) -> None:
+        """Ask the machine to end; the first request decides the outcome."""
+        with self._lock:
+            if self._outcome is not None:
+                return
+            self._outcome = Shutdown(reason, guest, status)
+        log.info("shutdown: %s", reason)
+        self._done.set()
+
+    def fail(self, message: str, reason: str = "guest-panic") -> None:
+        log.error("%s", message)
+        self.shutdown(reason, guest=True, status=1)
+
+    def wait(self) -> Shutdown:
+        while not self._done.wait(1.0):
+            pass
+        self._notify("SHUTDOWN", {"guest": self._outcome.guest, "reason": self._outcome.reason})
+        for thread in self.vcpus:
+            thread.request(stop=True)
+        for thread in self.vcpus:
+            thread.join(PAUSE_TIMEOUT)
+        return self._outcome
+
+    @property
+    def running(self) -> bool:
+        return not self.paused and not self._done.is_set()

@@ -1,0 +1,68 @@
+"""The vm process: the KVM VM, its vCPU threads, the legacy devices and the QMP server.
+
+Forked by the launcher with everything already open (the KVM fd, guest RAM loaded with
+the boot image, the bound api-channel socket); it tells the launcher over the control
+channel when the VM runs and how it ended, and exits with the VM's status.
+"""
+
+import logging
+import os
+import signal
+import socket
+import threading
+
+import prctl
+
+from . import control
+from .boot.loader import BootEntry
+from .config.model import MachineConfig
+from .log import set_role
+from .machine.memory import GuestMemory
+from .machine.vcpu import KICK_SIGNAL
+from .machine.vm import Machine
+from .qmp.server import QmpServer
+
+log = logging.getLogger(__name__)
+
+
+def main(config: MachineConfig, kvm_fd: int, memory: GuestMemory, entry: BootEntry,
+         api_listener: socket.socket, channel: socket.socket) -> int:
+    set_role("vm")
+    prctl.set_name("vmm-vm")
+    prctl.set_pdeathsig(signal.SIGKILL)
+    signal.signal(KICK_SIGNAL, lambda *_: None)
+    try:
+        machine = Machine(config, kvm_fd, memory, entry,
+                          serial_output=1 if config.serial_stdio else None)
+    except OSError as error:
+        control.send(channel, {"event": "error", "message": f"KVM: {error.strerror}"})
+        return 1
+    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(number, lambda *_: machine.shutdown("host-signal", guest=False))
+
+    qmp = QmpServer(api_listener, machine)
+    qmp.start()
+    stop_input = threading.Event()
+    if machine.serial is not None:
+        threading.Thread(target=_pump_stdin, args=(machine.serial, stop_input),
+                         name="vmm-serial-in", daemon=True).start()
+    machine.start()
+    control.send(channel, {"event": "running"})
+    outcome = machine.wait()
+    stop_input.set()
+    qmp.close()
+    control.send(channel, {"event": "shutdown", "reason": outcome.reason,
+                           "status": outcome.status})
+    return outcome.status
+
+
+def _pump_stdin(serial, stop: threading.Event) -> None:
+    """stdin -> the UART's receive FIFO, until EOF."""
+    while not stop.is_set():
+        try:
+            data = os.read(0, 4096)
+        except OSError:
+            return
+        if not data:
+            return
+        serial.receive(data, stop)

@@ -11,10 +11,17 @@
  *              the command line from start_info.cmdline_paddr.
  * Then it writes to isa-debug-exit (port 0x501; QEMU exits, our VMM ignores it) and
  * asks the i8042 for a reset (port 0x64, 0xfe), which ends the VM in our VMM.
+ *
+ * The 64-bit path has two more modes, chosen by the command line's first word:
+ *   wait ...   halt for ever after printing (HLT with interrupts off blocks the vCPU
+ *              in the kernel without using the CPU): for tests that drive QMP.
+ *   echo ...   copy bytes from the UART's receiver back to its transmitter until a
+ *              '.' arrives, then reset: for tests of the serial input path.
  */
 #define UART        0x3f8
 #define UART_LSR    0x3fd
 #define LSR_THRE    0x20
+#define LSR_DR      0x01
 #define DEBUG_EXIT  0x501
 #define I8042_CMD   0x64
 #define I8042_RESET 0xfe
@@ -35,6 +42,15 @@ start64:
     call puts64
 1:  lea newline(%rip), %rsi
     call puts64
+    mov BP_CMD_LINE_PTR(%rbx), %esi
+    test %esi, %esi
+    jz finish64
+    mov (%rsi), %eax
+    cmp $0x74696177, %eax       /* "wait" */
+    je wait64
+    cmp $0x6f686365, %eax       /* "echo" */
+    je echo64
+finish64:
     mov $DEBUG_EXIT, %dx
     xor %al, %al
     out %al, (%dx)
@@ -42,6 +58,22 @@ start64:
     mov $I8042_RESET, %al
     out %al, (%dx)
 2:  jmp 2b
+
+wait64:
+    hlt
+    jmp wait64
+
+echo64:
+    mov $UART_LSR, %dx
+1:  in (%dx), %al
+    test $LSR_DR, %al
+    jz 1b
+    mov $UART, %dx
+    in (%dx), %al
+    out %al, (%dx)
+    cmp $'.', %al
+    jne echo64
+    jmp finish64
 
 /* RSI: a NUL-terminated string; waits for THRE before each byte, as a driver does. */
 puts64:

@@ -62,7 +62,8 @@ def run(config: MachineConfig, notes: tuple[str, ...]) -> int:
         return _launch(config, cleanup, readiness)
     except LaunchError as error:
         line = f"stratovirt: error: {one_line(str(error))}"
-        log.error("%s", line)
+        if config.log_file:
+            log.error("%s", line)
         if readiness:
             readiness.failed(line)
         else:

@@ -40,13 +40,14 @@ def main(config: MachineConfig, kvm_fd: int, memory: GuestMemory, entry: BootEnt
     for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(number, lambda *_: machine.shutdown("host-signal", guest=False))
 
-    qmp = QmpServer(api_listener, machine)
-    qmp.start()
     stop_input = threading.Event()
     if machine.serial is not None:
         threading.Thread(target=_pump_stdin, args=(machine.serial, stop_input),
                          name="vmm-serial-in", daemon=True).start()
     machine.start()
+    # Last: a client that gets the QMP greeting finds the vCPUs running.
+    qmp = QmpServer(api_listener, machine)
+    qmp.start()
     control.send(channel, {"event": "running"})
     outcome = machine.wait()
     stop_input.set()

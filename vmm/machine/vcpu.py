@@ -32,6 +32,7 @@ class VcpuThread(threading.Thread):
         self._paused = False
         self._parked = False
         self._stopping = False
+        self.named = threading.Event()
 
     # Called from other threads.
     def request(self, pause: bool | None = None, stop: bool = False) -> None:
@@ -52,6 +53,7 @@ class VcpuThread(threading.Thread):
     # The thread itself.
     def run(self) -> None:
         prctl.set_name(self.name)
+        self.named.set()
         try:
             while self._next():
                 pass

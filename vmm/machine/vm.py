@@ -74,6 +74,8 @@ class Machine:
     def start(self) -> None:
         for thread in self.vcpus:
             thread.start()
+        for thread in self.vcpus:
+            thread.named.wait()
 
     def _notify(self, event: str, data: dict) -> None:
         for listener in self.listeners:

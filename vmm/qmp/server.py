@@ -11,6 +11,8 @@ import socket
 import threading
 import time
 
+import prctl
+
 from .. import __version__
 from .commands import COMMANDS, QmpError
 
@@ -72,6 +74,7 @@ class QmpServer(threading.Thread):
         machine.listeners.append(self.emit)
 
     def run(self) -> None:
+        prctl.set_name(self.name)
         while not self._closing:
             try:
                 client, _ = self._listener.accept()

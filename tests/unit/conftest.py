@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.framework.guest import tiny_guest
+
 
 @dataclass
 class Files:
@@ -27,7 +29,7 @@ class Files:
 @pytest.fixture
 def files(tmp_path) -> Files:
     kernel = tmp_path / "vmlinux.bin"
-    kernel.write_bytes(b"\x7fELF" + bytes(4092))
+    kernel.write_bytes(tiny_guest().read_bytes())
     initrd = tmp_path / "initrd.img"
     initrd.write_bytes(bytes(4096))
     disks = []

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from vmm import config
 from vmm.config import render
 from tests.framework.cli import stratovirt
+from tests.framework.guest import tiny_guest
 
 SETTINGS = settings(max_examples=300, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -21,7 +22,8 @@ SETTINGS = settings(max_examples=300, deadline=None,
 def pool(tmp_path_factory):
     """A directory of real files that generated configurations may point at."""
     top = tmp_path_factory.mktemp("pool")
-    for name in ("vmlinux", "initrd", "d0", "d1", "d2", "d3", "d4", "d5", "d6"):
+    (top / "vmlinux").write_bytes(tiny_guest().read_bytes())
+    for name in ("initrd", "d0", "d1", "d2", "d3", "d4", "d5", "d6"):
         (top / name).write_bytes(bytes(4096))
     (top / "sub").mkdir()
     old = os.getcwd()

@@ -12,7 +12,7 @@
  * Then it writes to isa-debug-exit (port 0x501; QEMU exits, our VMM ignores it) and
  * asks the i8042 for a reset (port 0x64, 0xfe), which ends the VM in our VMM.
  *
- * The 64-bit path has two more modes, chosen by the command line's first word:
+ * Two more modes, chosen by the command line's first word (`wait` on both paths):
  *   wait ...   halt for ever after printing (HLT with interrupts off blocks the vCPU
  *              in the kernel without using the CPU): for tests that drive QMP.
  *   echo ...   copy bytes from the UART's receiver back to its transmitter until a
@@ -104,13 +104,22 @@ pvh_start:
     call puts32
 1:  mov $newline, %esi
     call puts32
-    mov $DEBUG_EXIT, %dx
+    mov PVH_CMDLINE_PADDR(%ebx), %esi
+    test %esi, %esi
+    jz 3f
+    cmpl $0x74696177, (%esi)    /* "wait" */
+    je wait32
+3:  mov $DEBUG_EXIT, %dx
     xor %al, %al
     out %al, (%dx)
     mov $I8042_CMD, %dx
     mov $I8042_RESET, %al
     out %al, (%dx)
 2:  jmp 2b
+
+wait32:
+    hlt
+    jmp wait32
 
 puts32:
     lodsb

@@ -7,7 +7,8 @@ long (Python's fcntl.ioctl passes a C int, which overflows for the TSS address
 
 vmm_vcpu_run() issues KVM_RUN with the GIL released (cffi releases it around every
 call), then copies the exit's union member into a flat struct, so Python never has to
-know the layout of struct kvm_run's unions.
+know the layout of struct kvm_run's unions. vmm_host_cpuid() runs CPUID on the host,
+to recognise the hypervisor we ourselves run under (see vmm/machine/cpu.py).
 """
 
 from cffi import FFI
@@ -81,9 +82,11 @@ long vmm_ioctl(int fd, unsigned long request, unsigned long arg);
 long vmm_ioctl_ptr(int fd, unsigned long request, void *arg);
 long vmm_irq_line(int vm_fd, uint32_t irq, uint32_t level);
 long vmm_vcpu_run(int vcpu_fd, struct kvm_run *run, struct vmm_exit *out);
+void vmm_host_cpuid(uint32_t leaf, uint32_t subleaf, uint32_t out[4]);
 """)
 
 ffibuilder.set_source("vmm._kvm", r"""
+#include <cpuid.h>
 #include <errno.h>
 #include <stdint.h>
 #include <sys/ioctl.h>
@@ -117,6 +120,11 @@ static long vmm_irq_line(int vm_fd, uint32_t irq, uint32_t level)
 {
     struct kvm_irq_level line = { .irq = irq, .level = level };
     return vmm_ioctl_ptr(vm_fd, KVM_IRQ_LINE, &line);
+}
+
+static void vmm_host_cpuid(uint32_t leaf, uint32_t subleaf, uint32_t out[4])
+{
+    __cpuid_count(leaf, subleaf, out[0], out[1], out[2], out[3]);
 }
 
 static long vmm_vcpu_run(int vcpu_fd, struct kvm_run *run, struct vmm_exit *out)

@@ -9,12 +9,13 @@ KVM's wait-for-SIPI state: the guest starts them with INIT/SIPI as on hardware.
 import struct
 
 from .. import layout
-from .._kvm import ffi
+from .._kvm import ffi, lib
 from ..boot import longmode
 from ..boot.loader import BootEntry
 from .kvm import Vcpu
 
 # CPUID bits.
+LEAF1_ECX_XSAVE, LEAF1_ECX_OSXSAVE = 1 << 26, 1 << 27
 LEAF1_ECX_HYPERVISOR = 1 << 31
 LEAF1_EDX_HTT = 1 << 28
 TOPOLOGY_SMT, TOPOLOGY_CORE = 1, 2
@@ -52,13 +53,34 @@ def _bits_for(count: int) -> int:
     return max(0, (count - 1).bit_length())
 
 
-def cpuid_for(index: int, vcpus: int, supported: list[dict]) -> list[dict]:
+def host_hypervisor() -> str:
+    """The vendor signature of the hypervisor this host runs under, or ""."""
+    regs = ffi.new("uint32_t[4]")
+    lib.vmm_host_cpuid(1, 0, regs)
+    if not regs[2] & LEAF1_ECX_HYPERVISOR:
+        return ""
+    lib.vmm_host_cpuid(0x4000_0000, 0, regs)
+    return struct.pack("<III", regs[1], regs[2], regs[3]).decode("ascii", "replace")
+
+
+def xsave_works(hypervisor: str) -> bool:
+    """QEMU 7.2's emulated SVM (TCG) does not intercept XSETBV, so a nested guest's
+    XSETBV never reaches our KVM and its kernel WARNs and falls back; hide XSAVE there,
+    as QEMU itself does with -cpu host,-xsave (shared/tools/nested-rig)."""
+    return hypervisor != "TCGTCGTCGTCG"
+
+
+def cpuid_for(index: int, vcpus: int, supported: list[dict], xsave: bool = True) -> list[dict]:
     """KVM's supported CPUID, with this vCPU's APIC id and the VM's topology."""
     entries = []
     for original in supported:
         entry = dict(original)
-        leaf, sub = entry["function"], entry["index"]
+        leaf = entry["function"]
+        if leaf == 0xD and not xsave:
+            continue
         if leaf == 1:
+            if not xsave:
+                entry["ecx"] &= ~(LEAF1_ECX_XSAVE | LEAF1_ECX_OSXSAVE)
             entry["ebx"] = (index << 24) | (min(vcpus, 255) << 16) | (entry["ebx"] & 0xFFFF)
             entry["ecx"] |= LEAF1_ECX_HYPERVISOR
             entry["edx"] = entry["edx"] | LEAF1_EDX_HTT if vcpus > 1 else entry["edx"] & ~LEAF1_EDX_HTT
@@ -86,9 +108,9 @@ def _topology_leaf(leaf: int, index: int, vcpus: int) -> list[dict]:
             for sub, (shift, count, kind) in enumerate(levels)]
 
 
-def configure(vcpu: Vcpu, vcpus: int, supported_cpuid: list[dict]) -> None:
+def configure(vcpu: Vcpu, vcpus: int, supported_cpuid: list[dict], xsave: bool) -> None:
     """Everything every vCPU needs before it first runs."""
-    vcpu.set_cpuid(cpuid_for(vcpu.index, vcpus, supported_cpuid))
+    vcpu.set_cpuid(cpuid_for(vcpu.index, vcpus, supported_cpuid, xsave))
     vcpu.set_msrs(BOOT_MSRS)
     fpu = ffi.new("struct kvm_fpu *")
     fpu.fcw = 0x37F

@@ -57,10 +57,14 @@ class Machine:
         self.pio.register(layout.RTC_PORT, 2, Rtc())
 
         supported = kvm.supported_cpuid()
+        hypervisor = cpu.host_hypervisor()
+        xsave = cpu.xsave_works(hypervisor)
+        if not xsave:
+            log.info("running under %s: XSAVE hidden from the guest", hypervisor)
         self.vcpus = []
         for index in range(config.machine.vcpus):
             vcpu = vm.create_vcpu(index)
-            cpu.configure(vcpu, config.machine.vcpus, supported)
+            cpu.configure(vcpu, config.machine.vcpus, supported, xsave)
             if index == 0:
                 cpu.enter_long_mode(vcpu, entry)
             self.vcpus.append(VcpuThread(vcpu, self))

@@ -47,7 +47,9 @@ from dataclasses import dataclass, field
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 BEGIN = "NESTED-SCENARIO-BEGIN"
-END = re.compile(r"^NESTED-SCENARIO-END status=(\d+)$")
+# Not anchored at the start: a scenario whose output does not end in a newline shares its
+# last line with the marker.
+END = re.compile(r"NESTED-SCENARIO-END status=(\d+)$")
 SETUP_FAILED = "NESTED-SETUP-FAILED"
 
 # PID 1 of L1 once /sbin/l1-init (in the base image) has mounted /proc, /sys, /dev, /tmp,
@@ -232,15 +234,16 @@ def _parse(lines, total, qemu_status) -> NestedResult:
         raise NestedError(failed[0] + _tail(lines))
     try:
         begin = texts.index(BEGIN)
-        end = next(i for i in range(begin + 1, len(texts)) if END.match(texts[i]))
+        end = next(i for i in range(begin + 1, len(texts)) if END.search(texts[i]))
     except (ValueError, StopIteration):
         raise NestedError(f"the scenario did not run to its end (QEMU exit status "
                           f"{qemu_status})" + _tail(lines)) from None
+    marker = END.search(texts[end])
+    output = texts[begin + 1:end] + ([texts[end][:marker.start()]] if marker.start() else [])
     kmsg = texts[end + 1:]
     if "NESTED-KMSG-BEGIN" in kmsg and "NESTED-KMSG-END" in kmsg:
         kmsg = kmsg[kmsg.index("NESTED-KMSG-BEGIN") + 1:kmsg.index("NESTED-KMSG-END")]
-    return NestedResult(status=int(END.match(texts[end]).group(1)),
-                        output=texts[begin + 1:end], console="\n".join(texts),
+    return NestedResult(status=int(marker.group(1)), output=output, console="\n".join(texts),
                         kernel_log=kmsg, boot_seconds=lines[begin][0],
                         scenario_seconds=lines[end][0] - lines[begin][0],
                         total_seconds=total)

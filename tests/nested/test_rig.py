@@ -34,7 +34,13 @@ def test_stratovirt_is_installed_and_checks_the_l2_kernel(rig):
 def test_files_arrive_and_the_exit_status_comes_back(rig, tmp_path):
     note = tmp_path / "note.txt"
     note.write_text("from the host\n")
-    result = rig.run("cat note.txt; cat /payload/files/note.txt >&2; test -s /l2/rootfs.ext4 && exit 7",
-                     files={"note.txt": note})
+    scenario = """
+cat note.txt
+cat /payload/files/note.txt >&2
+test -s /l2/rootfs.ext4 || exit 1
+printf 'no newline at the end'
+exit 7
+"""
+    result = rig.run(scenario, files={"note.txt": note})
     assert result.status == 7, result.console
-    assert result.output == ["from the host", "from the host"]
+    assert result.output == ["from the host", "from the host", "no newline at the end"]

@@ -105,7 +105,7 @@ class NestedResult:
 class NestedRig:
     memory_mib: int = 2048
     cpus: int = 2
-    echo: bool = True           # print the console, timestamped, as it arrives (pytest shows it on failure)
+    echo: bool = True           # print the console as it arrives; pytest shows it on failure
     _tmp: pathlib.Path | None = field(default=None, init=False, repr=False)
     _wheel: pathlib.Path | None = field(default=None, init=False, repr=False)
     _base: pathlib.Path | None = field(default=None, init=False, repr=False)
@@ -173,7 +173,8 @@ class NestedRig:
         (tree / "scenario.sh").write_text(scenario if scenario.endswith("\n") else scenario + "\n")
         _place(wheel, tree / "wheels" / wheel.name)
         for name, path in files.items():
-            if pathlib.PurePosixPath(name).is_absolute() or ".." in pathlib.PurePosixPath(name).parts:
+            where = pathlib.PurePosixPath(name)
+            if where.is_absolute() or ".." in where.parts:
                 raise ValueError(f"file name {name!r} must be relative, without '..'")
             _place(pathlib.Path(path), tree / "files" / name)
         for name in ("vmlinuz", "initrd.img", "rootfs.ext4"):

@@ -8,7 +8,7 @@ from tests.framework.nested import NestedRig
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "nested: runs inside an L1 VM under QEMU TCG with nested SVM (slow: ~20 s a run)")
+        "markers", "nested: runs inside an L1 VM under QEMU TCG with nested SVM (~20 s a run)")
 
 
 @pytest.fixture(scope="module")

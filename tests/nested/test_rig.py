@@ -18,13 +18,13 @@ print(lib.vmm_ioctl(fd, lib.KVM_GET_API_VERSION, 0))'
 
 
 def test_l1_has_kvm_and_the_native_module_talks_to_it(rig):
-    result = rig.run(KVM_API_VERSION)
+    result = rig.run(KVM_API_VERSION, timeout=300)
     assert (result.status, result.output) == (0, ["12"]), result.console
 
 
 def test_stratovirt_is_installed_and_checks_the_l2_kernel(rig):
-    result = rig.run("stratovirt --version && echo --- && "
-                     "stratovirt -kernel /l2/vmlinuz -api-channel unix:/tmp/x.sock -print-config")
+    result = rig.run("stratovirt --version && echo --- && stratovirt -kernel /l2/vmlinuz "
+                     "-api-channel unix:/tmp/x.sock -print-config", timeout=300)
     assert result.status == 0, result.console
     version, config = result.text.split("\n---\n")
     assert version.startswith("stratovirt "), result.console
@@ -41,6 +41,6 @@ test -s /l2/rootfs.ext4 || exit 1
 printf 'no newline at the end'
 exit 7
 """
-    result = rig.run(scenario, files={"note.txt": note})
+    result = rig.run(scenario, files={"note.txt": note}, timeout=300)
     assert result.status == 7, result.console
     assert result.output == ["from the host", "from the host", "no newline at the end"]

@@ -74,6 +74,12 @@ def run(config: MachineConfig, notes: tuple[str, ...]) -> int:
 
 
 def _launch(config: MachineConfig, cleanup: _Cleanup, readiness) -> int:
+    unattached = [f"{kind} {device.id}" for kind, devices in (
+        ("disk", config.drives), ("NIC", config.nics),
+        ("console", [config.console] if config.console else []),
+        ("vsock", [config.vsock] if config.vsock else [])) for device in devices]
+    if unattached:
+        log.warning("not attached, virtio devices are not built yet: %s", ", ".join(unattached))
     try:
         kvm_fd = open_kvm()
     except OSError as error:

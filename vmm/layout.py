@@ -17,6 +17,8 @@ PD_ADDR = 0xB000                 # one PD of 2 MiB pages: the first 1 GiB identi
 CMDLINE_ADDR = 0x20000
 EBDA_ADDR = 0x9FC00              # the MP table lives here; reserved in E820
 EBDA_END = 0xA0000
+ACPI_ADDR = 0xE0000              # RSDP, then the other ACPI tables
+ACPI_END = 0x100000
 HIMEM_START = 0x100000           # kernels load at or above 1 MiB
 INITRD_ADDR_MAX = 0x37FFFFFF     # top of the initrd, as StratoVirt places it
 
@@ -38,6 +40,12 @@ SERIAL_IRQ = 4
 I8042_DATA_PORT = 0x60
 I8042_COMMAND_PORT = 0x64
 RTC_PORT = 0x70
+ACPI_SLEEP_PORT = 0x3C0          # sleep control (0x3C0) and status (0x3C1) registers
+
+
+def ioapic_id(vcpus: int) -> int:
+    """The first APIC id after the vCPUs' (0..vcpus-1): at most 254, never 255 (broadcast)."""
+    return vcpus
 
 
 def ram_regions(mem_size: int) -> list[tuple[int, int]]:

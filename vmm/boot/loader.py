@@ -1,9 +1,11 @@
 """Writing the boot image into guest RAM: kernel, initrd, command line, boot_params,
-MP table, page tables and GDT. Returns where the bootstrap vCPU starts."""
+MP table and ACPI tables (a kernel may know either), page tables and GDT. Returns where
+the bootstrap vCPU starts."""
 
 from dataclasses import dataclass
 
 from .. import layout
+from ..acpi import tables as acpi_tables
 from ..config.model import MachineConfig
 from ..machine.memory import GuestMemory
 from . import longmode, mptable, params
@@ -37,7 +39,11 @@ def load(config: MachineConfig, memory: GuestMemory, cmdline: str) -> BootEntry:
     memory.write(layout.CMDLINE_ADDR, encoded)
     memory.write(layout.ZERO_PAGE_ADDR,
                  params.boot_params(image, memory.size, len(encoded) - 1, initrd))
-    memory.write(layout.EBDA_ADDR, mptable.mp_table(config.machine.vcpus))
+    vcpus = config.machine.vcpus
+    memory.write(layout.EBDA_ADDR, mptable.mp_table(vcpus))
+    devices = acpi_tables.legacy_devices(serial=config.serial_stdio)
+    for address, data in acpi_tables.build(vcpus, layout.ioapic_id(vcpus), devices):
+        memory.write(address, data)
     for address, table in longmode.page_tables():
         memory.write(address, table)
     memory.write(layout.GDT_ADDR, longmode.gdt_bytes())

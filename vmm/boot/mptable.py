@@ -30,14 +30,9 @@ def _checksum(data: bytes) -> int:
     return -sum(data) & 0xFF
 
 
-def ioapic_id(vcpus: int) -> int:
-    """The first id after the CPUs' (0..vcpus-1); at most 254, never the broadcast 255."""
-    return vcpus
-
-
 def mp_table(vcpus: int) -> bytes:
     """The floating pointer and the configuration table, to be written at EBDA_ADDR."""
-    io_apic = ioapic_id(vcpus)
+    io_apic = layout.ioapic_id(vcpus)
     entries = [_CPU.pack(0, cpu, APIC_VERSION, CPU_ENABLED | (CPU_BSP if cpu == 0 else 0),
                          CPU_SIGNATURE, CPU_FEATURES) for cpu in range(vcpus)]
     entries.append(_BUS.pack(1, 0, b"ISA   "))

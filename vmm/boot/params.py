@@ -13,6 +13,7 @@ E820_RAM = 1
 E820_RESERVED = 2
 
 ZERO_PAGE_SIZE = 4096
+ACPI_RSDP_ADDR = 0x070
 E820_ENTRIES = 0x1E8
 SETUP_HEADER = 0x1F1
 BOOT_FLAG = 0x1FE
@@ -56,6 +57,7 @@ def boot_params(image: KernelImage, mem_size: int, cmdline_size: int,
     page[LOADFLAGS] |= CAN_USE_HEAP
     struct.pack_into("<H", page, HEAP_END_PTR, 0xFE00)
     struct.pack_into("<I", page, CMD_LINE_PTR, layout.CMDLINE_ADDR)
+    struct.pack_into("<Q", page, ACPI_RSDP_ADDR, layout.ACPI_ADDR)
     if initrd:
         struct.pack_into("<II", page, RAMDISK_IMAGE, *initrd)
     table = e820_map(mem_size)

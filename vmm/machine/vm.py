@@ -10,6 +10,7 @@ from typing import Callable
 from .. import layout
 from ..boot.loader import BootEntry
 from ..config.model import MachineConfig
+from ..devices.legacy.acpi_sleep import AcpiSleep
 from ..devices.legacy.i8042 import I8042
 from ..devices.legacy.rtc import Rtc
 from ..devices.legacy.serial import Serial
@@ -55,6 +56,8 @@ class Machine:
         self.pio.register(layout.I8042_DATA_PORT, 5,
                           I8042(lambda: self.shutdown("guest-reset", guest=True)))
         self.pio.register(layout.RTC_PORT, 2, Rtc())
+        self.pio.register(layout.ACPI_SLEEP_PORT, 2,
+                          AcpiSleep(lambda: self.shutdown("guest-shutdown", guest=True)))
 
         supported = kvm.supported_cpuid()
         hypervisor = cpu.host_hypervisor()

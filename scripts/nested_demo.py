@@ -1,0 +1,17 @@
+"""The demo on a host whose /dev/kvm cannot run a stock Linux guest (PVM): inside the
+nested rig's L1 (QEMU TCG with nested SVM, tests/framework/nested.py)."""
+
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tests.framework.nested import NestedRig  # noqa: E402
+
+with NestedRig(echo=False) as rig:
+    result = rig.run("python3 demo_session.py /l2/vmlinuz /l2/initrd.img",
+                     files={"demo_session.py": ROOT / "scripts" / "demo_session.py",
+                            "l2session.py": ROOT / "tests" / "nested" / "l1" / "l2session.py"},
+                     timeout=900)
+print("\n".join(result.output))
+sys.exit(result.status)

@@ -1,0 +1,146 @@
+"""Runs inside L1: boots Debian's stock kernel as L2 under our stratovirt, several ways,
+and prints one `CHECK <name> <json>` line per check for the host-side tests to judge.
+
+L1 has /l2/vmlinuz (Debian's cloud kernel), /l2/initrd.img (busybox initramfs whose
+init loads the virtio modules, prints "initramfs: ready" and runs a shell on ttyS0)
+and /l2/rootfs.ext4; `stratovirt` and qemu.qmp are installed in /opt/vmm.
+"""
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+from qemu.qmp import QMPClient
+
+from l2session import Timeout, Vm
+
+APPEND = "console=ttyS0 reboot=k panic=1 quiet"
+
+
+def report(name: str, **data) -> None:
+    print("CHECK", name, json.dumps(data), flush=True)
+
+
+def initrd_vm(api: str, *extra: str) -> list[str]:
+    return ["stratovirt", "-kernel", "/l2/vmlinuz", "-initrd", "/l2/initrd.img",
+            "-append", APPEND, "-api-channel", f"unix:{api}", *extra]
+
+
+def boot_shell(smp: str, mem: str) -> None:
+    api = f"/tmp/boot-{smp}.sock"
+    vm = Vm(initrd_vm(api, "-smp", smp, "-m", mem, "-serial", "stdio"))
+    try:
+        vm.expect("initramfs: ready")
+        vm.send("echo cpus=$(grep -c ^processor /proc/cpuinfo) "
+                "memory=$(dmesg | sed -n 's/.*Memory: [0-9]*K\\/\\([0-9]*\\)K.*/\\1/p')\n")
+        found = vm.expect(r"^cpus=(\d+) memory=(\d+)$")
+        vm.send("echo typed-$((6*7))\n")
+        vm.expect(r"^typed-42$")
+        vm.send("reboot -f\n")
+        status = vm.wait()
+        report("boot", smp=int(smp), mem=mem, cpus=int(found[1]), memory_kib=int(found[2]),
+               status=status, api_left=os.path.exists(api))
+    finally:
+        vm.kill()
+
+
+def seed_example() -> None:
+    """spec.md's command, verbatim but for real paths (unquoted -append)."""
+    api = "/tmp/stratovirt.socket"
+    vm = Vm(["stratovirt", "-kernel", "/l2/vmlinuz",
+             "-append", "console=ttyS0", "root=/dev/vda", "rw", "reboot=k", "panic=1",
+             "-drive", "file=/l2/rootfs.ext4,id=rootfs,readonly=false",
+             "-api-channel", f"unix:{api}", "-serial", "stdio"])
+    try:
+        cmdline = vm.expect(r"Kernel command line: (.*)$")[1]
+        root = vm.expect(r"VFS: Unable to mount root fs.*|EXT4-fs \(vda\): mounted.*")[0]
+        status = vm.wait()
+        report("seed", cmdline=cmdline, root=root, status=status, api_left=os.path.exists(api))
+    finally:
+        vm.kill()
+
+
+def qmp_session() -> None:
+    api = "/tmp/qmp.sock"
+    vm = Vm(initrd_vm(api, "-smp", "2", "-serial", "stdio"))
+    try:
+        vm.expect("initramfs: ready")
+
+        async def steps():
+            qmp = QMPClient("l1")
+            await qmp.connect(api)
+            events = []
+
+            async def collect():
+                async for event in qmp.events:
+                    events.append([event["event"], event.get("data", {})])
+
+            collector = asyncio.create_task(collect())
+            statuses = [(await qmp.execute("query-status"))["status"]]
+            await qmp.execute("stop")
+            statuses.append((await qmp.execute("query-status"))["status"])
+            await qmp.execute("cont")
+            statuses.append((await qmp.execute("query-status"))["status"])
+            cpus = len(await qmp.execute("query-cpus"))
+            await qmp.execute("quit")
+            for _ in range(100):
+                if any(name == "SHUTDOWN" for name, _ in events):
+                    break
+                await asyncio.sleep(0.1)
+            collector.cancel()
+            try:
+                await qmp.disconnect()
+            except EOFError:
+                pass
+            return statuses, cpus, events
+
+        statuses, cpus, events = asyncio.run(steps())
+        status = vm.wait()
+        report("qmp", statuses=statuses, cpus=cpus, events=events, status=status,
+               api_left=os.path.exists(api))
+    finally:
+        vm.kill()
+
+
+def _raw_quit(api: str) -> None:
+    with socket.socket(socket.AF_UNIX) as client:
+        client.connect(api)
+        client.recv(4096)
+        client.sendall(b'{"execute":"qmp_capabilities"}{"execute":"quit"}')
+        while client.recv(4096):
+            pass
+
+
+def daemon() -> None:
+    api, pidfile, log = "/tmp/daemon.sock", "/tmp/daemon.pid", "/tmp/daemon.log"
+    foreground = subprocess.run(initrd_vm(api, "-daemonize", "-pidfile", pidfile, "-D", log),
+                                capture_output=True, text=True, timeout=300)
+    pid = int(open(pidfile).read())
+    alive = os.path.exists(f"/proc/{pid}")
+    _raw_quit(api)
+    deadline = time.monotonic() + 60
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    text = open(log).read()
+    report("daemon", foreground=[foreground.returncode, foreground.stdout, foreground.stderr],
+           alive=alive, gone=not os.path.exists(f"/proc/{pid}"),
+           pidfile_left=os.path.exists(pidfile), api_left=os.path.exists(api),
+           log_roles=sorted({line.split("[")[0].split()[-1] for line in text.splitlines()
+                             if "[" in line}),
+           log_shutdown="shutdown: host-qmp-quit" in text)
+
+
+if __name__ == "__main__":
+    failed = 0
+    for check in (lambda: boot_shell("2", "256M"), lambda: boot_shell("4", "512M"),
+                  seed_example, qmp_session, daemon):
+        try:
+            check()
+        except (Timeout, OSError, subprocess.SubprocessError) as error:
+            print("CHECK-FAILED", repr(error), flush=True)
+            failed += 1
+    sys.exit(failed)

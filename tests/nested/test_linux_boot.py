@@ -1,0 +1,74 @@
+"""Debian's stock kernel booted by our VMM as L2 inside the nested rig: ACPI discovery of
+the vCPUs, interrupts, the serial console both ways, reboot, QMP through qemu.qmp,
+daemon mode. One L1 boot runs every check (tests/nested/l1/boot_checks.py)."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = [pytest.mark.nested, pytest.mark.needs_root]
+
+L1_DIR = pathlib.Path(__file__).parent / "l1"
+MiB = 1024
+
+
+@pytest.fixture(scope="module")
+def checks(rig, tmp_path_factory):
+    wheels = tmp_path_factory.mktemp("wheels")
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d",
+                    str(wheels), "qemu.qmp"], check=True)
+    [qmp_wheel] = wheels.glob("qemu_qmp-*.whl")
+    result = rig.run(
+        f"pip install -q --no-index --no-deps {qmp_wheel.name} && python3 boot_checks.py",
+        files={"boot_checks.py": L1_DIR / "boot_checks.py",
+               "l2session.py": L1_DIR / "l2session.py", qmp_wheel.name: qmp_wheel},
+        timeout=1200)
+    found = {}
+    for line in result.output:
+        if line.startswith("CHECK "):
+            _, name, data = line.split(" ", 2)
+            found.setdefault(name, []).append(json.loads(data))
+    found["console"] = result.console
+    return found
+
+
+def test_boots_to_init_with_smp_memory_and_serial_both_ways(checks):
+    boots = checks.get("boot", [])
+    assert [b["smp"] for b in boots] == [2, 4], checks["console"][-3000:]
+    for boot in boots:
+        assert boot["cpus"] == boot["smp"]
+        size_kib = {"256M": 256 * MiB, "512M": 512 * MiB}[boot["mem"]]
+        assert size_kib - 2 * MiB <= boot["memory_kib"] <= size_kib
+        assert boot["status"] == 0 and not boot["api_left"]
+
+
+def test_seed_example_runs_as_written(checks):
+    [seed] = checks.get("seed", [None])
+    assert seed, checks["console"][-3000:]
+    assert seed["cmdline"] == "console=ttyS0 root=/dev/vda rw reboot=k panic=1"
+    # No virtio-blk yet (the next issue): the kernel panics without a root disk, and
+    # panic=1 + reboot=k end the VM cleanly through the i8042.
+    assert seed["root"].startswith("VFS: Unable to mount root fs")
+    assert seed["status"] == 0 and not seed["api_left"]
+
+
+def test_qmp_stop_cont_quit_with_qemu_qmp(checks):
+    [qmp] = checks.get("qmp", [None])
+    assert qmp, checks["console"][-3000:]
+    assert qmp["statuses"] == ["running", "paused", "running"] and qmp["cpus"] == 2
+    names = [name for name, _ in qmp["events"]]
+    assert names == ["STOP", "RESUME", "SHUTDOWN"]
+    assert qmp["events"][-1][1] == {"guest": False, "reason": "host-qmp-quit"}
+    assert qmp["status"] == 0 and not qmp["api_left"]
+
+
+def test_daemonize_pidfile_and_log(checks):
+    [daemon] = checks.get("daemon", [None])
+    assert daemon, checks["console"][-3000:]
+    assert daemon["foreground"] == [0, "", ""]
+    assert daemon["alive"] and daemon["gone"]
+    assert not daemon["pidfile_left"] and not daemon["api_left"]
+    assert daemon["log_roles"] == ["launcher", "vm"] and daemon["log_shutdown"]

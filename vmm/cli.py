@@ -6,6 +6,7 @@ from . import config
 from .config import ConfigError
 
 EXIT_CONFIG = 2
+EXIT_INTERRUPTED = 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +24,10 @@ def main(argv: list[str] | None = None) -> int:
         print(config.to_json(invocation.config))
         return 0
     from . import launcher  # only a VM run needs KVM and the native module
-    return launcher.run(invocation.config, invocation.notes)
+    try:
+        return launcher.run(invocation.config, invocation.notes)
+    except KeyboardInterrupt:  # Ctrl-C before the VM runs: the launcher has cleaned up
+        return EXIT_INTERRUPTED
 
 
 def run() -> None:

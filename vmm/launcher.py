@@ -157,7 +157,7 @@ def _supervise(pid: int, channel: socket.socket, readiness) -> int:
     for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(number, forward)
 
-    error = None
+    error, ended = None, False
     while (message := control.receive(channel)) is not None:
         event = message[0].get("event")
         if event == "running" and readiness:
@@ -165,10 +165,14 @@ def _supervise(pid: int, channel: socket.socket, readiness) -> int:
         elif event == "error":
             error = message[0].get("message", "unknown error")
         elif event == "shutdown":
+            ended = True
             log.info("VM ended: %s", message[0].get("reason"))
     _, wait_status = os.waitpid(pid, 0)
+    status = os.waitstatus_to_exitcode(wait_status)
     if os.WIFSIGNALED(wait_status):
         error = error or f"the vm process was killed by signal {os.WTERMSIG(wait_status)}"
+    elif status and not ended:
+        error = error or f"the vm process failed with status {status} (see the log)"
     if error:
         raise LaunchError(error)
-    return os.waitstatus_to_exitcode(wait_status)
+    return status

@@ -95,9 +95,10 @@ class Machine:
             self.paused = True
             for thread in self.vcpus:
                 thread.request(pause=True)
-            for thread in self.vcpus:
-                if not thread.wait_parked(PAUSE_TIMEOUT):
-                    log.warning("%s did not stop within %.0f s", thread.name, PAUSE_TIMEOUT)
+        # Outside the lock: a vCPU on its way to park may still ask for a shutdown.
+        for thread in self.vcpus:
+            if not thread.wait_parked(PAUSE_TIMEOUT):
+                log.warning("%s did not stop within %.0f s", thread.name, PAUSE_TIMEOUT)
         self._notify("STOP", {})
 
     def resume(self) -> None:

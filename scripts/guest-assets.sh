@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds a Linux guest from Debian's own packages into assets/ (not committed):
 #   assets/vmlinuz       Debian's cloud kernel (bzImage)
+#   assets/vmlinux       the same kernel as an ELF vmlinux, extracted from the bzImage
 #   assets/initrd.img    busybox initramfs that loads the virtio modules, then a shell
 #   assets/rootfs.ext4   a small ext4 root filesystem with busybox
 # Safe to run again: it rebuilds only what is missing.
@@ -52,6 +53,22 @@ INIT
     (cd "$root" && find . | cpio -o -H newc --quiet | gzip -9) > "$out/initrd.img"
 fi
 
+if [ ! -s "$out/vmlinux" ]; then
+    # Debian compresses its kernel with LZ4 (legacy frame, magic 02 21 4c 18), as
+    # the kernel's scripts/extract-vmlinux knows; lz4 exits 1 on the bzImage's trailer.
+    offset=$(python3 -c 'import sys; print(open(sys.argv[1], "rb").read().find(bytes.fromhex("02214c18")))' "$out/vmlinuz")
+    if [ "$offset" -lt 0 ]; then
+        echo "guest-assets: no LZ4 stream in $out/vmlinuz" >&2
+        exit 1
+    fi
+    tail -c +$((offset + 1)) "$out/vmlinuz" | lz4 -d -c > "$work/vmlinux" 2>/dev/null || true
+    if [ "$(head -c 4 "$work/vmlinux" | od -An -tx1 | tr -d ' ')" != 7f454c46 ]; then
+        echo "guest-assets: the extracted kernel is not an ELF file" >&2
+        exit 1
+    fi
+    mv "$work/vmlinux" "$out/vmlinux"
+fi
+
 if [ ! -s "$out/rootfs.ext4" ]; then
     rootfs="$work/rootfs"
     mkdir -p "$rootfs"/{bin,sbin,etc,dev,proc,sys,tmp,root}
@@ -64,4 +81,4 @@ if [ ! -s "$out/rootfs.ext4" ]; then
     truncate -s 64M "$out/rootfs.ext4"
     mkfs.ext4 -q -F -d "$rootfs" "$out/rootfs.ext4"
 fi
-echo "guest assets in $out/: $(cd "$out" && ls -d vmlinuz initrd.img rootfs.ext4 | tr '\n' ' ')"
+echo "guest assets in $out/: $(cd "$out" && ls -d vmlinuz vmlinux initrd.img rootfs.ext4 | tr '\n' ' ')"

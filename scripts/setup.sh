@@ -6,9 +6,10 @@ cd "$(dirname "$0")/.."
 
 # Build: python3-venv/-dev, gcc, libffi-dev (cffi), libcap-dev (python-prctl).
 # Run: libseccomp2 (pyseccomp). Tests and guest assets: qemu, busybox, e2fsprogs, cpio,
-# acpica-tools (iasl), iproute2; debootstrap (the nested test image, scripts/build-l1.sh).
+# acpica-tools (iasl), iproute2, lz4 (extracting the ELF vmlinux from the bzImage);
+# debootstrap (the nested test image, scripts/build-l1.sh).
 packages=(python3 python3-venv python3-dev gcc libc6-dev libffi-dev libcap-dev libseccomp2
-          qemu-system-x86 qemu-utils busybox-static e2fsprogs cpio acpica-tools iproute2
+          qemu-system-x86 qemu-utils busybox-static e2fsprogs cpio lz4 acpica-tools iproute2
           debootstrap)
 missing=()
 for package in "${packages[@]}"; do

@@ -12,7 +12,7 @@ ASSETS = ROOT / "assets"
 
 
 def guest_assets() -> Path:
-    if not all((ASSETS / name).exists() for name in ("vmlinuz", "initrd.img", "rootfs.ext4")):
+    if not all((ASSETS / name).exists() for name in ("vmlinuz", "vmlinux", "initrd.img", "rootfs.ext4")):
         subprocess.run([str(ROOT / "scripts" / "guest-assets.sh")], check=True,
                        stdout=subprocess.DEVNULL)
     return ASSETS

@@ -24,7 +24,7 @@ into stdout):
 - the `files` given to run() at /payload/files/<name>, which is also the working directory;
   the payload disk is a per-run copy, so the scenario may change them.
 - the L2 guest from scripts/guest-assets.sh, always: /l2/vmlinuz (Debian's cloud kernel,
-  bzImage), /l2/initrd.img (busybox initramfs), /l2/rootfs.ext4 (per-run writable copy).
+  bzImage), /l2/vmlinux (the same kernel as an ELF vmlinux), /l2/initrd.img (busybox initramfs), /l2/rootfs.ext4 (per-run writable copy).
 - tools: busybox, iproute2, kmod (the L1 kernel's modules, e.g. `modprobe tun`), e2fsprogs
   (`debugfs -R 'cat /f' disk.img` reads what a guest wrote), qemu-system-x86_64.
 
@@ -177,7 +177,7 @@ class NestedRig:
             if where.is_absolute() or ".." in where.parts:
                 raise ValueError(f"file name {name!r} must be relative, without '..'")
             _place(pathlib.Path(path), tree / "files" / name)
-        for name in ("vmlinuz", "initrd.img", "rootfs.ext4"):
+        for name in ("vmlinuz", "vmlinux", "initrd.img", "rootfs.ext4"):
             _place(_guest_asset(name), tree / "l2" / name)
         size = sum(p.stat().st_size for p in tree.rglob("*") if p.is_file())
         image = run_dir / "payload.img"

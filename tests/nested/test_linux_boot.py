@@ -1,6 +1,6 @@
-"""Debian's stock kernel booted by our VMM as L2 inside the nested rig: ACPI discovery of
-the vCPUs, interrupts, the serial console both ways, reboot, QMP through qemu.qmp,
-daemon mode. One L1 boot runs every check (tests/nested/l1/boot_checks.py)."""
+"""Debian's stock kernel booted by our VMM as L2 inside the nested rig, as a bzImage and
+as an ELF vmlinux: ACPI discovery of the vCPUs, interrupts, the serial console both
+ways, reboot, QMP through qemu.qmp, daemon mode. One L1 boot runs every check (tests/nested/l1/boot_checks.py)."""
 
 import json
 import pathlib
@@ -37,7 +37,8 @@ def checks(rig, tmp_path_factory):
 
 def test_boots_to_init_with_smp_memory_and_serial_both_ways(checks):
     boots = checks.get("boot", [])
-    assert [b["smp"] for b in boots] == [2, 4], checks["console"][-3000:]
+    assert [(b["kernel"], b["smp"]) for b in boots] == [("/l2/vmlinuz", 2), ("/l2/vmlinux", 4)], \
+        checks["console"][-3000:]
     for boot in boots:
         assert boot["cpus"] == boot["smp"]
         size_kib = {"256M": 256 * MiB, "512M": 512 * MiB}[boot["mem"]]

@@ -64,6 +64,21 @@ def test_debian_bzimage_boot_params(tmp_path, debian):
     assert entry.rip == 0x100200 and entry.rsi == zp and entry.rsp == 0x8FF0
 
 
+def test_debian_elf_vmlinux_segments_and_entry(tmp_path, debian):
+    config = config_for(tmp_path, debian / "vmlinux", "-m", "256M")
+    data = (debian / "vmlinux").read_bytes()
+    image = kernel.inspect(data[:kernel.HEAD_SIZE], len(data))
+    assert image.format == "elf" and image.entry == 0x1000000
+    memory, entry = loaded(config)
+    assert entry.rip == 0x1000000
+    for segment in image.segments:
+        chunk = min(segment.file_size, 4096)
+        assert memory.read(segment.address, chunk) == \
+            data[segment.file_offset:segment.file_offset + chunk]
+        if segment.mem_size > segment.file_size:   # .bss is zeroed
+            assert memory.read(segment.address + segment.file_size, 16) == bytes(16)
+
+
 def test_elf_vmlinux_boot_params(tmp_path):
     config = config_for(tmp_path, tiny_guest())
     memory, entry = loaded(config, "hello")

@@ -2,4 +2,4 @@
 
 from setuptools import setup
 
-setup(cffi_modules=["native/kvm_build.py:ffibuilder"])
+setup(cffi_modules=["native/kvm_build.py:ffibuilder", "native/virtq_build.py:ffibuilder"])

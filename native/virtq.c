@@ -1,0 +1,309 @@
+/* Split-virtqueue ring walker, device side (virtio 1.2, section 2.7).
+ *
+ * The rings and the buffers they point to are guest memory, and the guest may be
+ * hostile: it may write any bytes, at any time, including while we read them. So:
+ *
+ * - Every guest range we touch (the three rings, an indirect table, every buffer) must
+ *   lie entirely inside ONE RAM region; the arithmetic cannot wrap (vq_translate). The
+ *   rings are translated once, at setup, and must be aligned as the spec says (desc 16,
+ *   avail 2, used 4), so the 16- and 32-bit ring fields are naturally aligned.
+ * - Every guest value is read once into a local and only the local is used (avail->idx
+ *   and each ring entry by an atomic load; each descriptor by one 16-byte copy followed
+ *   by a compiler barrier), so a guest changing a value under us cannot pass a check
+ *   with one value and be used with another. Buffer *contents* are not copied: a
+ *   backend that parses a request header must copy it before validating it.
+ * - Ordering: an acquire fence after reading avail->idx (ring entries and descriptors
+ *   written by the driver before it bumped idx are seen); a release store publishes
+ *   used->idx after the used element; a full fence before reading avail->flags for the
+ *   interrupt decision (store-load ordering against the driver's side).
+ * - Work is bounded whatever the guest writes: an available index more than num ahead
+ *   of ours, a head or next index >= num, a chain of more than num descriptors (which
+ *   is how loops are caught), an indirect table that is empty, not a multiple of 16
+ *   bytes, outside RAM or longer than VQ_MAX_INDIRECT entries, a loop inside it (more
+ *   steps than entries), INDIRECT with NEXT (so at most one table per chain, and it
+ *   ends the chain), INDIRECT inside an indirect table, more than VQ_MAX_SEGS buffers,
+ *   more than 2^32 bytes in total (the spec's limit): all make the queue broken. A
+ *   chain therefore costs at most num + VQ_MAX_INDIRECT descriptor reads.
+ * - A device-readable buffer after a device-writable one is malformed (spec 2.7.4.2),
+ *   so readable segments always come first and a backend can split them at nreadable.
+ * - Zero-length buffers are malformed, as in QEMU ("zero sized buffers are not
+ *   allowed"): Linux drivers never make them, and refusing them means every segment
+ *   handed out has a real, translated host range behind it. The WRITE flag of a
+ *   descriptor that points to an indirect table is ignored, as the spec requires.
+ * - Once broken, a queue stays broken until vq_setup: vq_pop returns -EINVAL, vq_push
+ *   and vq_needs_interrupt do nothing, and none of them touches guest memory. The
+ *   backend is expected to report DEVICE_NEEDS_RESET.
+ *
+ * Not supported yet: VIRTIO_F_EVENT_IDX (used_event/avail_event are never read or
+ * written; interrupts follow VRING_AVAIL_F_NO_INTERRUPT only), VIRTIO_F_IN_ORDER,
+ * packed rings. No allocation anywhere; the caller owns struct vq and struct vq_chain.
+ */
+#include "virtq.h"
+
+#include <errno.h>
+#include <string.h>
+
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "virtio 1.x rings are little-endian and this walker reads them natively"
+#endif
+
+/* The guest's struct virtq_desc, as we copy it out. */
+struct desc {
+    uint64_t addr;
+    uint32_t len;
+    uint16_t flags;
+    uint16_t next;
+};
+
+#define DESC_SIZE 16
+#define compiler_barrier() __asm__ __volatile__("" ::: "memory")
+
+static uint16_t load16(const uint8_t *p)
+{
+    return __atomic_load_n((const uint16_t *)p, __ATOMIC_RELAXED);
+}
+
+/* One read of a descriptor. After the barrier the compiler must assume guest memory
+ * changed, so it cannot re-read p in place of the local copy. */
+static struct desc read_desc(const uint8_t *p)
+{
+    struct desc d;
+    memcpy(&d, p, sizeof d);
+    compiler_barrier();
+    return d;
+}
+
+int vq_mem_init(struct vq_mem *mem, const struct vq_region *regions, int nregions)
+{
+    int i, j;
+
+    mem->nregions = 0;
+    if (!regions || nregions < 1 || nregions > VQ_MAX_REGIONS)
+        return -EINVAL;
+    for (i = 0; i < nregions; i++) {
+        const struct vq_region *r = &regions[i];
+        uint64_t last;
+
+        if (r->size == 0 || !r->hva)
+            return -EINVAL;
+        if (r->size - 1 > UINT64_MAX - r->gpa)
+            return -EINVAL;
+        if (r->size - 1 > UINTPTR_MAX - (uintptr_t)r->hva)
+            return -EINVAL;
+        last = r->gpa + (r->size - 1);
+        for (j = 0; j < i; j++) {
+            const struct vq_region *o = &regions[j];
+            if (o->gpa <= last && r->gpa <= o->gpa + (o->size - 1))
+                return -EINVAL;
+        }
+    }
+    memcpy(mem->regions, regions, (size_t)nregions * sizeof *regions);
+    mem->nregions = nregions;
+    return 0;
+}
+
+uint8_t *vq_translate(const struct vq_mem *mem, uint64_t gpa, uint64_t len)
+{
+    int i;
+
+    if (len == 0)
+        return NULL;
+    for (i = 0; i < mem->nregions; i++) {
+        const struct vq_region *r = &mem->regions[i];
+        uint64_t offset;
+
+        if (gpa < r->gpa)
+            continue;
+        offset = gpa - r->gpa;
+        if (offset >= r->size)
+            continue;
+        /* Regions do not overlap: gpa is in this one only, so the range fits here or
+         * nowhere. */
+        if (len > r->size - offset)
+            return NULL;
+        return r->hva + offset;
+    }
+    return NULL;
+}
+
+static int aligned(const uint8_t *p, uintptr_t alignment)
+{
+    return ((uintptr_t)p & (alignment - 1)) == 0;
+}
+
+int vq_setup(struct vq *q, const struct vq_region *regions, int nregions, uint32_t num,
+             uint64_t desc_gpa, uint64_t avail_gpa, uint64_t used_gpa,
+             uint16_t last_avail_idx)
+{
+    q->broken = 1;
+    q->num = 0;
+    q->desc = q->avail = q->used = NULL;
+    if (vq_mem_init(&q->mem, regions, nregions))
+        return -EINVAL;
+    if (num == 0 || num > VQ_MAX_QUEUE_SIZE || (num & (num - 1)))
+        return -EINVAL;
+    if (desc_gpa % 16 || avail_gpa % 2 || used_gpa % 4)
+        return -EINVAL;
+    q->desc = vq_translate(&q->mem, desc_gpa, (uint64_t)DESC_SIZE * num);
+    q->avail = vq_translate(&q->mem, avail_gpa, 6 + 2 * (uint64_t)num);
+    q->used = vq_translate(&q->mem, used_gpa, 6 + 8 * (uint64_t)num);
+    if (!q->desc || !q->avail || !q->used)
+        return -EINVAL;
+    /* Host alignment follows from guest alignment for page-aligned mappings; checked
+     * because the atomic ring accesses depend on it. */
+    if (!aligned(q->desc, 16) || !aligned(q->avail, 2) || !aligned(q->used, 4))
+        return -EINVAL;
+    q->num = num;
+    q->last_avail_idx = last_avail_idx;
+    q->used_idx = load16(q->used + 2);
+    q->broken = 0;
+    return 0;
+}
+
+static int broken(struct vq *q)
+{
+    q->broken = 1;
+    return -EINVAL;
+}
+
+/* Appends one descriptor's buffer to the chain; -1 if it is malformed. */
+static int add_segment(const struct vq *q, struct vq_chain *c, const struct desc *d)
+{
+    uint32_t is_write = (d->flags & VQ_DESC_F_WRITE) != 0;
+    uint8_t *p;
+
+    if (d->len == 0)
+        return -1;
+    if (!is_write && c->nsegs > c->nreadable)
+        return -1;
+    if (c->nsegs == VQ_MAX_SEGS)
+        return -1;
+    p = vq_translate(&q->mem, d->addr, d->len);
+    if (!p)
+        return -1;
+    if (is_write) {
+        c->writable_bytes += d->len;
+    } else {
+        c->readable_bytes += d->len;
+        c->nreadable++;
+    }
+    if (c->readable_bytes + c->writable_bytes > (UINT64_C(1) << 32))
+        return -1;
+    c->segs[c->nsegs].addr = p;
+    c->segs[c->nsegs].len = d->len;
+    c->segs[c->nsegs].is_write = is_write;
+    c->nsegs++;
+    return 0;
+}
+
+/* The descriptors of the indirect table `ind` points to; -1 if malformed. */
+static int add_indirect(const struct vq *q, struct vq_chain *c, const struct desc *ind)
+{
+    const uint8_t *table;
+    uint32_t n, i = 0, steps = 0;
+
+    if (ind->flags & VQ_DESC_F_NEXT)
+        return -1;
+    if (ind->len == 0 || ind->len % DESC_SIZE || ind->len / DESC_SIZE > VQ_MAX_INDIRECT)
+        return -1;
+    table = vq_translate(&q->mem, ind->addr, ind->len);
+    if (!table)
+        return -1;
+    n = ind->len / DESC_SIZE;
+    for (;;) {
+        struct desc d;
+
+        if (++steps > n)
+            return -1;
+        d = read_desc(table + (size_t)DESC_SIZE * i);
+        if (d.flags & VQ_DESC_F_INDIRECT)
+            return -1;
+        if (add_segment(q, c, &d))
+            return -1;
+        if (!(d.flags & VQ_DESC_F_NEXT))
+            return 0;
+        i = d.next;
+        if (i >= n)
+            return -1;
+    }
+}
+
+int vq_pop(struct vq *q, struct vq_chain *c)
+{
+    uint16_t avail_idx, pending, head;
+    uint32_t i, steps = 0;
+
+    if (q->broken)
+        return -EINVAL;
+    avail_idx = load16(q->avail + 2);
+    pending = (uint16_t)(avail_idx - q->last_avail_idx);
+    if (pending == 0)
+        return 0;
+    if (pending > q->num)
+        return broken(q);
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    head = load16(q->avail + 4 + 2 * (size_t)(q->last_avail_idx & (q->num - 1)));
+    if (head >= q->num)
+        return broken(q);
+
+    c->head = head;
+    c->nsegs = c->nreadable = 0;
+    c->readable_bytes = c->writable_bytes = 0;
+    i = head;
+    for (;;) {
+        struct desc d;
+
+        if (++steps > q->num)
+            return broken(q);
+        d = read_desc(q->desc + (size_t)DESC_SIZE * i);
+        if (d.flags & VQ_DESC_F_INDIRECT) {
+            if (add_indirect(q, c, &d))
+                return broken(q);
+            break;
+        }
+        if (add_segment(q, c, &d))
+            return broken(q);
+        if (!(d.flags & VQ_DESC_F_NEXT))
+            break;
+        i = d.next;
+        if (i >= q->num)
+            return broken(q);
+    }
+    q->last_avail_idx++;
+    return 1;
+}
+
+void vq_push(struct vq *q, uint16_t head, uint32_t written)
+{
+    uint8_t *elem;
+
+    if (q->broken)
+        return;
+    elem = q->used + 4 + 8 * (size_t)(q->used_idx & (q->num - 1));
+    __atomic_store_n((uint32_t *)elem, (uint32_t)head, __ATOMIC_RELAXED);
+    __atomic_store_n((uint32_t *)(elem + 4), written, __ATOMIC_RELAXED);
+    q->used_idx++;
+    /* Release: the element is visible before the index that covers it. */
+    __atomic_store_n((uint16_t *)(q->used + 2), q->used_idx, __ATOMIC_RELEASE);
+}
+
+int vq_needs_interrupt(struct vq *q)
+{
+    if (q->broken)
+        return 0;
+    /* Our used->idx store must be visible before we read the flag, or we could miss a
+     * driver that cleared NO_INTERRUPT after seeing the old idx. EVENT_IDX would read
+     * used_event here instead; it is not negotiated yet. */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    return !(load16(q->avail) & VQ_AVAIL_F_NO_INTERRUPT);
+}
+
+uint16_t vq_get_last_avail_idx(const struct vq *q)
+{
+    return q->last_avail_idx;
+}
+
+void vq_set_last_avail_idx(struct vq *q, uint16_t idx)
+{
+    q->last_avail_idx = idx;
+}

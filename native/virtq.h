@@ -1,0 +1,92 @@
+/* Split-virtqueue ring walker for the device side (virtio 1.2, section 2.7).
+ *
+ * The guest is hostile: everything read from guest memory is validated before use and
+ * read exactly once. See virtq.c for the list of checks. One struct vq must be used by
+ * one thread at a time; the guest driver is the only other party.
+ */
+#ifndef VMM_VIRTQ_H
+#define VMM_VIRTQ_H
+
+#include <stdint.h>
+
+#define VQ_MAX_REGIONS    8       /* guest RAM regions in a memory table */
+#define VQ_MAX_QUEUE_SIZE 32768   /* the spec's largest split queue */
+#define VQ_MAX_SEGS       1024    /* buffers in one chain (Linux's UIO_MAXIOV, QEMU's cap) */
+#define VQ_MAX_INDIRECT   1024    /* descriptors in one indirect table */
+
+#define VQ_DESC_F_NEXT     1
+#define VQ_DESC_F_WRITE    2
+#define VQ_DESC_F_INDIRECT 4
+#define VQ_AVAIL_F_NO_INTERRUPT 1
+
+/* One guest RAM range and where it is mapped in this process. */
+struct vq_region {
+    uint64_t gpa, size;
+    uint8_t *hva;
+};
+
+struct vq_mem {
+    struct vq_region regions[VQ_MAX_REGIONS];
+    int nregions;
+};
+
+/* One guest buffer of a chain. Device-readable segments always come first. */
+struct vq_seg {
+    uint8_t *addr;      /* host address */
+    uint32_t len;       /* never 0 */
+    uint32_t is_write;  /* 1: the device writes it (VIRTQ_DESC_F_WRITE) */
+};
+
+struct vq_chain {
+    uint16_t head;           /* descriptor index to give back to vq_push */
+    uint32_t nsegs;          /* segs[0 .. nsegs) */
+    uint32_t nreadable;      /* segs[0 .. nreadable) are readable, the rest writable */
+    uint64_t readable_bytes;
+    uint64_t writable_bytes;
+    struct vq_seg segs[VQ_MAX_SEGS];
+};
+
+struct vq {
+    struct vq_mem mem;
+    uint32_t num;
+    uint8_t *desc;            /* host pointers, translated once by vq_setup */
+    uint8_t *avail;
+    uint8_t *used;
+    uint16_t last_avail_idx;  /* next avail ring entry to consume */
+    uint16_t used_idx;        /* our copy of used->idx: never read back from the guest */
+    int broken;
+};
+
+/* Validates and copies a region table: 1..VQ_MAX_REGIONS regions, each non-empty, not
+ * wrapping around 2^64 (guest or host side), not overlapping another. 0 or -EINVAL. */
+int vq_mem_init(struct vq_mem *mem, const struct vq_region *regions, int nregions);
+
+/* The host address of guest range [gpa, gpa + len), or NULL unless that range lies
+ * entirely inside one region. len 0 is never valid. */
+uint8_t *vq_translate(const struct vq_mem *mem, uint64_t gpa, uint64_t len);
+
+/* num: a power of 2 in 1..VQ_MAX_QUEUE_SIZE. Rings must lie inside guest RAM, aligned
+ * as the spec says (desc 16, avail 2, used 4). used_idx is read once from the used ring
+ * (0 on a fresh queue, the previous value when a backend takes over a running queue).
+ * 0 or -EINVAL; on -EINVAL the queue is left broken. */
+int vq_setup(struct vq *q, const struct vq_region *regions, int nregions, uint32_t num,
+             uint64_t desc_gpa, uint64_t avail_gpa, uint64_t used_gpa,
+             uint16_t last_avail_idx);
+
+/* 1 and *chain filled when the guest made a chain available, 0 when not, -EINVAL when
+ * the guest broke the protocol: the queue is then broken for good (until vq_setup), and
+ * every later call returns -EINVAL without touching guest memory. */
+int vq_pop(struct vq *q, struct vq_chain *chain);
+
+/* Hands chain `head` back with `written` bytes written, and publishes used->idx.
+ * Does nothing on a broken queue. */
+void vq_push(struct vq *q, uint16_t head, uint32_t written);
+
+/* Whether the guest wants an interrupt now (call after vq_push). 0 on a broken queue. */
+int vq_needs_interrupt(struct vq *q);
+
+/* vhost-user GET_VRING_BASE / SET_VRING_BASE. */
+uint16_t vq_get_last_avail_idx(const struct vq *q);
+void vq_set_last_avail_idx(struct vq *q, uint16_t idx);
+
+#endif

@@ -1,0 +1,1 @@
+"""Device-side virtio: the split-virtqueue walker the vhost-user backends share."""

@@ -11,9 +11,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
-                                "tests", "nested", "l1"))
+                                "tests", "framework"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from l2session import Vm  # noqa: E402
+from console import Vm  # noqa: E402
 
 kernel, initrd = sys.argv[1:3]
 api = "/tmp/stratovirt-demo.socket"

@@ -11,7 +11,7 @@ from tests.framework.nested import NestedRig  # noqa: E402
 with NestedRig(echo=False) as rig:
     result = rig.run("python3 demo_session.py /l2/vmlinuz /l2/initrd.img",
                      files={"demo_session.py": ROOT / "scripts" / "demo_session.py",
-                            "l2session.py": ROOT / "tests" / "nested" / "l1" / "l2session.py"},
+                            "console.py": ROOT / "tests" / "framework" / "console.py"},
                      timeout=900)
 print("\n".join(result.output))
 sys.exit(result.status)

@@ -12,6 +12,7 @@ import pytest
 pytestmark = [pytest.mark.nested, pytest.mark.needs_root]
 
 L1_DIR = pathlib.Path(__file__).parent / "l1"
+FRAMEWORK = pathlib.Path(__file__).parents[1] / "framework"
 MiB = 1024
 
 
@@ -24,7 +25,7 @@ def checks(rig, tmp_path_factory):
     result = rig.run(
         f"pip install -q --no-index --no-deps {qmp_wheel.name} && python3 boot_checks.py",
         files={"boot_checks.py": L1_DIR / "boot_checks.py",
-               "l2session.py": L1_DIR / "l2session.py", qmp_wheel.name: qmp_wheel},
+               "console.py": FRAMEWORK / "console.py", qmp_wheel.name: qmp_wheel},
         timeout=1200)
     found = {}
     for line in result.output:

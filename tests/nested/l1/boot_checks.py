@@ -17,7 +17,7 @@ import time
 
 from qemu.qmp import QMPClient
 
-from l2session import Timeout, Vm
+from console import Timeout, Vm
 
 APPEND = "console=ttyS0 reboot=k panic=1 quiet"
 

@@ -1,7 +1,8 @@
-"""Runs inside L1 (the nested tests copy it there): drives an L2 VM of ours through its
-serial console, expect-style. A library for the L1-side check scripts.
+"""Drives a VM through its serial console, expect-style: our stratovirt inside L1 (the
+nested tests copy this file there) or QEMU on the host (the interop tests).
 
-Every console line is echoed as `L2| line`, so the host sees the guest's whole boot.
+Standard library only, since it also runs in L1 outside the project. Every console line
+is echoed as `L2| line`, so a failing test shows the guest's whole boot.
 """
 
 import os

@@ -1,0 +1,1 @@
+"""Virtio devices, one folder each: the device model a backend process serves."""

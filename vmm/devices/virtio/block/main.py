@@ -1,0 +1,72 @@
+"""`stratovirt-vhost-user-blk`: the virtio-blk backend as a program of its own.
+
+Follows the vhost-user backend conventions (QEMU's vhost-user.rst), so QEMU or
+qemu-storage-daemon users can run it the way they run theirs: --socket-path to listen
+(one frontend at a time; it may reconnect), or --fd for a connected socket inherited
+from the launcher; --print-capabilities; SIGTERM ends it and removes the socket.
+"""
+
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+
+import click
+
+from ....vhost_user.backend import Backend
+from ....vhost_user.protocol import Connection, ProtocolError
+from .device import BlockDevice
+
+log = logging.getLogger(__name__)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--socket-path", type=click.Path(dir_okay=False),
+              help="Listen on this unix socket (created; must not exist).")
+@click.option("--fd", type=int, help="Serve this inherited, connected unix socket.")
+@click.option("--print-capabilities", is_flag=True, help="Print the backend's capabilities.")
+@click.option("--blk-file", type=click.Path(dir_okay=False), help="The disk image.")
+@click.option("--read-only", is_flag=True, help="Offer a read-only disk (VIRTIO_BLK_F_RO).")
+@click.option("--direct/--no-direct", default=False, help="Open the image with O_DIRECT.")
+@click.option("--serial", default=None, help="Disk serial (GET_ID), at most 20 ASCII bytes.")
+def main(socket_path, fd, print_capabilities, blk_file, read_only, direct, serial):
+    """vhost-user virtio-blk backend."""
+    if print_capabilities:
+        print(json.dumps({"type": "block", "features": ["blk-file", "read-only"]}))
+        return
+    if (socket_path is None) == (fd is None) or not blk_file:
+        raise click.UsageError("give --blk-file and one of --socket-path or --fd")
+    logging.basicConfig(level=logging.INFO, format="vhost-user-blk: %(message)s")
+    flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC | (os.O_DIRECT if direct else 0)
+    try:
+        disk = os.open(blk_file, flags)
+    except OSError as error:
+        raise click.ClickException(f"--blk-file: {blk_file}: {error.strerror}") from None
+    device = BlockDevice(disk, read_only, direct, serial)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    if fd is not None:
+        _serve(device, socket.socket(fileno=fd))
+        return
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        listener.bind(socket_path)
+    except OSError as error:
+        raise click.ClickException(f"--socket-path: {socket_path}: {error.strerror}") from None
+    try:
+        listener.listen(1)
+        while True:
+            client, _ = listener.accept()
+            _serve(device, client)
+    finally:
+        os.unlink(socket_path)
+
+
+def _serve(device: BlockDevice, client: socket.socket) -> None:
+    try:
+        Backend(device, Connection(client)).serve()
+    except (ProtocolError, OSError) as error:
+        log.error("frontend connection ended: %s", error)
+    finally:
+        client.close()

@@ -1,0 +1,225 @@
+"""A vhost-user backend: the protocol's state machine and one worker thread per ring.
+
+The device (e.g. vmm/devices/virtio/block) supplies features, its configuration space
+and a `process(queue)` that consumes available chains; this module does the rest:
+negotiation, the memory table, ring setup and teardown, kicks and calls.
+"""
+
+import logging
+import os
+import select
+import threading
+from typing import Protocol
+
+from ..virtio.queue import QueueBroken, Virtqueue
+from . import protocol as P
+from .memory import GuestRam
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_FEATURES = (1 << P.PROTOCOL_F_MQ) | (1 << P.PROTOCOL_F_REPLY_ACK) | (1 << P.PROTOCOL_F_CONFIG)
+
+
+class Device(Protocol):
+    features: int
+    num_queues: int
+    max_queue_size: int
+
+    def config(self) -> bytes: ...
+    def process(self, queue: Virtqueue) -> None: ...
+
+
+class Vring:
+    """One virtqueue as the frontend set it up, and its worker once started."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.num = 0
+        self.base = 0
+        self.addresses: tuple[int, int, int] | None = None     # desc, avail, used (user)
+        self.kick = -1
+        self.call = -1
+        self.enabled = False
+        self.queue: Virtqueue | None = None
+        self._thread: threading.Thread | None = None
+        self._stop_read, self._stop_write = -1, -1
+
+    def replace_fd(self, name: str, fd: int) -> None:
+        old = getattr(self, name)
+        if old >= 0:
+            os.close(old)
+        setattr(self, name, fd)
+
+    def start(self, device: Device, ram: GuestRam) -> None:
+        desc, avail, used = (ram.guest_address(a) for a in self.addresses)
+        self.queue = Virtqueue(ram.table(), self.num, desc, avail, used, self.base)
+        self._stop_read, self._stop_write = os.pipe()
+        self._thread = threading.Thread(target=self._run, args=(device,),
+                                        name=f"vring{self.index}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> int:
+        """Stop the worker; the next available index (GET_VRING_BASE's answer)."""
+        if self._thread:
+            os.write(self._stop_write, b"x")
+            self._thread.join()
+            os.close(self._stop_read)
+            os.close(self._stop_write)
+            self._thread = None
+        if self.queue is not None:
+            self.base = self.queue.last_avail_idx
+            self.queue = None
+        return self.base
+
+    def close(self) -> None:
+        self.stop()
+        self.replace_fd("kick", -1)
+        self.replace_fd("call", -1)
+
+    def _run(self, device: Device) -> None:
+        poller = select.poll()
+        poller.register(self.kick, select.POLLIN)
+        poller.register(self._stop_read, select.POLLIN)
+        while True:
+            # Serve what is already there first: the driver may have queued requests
+            # before we were started, without a kick we will ever see.
+            try:
+                device.process(self.queue)
+            except QueueBroken as error:
+                log.error("ring %d is broken, the device stops serving it: %s", self.index, error)
+                return
+            if self.queue.needs_interrupt() and self.call >= 0:
+                os.eventfd_write(self.call, 1)
+            events = dict(poller.poll())
+            if self._stop_read in events:
+                return
+            if self.kick in events:
+                os.eventfd_read(self.kick)
+
+
+class Backend:
+    def __init__(self, device: Device, connection: P.Connection):
+        self.device = device
+        self.connection = connection
+        self.features = 0
+        self.protocol_features = 0
+        self.ram: GuestRam | None = None
+        self.vrings = [Vring(i) for i in range(device.num_queues)]
+
+    def serve(self) -> None:
+        """Until the frontend disconnects."""
+        try:
+            while (message := self.connection.receive()) is not None:
+                try:
+                    answer = self._handle(message)
+                    failed = False
+                except P.ProtocolError as error:
+                    log.error("%s: %s", message.name, error)
+                    answer, failed = None, True
+                if answer is not None:
+                    self.connection.reply(message, answer)
+                elif message.flags & P.FLAG_NEED_REPLY and self._acked():
+                    self.connection.reply(message, P.U64.pack(1 if failed else 0))
+                elif failed:
+                    raise P.ProtocolError(f"{message.name} failed")
+        finally:
+            for vring in self.vrings:
+                vring.close()
+            if self.ram:
+                self.ram.close()
+
+    def _acked(self) -> bool:
+        return bool(self.protocol_features & (1 << P.PROTOCOL_F_REPLY_ACK))
+
+    def _vring(self, index: int) -> Vring:
+        if not 0 <= index < len(self.vrings):
+            raise P.ProtocolError(f"no ring {index}")
+        return self.vrings[index]
+
+    def _handle(self, m: P.Message) -> bytes | None:
+        """The reply payload for requests that have one, else None."""
+        r = m.request
+        if r not in (P.SET_MEM_TABLE, P.SET_VRING_KICK, P.SET_VRING_CALL, P.SET_VRING_ERR):
+            P._close(m.fds)
+        if r == P.GET_FEATURES:
+            return P.U64.pack(self.device.features | P.F_PROTOCOL_FEATURES)
+        if r == P.SET_FEATURES:
+            self.features = m.u64()
+        elif r == P.GET_PROTOCOL_FEATURES:
+            return P.U64.pack(PROTOCOL_FEATURES)
+        elif r == P.SET_PROTOCOL_FEATURES:
+            self.protocol_features = m.u64() & PROTOCOL_FEATURES
+        elif r == P.GET_QUEUE_NUM:
+            return P.U64.pack(self.device.num_queues)
+        elif r in (P.SET_OWNER, P.RESET_OWNER):
+            pass
+        elif r == P.SET_MEM_TABLE:
+            for vring in self.vrings:
+                vring.stop()
+            if self.ram:
+                self.ram.close()
+            self.ram = GuestRam(P.parse_mem_table(m.payload), m.fds)
+            self._start_ready()
+        elif r == P.SET_VRING_NUM:
+            index, num = m.vring_state()
+            if not 1 <= num <= self.device.max_queue_size or num & (num - 1):
+                raise P.ProtocolError(f"ring {index}: size {num}")
+            self._vring(index).num = num
+        elif r == P.SET_VRING_ADDR:
+            if len(m.payload) < P.VRING_ADDR.size:
+                raise P.ProtocolError("SET_VRING_ADDR: short payload")
+            index, _, desc, used, avail, _ = P.VRING_ADDR.unpack_from(m.payload)
+            self._vring(index).addresses = (desc, avail, used)
+        elif r == P.SET_VRING_BASE:
+            index, base = m.vring_state()
+            self._vring(index).base = base
+        elif r == P.GET_VRING_BASE:
+            index, _ = m.vring_state()
+            vring = self._vring(index)
+            base = vring.stop()
+            vring.replace_fd("kick", -1)
+            return P.VRING_STATE.pack(index, base)
+        elif r in (P.SET_VRING_KICK, P.SET_VRING_CALL, P.SET_VRING_ERR):
+            value = m.u64()
+            fd = -1 if value & P.VRING_NOFD or not m.fds else m.fds[0]
+            vring = self._vring(value & P.VRING_INDEX_MASK)
+            if r == P.SET_VRING_ERR:
+                if fd >= 0:
+                    os.close(fd)
+                return None
+            vring.replace_fd("kick" if r == P.SET_VRING_KICK else "call", fd)
+            if r == P.SET_VRING_KICK:
+                # Without protocol features a ring starts on its kick fd.
+                vring.enabled |= not self.features & P.F_PROTOCOL_FEATURES
+                self._start_ready()
+        elif r == P.SET_VRING_ENABLE:
+            index, enable = m.vring_state()
+            vring = self._vring(index)
+            vring.enabled = bool(enable)
+            if not enable:
+                vring.stop()
+            self._start_ready()
+        elif r == P.GET_CONFIG:
+            if len(m.payload) < P.CONFIG_HEADER.size:
+                raise P.ProtocolError("GET_CONFIG: short payload")
+            offset, size, flags = P.CONFIG_HEADER.unpack_from(m.payload)
+            config = self.device.config()
+            data = config[offset:offset + size].ljust(size, b"\0")
+            return P.CONFIG_HEADER.pack(offset, size, flags) + data
+        elif r == P.SET_CONFIG:
+            pass    # the block device's configuration is read-only (no CONFIG_WCE)
+        elif r == P.GET_MAX_MEM_SLOTS:
+            return P.U64.pack(P.MAX_FDS)
+        else:
+            raise P.ProtocolError(f"unsupported request {m.name}")
+        return None
+
+    def _start_ready(self) -> None:
+        for vring in self.vrings:
+            if (vring.queue is None and vring.enabled and vring.kick >= 0 and self.ram
+                    and vring.addresses and vring.num):
+                try:
+                    vring.start(self.device, self.ram)
+                except (ValueError, P.ProtocolError) as error:
+                    # Rings outside guest RAM: that queue stays dead, the backend lives.
+                    log.error("ring %d cannot start: %s", vring.index, error)

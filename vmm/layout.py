@@ -43,6 +43,18 @@ RTC_PORT = 0x70
 ACPI_SLEEP_PORT = 0x3C0          # sleep control (0x3C0) and status (0x3C1) registers
 
 
+# virtio-mmio slots (StratoVirt's): 6 disks, then 2 NICs, then the other devices.
+BLK_SLOTS, NET_SLOTS = 6, 2
+MAX_VIRTIO_SLOTS = 11            # IRQs 5..15
+
+
+def virtio_mmio_slot(index: int) -> tuple[int, int]:
+    """(MMIO base, IRQ) of slot `index`."""
+    if not 0 <= index < MAX_VIRTIO_SLOTS:
+        raise ValueError(f"virtio-mmio slot {index}; there are {MAX_VIRTIO_SLOTS}")
+    return VIRTIO_MMIO_BASE + index * VIRTIO_MMIO_SIZE, VIRTIO_MMIO_FIRST_IRQ + index
+
+
 def ioapic_id(vcpus: int) -> int:
     """The first APIC id after the vCPUs' (0..vcpus-1): at most 254, never 255 (broadcast)."""
     return vcpus

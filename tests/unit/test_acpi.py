@@ -83,3 +83,26 @@ def test_pkg_length_encoding(length, encoded):
 
 def test_eisa_id():
     assert aml.eisa_id("PNP0501") == b"\x0c" + bytes.fromhex("41d00501")
+
+
+def test_virtio_mmio_slots_in_the_dsdt(tmp_path):
+    slots = layout.BLK_SLOTS + layout.NET_SLOTS
+    text = disassemble(tmp_path, "dsdt", tables.dsdt(tables.virtio_mmio_devices(slots)))
+    devices = re.findall(r"Device \((V0[0-9A-F]{2})\)(.*?)\n        \}", text, re.S)
+    assert [name for name, _ in devices] == [f"V{i:03X}" for i in range(slots)]
+    for index, (_, body) in enumerate(devices):
+        base, irq = layout.virtio_mmio_slot(index)
+        assert 'Name (_HID, "LNRO0005")' in body
+        assert re.search(r"Memory32Fixed \(ReadWrite,\s+0x%08X,\s+// Address Base\s+0x00001000"
+                         % base, body), body
+        assert re.search(r"Interrupt \(ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, \)"
+                         r"\s+\{\s+0x%08X," % irq, body), body
+
+
+def test_virtio_mmio_cmdline_words():
+    from vmm.devices.virtio.discovery import cmdline_devices
+    assert cmdline_devices(2) == ("virtio_mmio.device=4K@0xd0000000:5 "
+                                  "virtio_mmio.device=4K@0xd0001000:6")
+    assert cmdline_devices(11).split()[-1] == "virtio_mmio.device=4K@0xd000a000:15"
+    with pytest.raises(ValueError):
+        cmdline_devices(12)

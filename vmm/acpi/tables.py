@@ -93,6 +93,22 @@ def legacy_devices(serial: bool) -> bytes:
     return devices
 
 
+def virtio_mmio_devices(slots: int) -> bytes:
+    """One LNRO0005 device per virtio-mmio slot, as Linux's virtio_mmio ACPI match and
+    QEMU's microvm describe them: the 4 KiB window and the slot's IRQ (edge, as the
+    irqfd behind it pulses)."""
+    devices = b""
+    for index in range(slots):
+        base, irq = layout.virtio_mmio_slot(index)
+        devices += aml.device(f"V{index:03X}", aml.name("_HID", aml.string("LNRO0005")),
+                              aml.name("_UID", aml.integer(index)),
+                              aml.name("_CCA", aml.integer(1)),
+                              aml.name("_CRS", aml.resource_template(
+                                  aml.memory32_fixed(base, layout.VIRTIO_MMIO_SIZE),
+                                  aml.interrupt(irq))))
+    return devices
+
+
 def dsdt(devices: bytes) -> bytes:
     """\\_S5 for power-off, and the devices under \\_SB."""
     s5 = aml.name("\\_S5", aml.package(aml.integer(S5_SLEEP_TYPE), aml.integer(0),

@@ -11,9 +11,13 @@ know the layout of struct kvm_run's unions. vmm_host_cpuid() runs CPUID on the h
 to recognise the hypervisor we ourselves run under (see vmm/machine/cpu.py).
 """
 
+from pathlib import Path
+
 from cffi import FFI
 
 ffibuilder = FFI()
+_HERE = Path(__file__).resolve().parent
+_EXIT_STRUCT = (_HERE / "vmm_kvm.h").read_text()
 
 _CONSTANTS = """
 KVM_API_VERSION KVM_GET_API_VERSION KVM_CREATE_VM KVM_CHECK_EXTENSION KVM_GET_VCPU_MMAP_SIZE
@@ -66,17 +70,7 @@ struct kvm_pit_config { uint32_t flags; ...; };
 struct kvm_mp_state { uint32_t mp_state; };
 struct kvm_run { uint8_t immediate_exit; ...; };
 
-struct vmm_exit {
-    uint32_t reason;
-    uint8_t  io_in;        /* KVM_EXIT_IO: 1 for IN, 0 for OUT */
-    uint8_t  size;         /* IO access size, or MMIO length */
-    uint16_t port;
-    uint32_t count;        /* IO repeat count (string instructions) */
-    uint8_t  mmio_write;
-    uint64_t addr;         /* MMIO guest physical address */
-    uint8_t *data;         /* IO: count*size bytes in the run page; MMIO: 8 bytes */
-    uint64_t detail;       /* hardware reason, entry failure, internal suberror, event type */
-};
+""" + _EXIT_STRUCT + """
 
 long vmm_ioctl(int fd, unsigned long request, unsigned long arg);
 long vmm_ioctl_ptr(int fd, unsigned long request, void *arg);
@@ -92,17 +86,7 @@ ffibuilder.set_source("vmm._kvm", r"""
 #include <sys/ioctl.h>
 #include <linux/kvm.h>
 
-struct vmm_exit {
-    uint32_t reason;
-    uint8_t  io_in;
-    uint8_t  size;
-    uint16_t port;
-    uint32_t count;
-    uint8_t  mmio_write;
-    uint64_t addr;
-    uint8_t *data;
-    uint64_t detail;
-};
+#include "vmm_kvm.h"
 
 static long vmm_ioctl(int fd, unsigned long request, unsigned long arg)
 {
@@ -112,8 +96,7 @@ static long vmm_ioctl(int fd, unsigned long request, unsigned long arg)
 
 static long vmm_ioctl_ptr(int fd, unsigned long request, void *arg)
 {
-    long ret = ioctl(fd, request, arg);
-    return ret < 0 ? -errno : ret;
+    return vmm_ioctl(fd, request, (unsigned long)arg);
 }
 
 static long vmm_irq_line(int vm_fd, uint32_t irq, uint32_t level)
@@ -163,7 +146,7 @@ static long vmm_vcpu_run(int vcpu_fd, struct kvm_run *run, struct vmm_exit *out)
     }
     return 0;
 }
-""")
+""", include_dirs=[str(_HERE)])
 
 if __name__ == "__main__":
     ffibuilder.compile(verbose=True)

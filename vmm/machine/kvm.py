@@ -47,9 +47,7 @@ class Kvm:
                       "KVM_GET_VCPU_MMAP_SIZE")
 
     def supported_cpuid(self) -> list[dict]:
-        buffer = ffi.new("char[]", ffi.sizeof("struct kvm_cpuid2")
-                         + MAX_CPUID_ENTRIES * ffi.sizeof("struct kvm_cpuid_entry2"))
-        cpuid = ffi.cast("struct kvm_cpuid2 *", buffer)
+        cpuid = ffi.new("struct kvm_cpuid2 *", {"entries": MAX_CPUID_ENTRIES})
         cpuid.nent = MAX_CPUID_ENTRIES
         _check(lib.vmm_ioctl_ptr(self.fd, lib.KVM_GET_SUPPORTED_CPUID, cpuid),
                "KVM_GET_SUPPORTED_CPUID")
@@ -141,9 +139,7 @@ class Vcpu:
         self._set(lib.KVM_SET_LAPIC, lapic, "KVM_SET_LAPIC")
 
     def set_cpuid(self, entries: list[dict]) -> None:
-        buffer = ffi.new("char[]", ffi.sizeof("struct kvm_cpuid2")
-                         + len(entries) * ffi.sizeof("struct kvm_cpuid_entry2"))
-        cpuid = ffi.cast("struct kvm_cpuid2 *", buffer)
+        cpuid = ffi.new("struct kvm_cpuid2 *", {"entries": len(entries)})
         cpuid.nent = len(entries)
         for i, entry in enumerate(entries):
             for key, value in entry.items():
@@ -151,9 +147,7 @@ class Vcpu:
         self._set(lib.KVM_SET_CPUID2, cpuid, "KVM_SET_CPUID2")
 
     def set_msrs(self, msrs: dict[int, int]) -> None:
-        buffer = ffi.new("char[]", ffi.sizeof("struct kvm_msrs")
-                         + len(msrs) * ffi.sizeof("struct kvm_msr_entry"))
-        table = ffi.cast("struct kvm_msrs *", buffer)
+        table = ffi.new("struct kvm_msrs *", {"entries": len(msrs)})
         table.nmsrs = len(msrs)
         for i, (index, data) in enumerate(msrs.items()):
             table.entries[i].index = index

@@ -32,6 +32,8 @@ KVM_EXIT_UNKNOWN KVM_EXIT_IO KVM_EXIT_HLT KVM_EXIT_MMIO KVM_EXIT_SHUTDOWN KVM_EX
 KVM_EXIT_INTR KVM_EXIT_INTERNAL_ERROR KVM_EXIT_SYSTEM_EVENT KVM_EXIT_IO_IN KVM_EXIT_IO_OUT
 KVM_SYSTEM_EVENT_SHUTDOWN KVM_SYSTEM_EVENT_RESET KVM_SYSTEM_EVENT_CRASH
 KVM_MP_STATE_RUNNABLE KVM_MP_STATE_UNINITIALIZED
+KVM_IOEVENTFD KVM_IRQFD KVM_CAP_IOEVENTFD KVM_CAP_IRQFD
+KVM_IOEVENTFD_FLAG_DATAMATCH KVM_IOEVENTFD_FLAG_DEASSIGN KVM_IRQFD_FLAG_DEASSIGN
 """.split()
 
 ffibuilder.cdef("\n".join(f"#define {name} ..." for name in _CONSTANTS) + """
@@ -69,6 +71,8 @@ struct kvm_lapic_state { char regs[1024]; };
 struct kvm_pit_config { uint32_t flags; ...; };
 struct kvm_mp_state { uint32_t mp_state; };
 struct kvm_run { uint8_t immediate_exit; ...; };
+struct kvm_ioeventfd { uint64_t datamatch; uint64_t addr; uint32_t len; int32_t fd; uint32_t flags; ...; };
+struct kvm_irqfd { uint32_t fd; uint32_t gsi; uint32_t flags; ...; };
 
 """ + _EXIT_STRUCT + """
 

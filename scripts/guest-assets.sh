@@ -2,7 +2,8 @@
 # Builds a Linux guest from Debian's own packages into assets/ (not committed):
 #   assets/vmlinuz       Debian's cloud kernel (bzImage)
 #   assets/vmlinux       the same kernel as an ELF vmlinux, extracted from the bzImage
-#   assets/initrd.img    busybox initramfs that loads the virtio modules, then a shell
+#   assets/initrd.img    busybox initramfs that loads the virtio modules, then mounts
+#                        root= (rw if asked) and switches to it, or else runs a shell
 #   assets/rootfs.ext4   a small ext4 root filesystem with busybox
 # Safe to run again: it rebuilds only what is missing.
 set -euo pipefail
@@ -18,6 +19,12 @@ if [ -z "$kernel_package" ]; then
     kernel_package=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/{print $2; exit}')
 fi
 
+# Assets built by an older version of this script are rebuilt (the kernel is kept).
+stamp=$(sha256sum "$0" | cut -c1-16)
+if [ "$(cat "$out/.stamp" 2>/dev/null)" != "$stamp" ]; then
+    rm -f "$out/initrd.img" "$out/rootfs.ext4"
+fi
+
 busybox=/bin/busybox
 if [ ! -s "$out/vmlinuz" ] || [ ! -s "$out/initrd.img" ]; then
     chmod 755 "$work"  # apt-get download drops to the _apt user
@@ -28,7 +35,8 @@ if [ ! -s "$out/vmlinuz" ] || [ ! -s "$out/initrd.img" ]; then
     root="$work/initramfs"
     mkdir -p "$root"/{bin,dev,proc,sys,mnt,lib/modules}
     cp "$busybox" "$root/bin/busybox"
-    for tool in sh mount insmod mkdir cat echo ls poweroff reboot sync; do
+    for tool in sh mount umount insmod mkdir cat echo ls poweroff reboot sync sleep dd md5sum \
+            head grep switch_root; do
         ln -s busybox "$root/bin/$tool"
     done
     # Virtio is built as modules in the cloud kernel; this order satisfies their depends=.
@@ -47,6 +55,26 @@ for m in $(echo $modules); do
     for f in /lib/modules/\$m.ko*; do [ -e "\$f" ] && insmod "\$f"; done
 done
 echo "initramfs: ready"
+# root=/dev/... as a distribution initramfs would: wait for the disk, mount it (rw
+# only if the command line says rw), switch to it and run its /sbin/init.
+root=; mode=ro
+for word in \$(cat /proc/cmdline); do
+    case "\$word" in
+        root=/dev/*) root=\${word#root=} ;;
+        rw) mode=rw ;;
+        ro) mode=ro ;;
+    esac
+done
+if [ -n "\$root" ]; then
+    tries=0
+    while [ ! -b "\$root" ] && [ \$tries -lt 100 ]; do sleep 0.1; tries=\$((tries + 1)); done
+    if mount -t ext4 -o "\$mode" "\$root" /mnt; then
+        echo "initramfs: switching to \$root (\$mode)"
+        umount /sys /proc /dev
+        exec switch_root /mnt /sbin/init
+    fi
+    echo "initramfs: cannot mount \$root"
+fi
 exec sh
 INIT
     chmod +x "$root/init"
@@ -73,12 +101,23 @@ if [ ! -s "$out/rootfs.ext4" ]; then
     rootfs="$work/rootfs"
     mkdir -p "$rootfs"/{bin,sbin,etc,dev,proc,sys,tmp,root}
     cp "$busybox" "$rootfs/bin/busybox"
-    for tool in sh mount umount ls cat echo sync poweroff reboot mkdir dd md5sum; do
+    for tool in sh mount umount ls cat echo sync poweroff reboot mkdir dd md5sum rm touch \
+            grep head sleep uname cmp tr od; do
         ln -s busybox "$rootfs/bin/$tool"
     done
     ln -s ../bin/busybox "$rootfs/sbin/init"
     printf 'root::0:0:root:/root:/bin/sh\n' > "$rootfs/etc/passwd"
+    # busybox init: mount what a shell needs, say so, then a shell on the console.
+    cat > "$rootfs/etc/inittab" <<'INITTAB'
+::sysinit:/bin/mount -t proc proc /proc
+::sysinit:/bin/mount -t sysfs sysfs /sys
+::sysinit:/bin/mount -t devtmpfs devtmpfs /dev
+::sysinit:/bin/echo "rootfs: ready"
+::respawn:-/bin/sh
+::shutdown:/bin/umount -a -r
+INITTAB
     truncate -s 64M "$out/rootfs.ext4"
     mkfs.ext4 -q -F -d "$rootfs" "$out/rootfs.ext4"
 fi
+echo "$stamp" > "$out/.stamp"
 echo "guest assets in $out/: $(cd "$out" && ls -d vmlinuz vmlinux initrd.img rootfs.ext4 | tr '\n' ' ')"

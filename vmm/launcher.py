@@ -8,26 +8,32 @@ shutdown of the VM. Whatever happens, the sockets and pidfile it created are rem
 and the terminal restored before it exits with the VM's status.
 """
 
+import functools
 import logging
 import os
+import select
 import signal
 import socket
 import sys
 import termios
+import time
 import tty
 from pathlib import Path
 
-from . import control, daemon, vm_process
+from . import children, control, daemon, vm_process
 from .boot import loader
 from .boot.kernel import BadKernel
 from .config.errors import one_line
-from .config.model import MachineConfig
+from .config.model import Drive, MachineConfig
+from .devices.virtio import discovery
+from .devices.virtio.block import main as block_main
 from .log import setup as setup_logging
 from .machine.kvm import KVM_PATH, open_kvm
 from .machine.memory import GuestMemory, create_memfd
 
 log = logging.getLogger(__name__)
 EXIT_FAILURE = 1
+BACKEND_GRACE = 5.0
 
 
 class LaunchError(Exception):
@@ -40,8 +46,11 @@ class _Cleanup:
     def __init__(self):
         self.paths: list[Path] = []
         self.terminal: tuple[int, list] | None = None
+        self.children: list[children.Child] = []
 
     def run(self) -> None:
+        for child in self.children:
+            child.kill()
         if self.terminal:
             fd, attributes = self.terminal
             termios.tcsetattr(fd, termios.TCSADRAIN, attributes)
@@ -75,11 +84,11 @@ def run(config: MachineConfig, notes: tuple[str, ...]) -> int:
 
 def _launch(config: MachineConfig, cleanup: _Cleanup, readiness) -> int:
     unattached = [f"{kind} {device.id}" for kind, devices in (
-        ("disk", config.drives), ("NIC", config.nics),
-        ("console", [config.console] if config.console else []),
+        ("NIC", config.nics), ("console", [config.console] if config.console else []),
         ("vsock", [config.vsock] if config.vsock else [])) for device in devices]
     if unattached:
-        log.warning("not attached, virtio devices are not built yet: %s", ", ".join(unattached))
+        log.warning("not attached, these virtio devices are not built yet: %s",
+                    ", ".join(unattached))
     try:
         kvm_fd = open_kvm()
     except OSError as error:
@@ -88,7 +97,7 @@ def _launch(config: MachineConfig, cleanup: _Cleanup, readiness) -> int:
     memory = GuestMemory(create_memfd(config.machine.mem_size), config.machine.mem_size,
                          dont_dump=config.machine.omit_vm_memory)
     try:
-        entry = loader.load(config, memory, config.boot.boot_args)
+        entry = loader.load(config, memory, discovery.kernel_cmdline(config.boot.boot_args))
     except (OSError, BadKernel) as error:
         raise LaunchError(f"loading the kernel: {error}") from None
 
@@ -99,29 +108,49 @@ def _launch(config: MachineConfig, cleanup: _Cleanup, readiness) -> int:
         except OSError as error:
             raise LaunchError(f"-pidfile: {config.pidfile}: {error.strerror}") from None
         cleanup.paths.append(config.pidfile)
+    disks = [_start_disk(drive, memory, cleanup) for drive in config.drives]
     if config.serial_stdio and os.isatty(0):
         cleanup.terminal = (0, termios.tcgetattr(0))
         _raw_terminal(0)
 
     ours, theirs = control.channel_pair()
-    pid = os.fork()
-    if pid == 0:
-        ours.close()
-        if readiness:
-            readiness.close_in_child()
-        status = EXIT_FAILURE
-        try:
-            status = vm_process.main(config, kvm_fd, memory, entry, listener, theirs)
-        except BaseException:
-            log.exception("the vm process failed")
-        finally:
-            logging.shutdown()
-            os._exit(status)
+    keep = [kvm_fd, memory.fd, listener.fileno(), theirs.fileno()] + [d.fileno() for d in disks]
+    vm = children.spawn("vmm-vm", "vm", keep, functools.partial(
+        vm_process.main, config, kvm_fd, memory, entry, listener, theirs, disks), stdin=True)
+    cleanup.children.append(vm)
     theirs.close()
     listener.close()
     os.close(kvm_fd)
-    log.info("vm process %d started", pid)
-    return _supervise(pid, ours, readiness)
+    for sock in disks:
+        sock.close()
+    log.info("vm process %d started", vm.pid)
+    return _supervise(vm, ours, readiness, cleanup.children[:-1])
+
+
+def _start_disk(drive: Drive, memory: GuestMemory, cleanup: _Cleanup) -> socket.socket:
+    """Open the disk and fork its backend with the disk and one end of a socket pair;
+    the other end is the vm process's vhost-user connection to it."""
+    flags = (os.O_RDONLY if drive.read_only else os.O_RDWR) | os.O_CLOEXEC | \
+        (os.O_DIRECT if drive.direct else 0)
+    try:
+        disk = os.open(drive.path, flags)
+    except OSError as error:
+        raise LaunchError(f"-drive id={drive.id}: {drive.path}: {error.strerror}") from None
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+
+    def backend() -> int:
+        memory.close()      # it gets guest RAM from the vm process, over vhost-user
+        return block_main.serve_disk(disk, theirs, drive.read_only, drive.direct, drive.serial)
+
+    try:
+        child = children.spawn(f"vmm-blk-{drive.id}"[:15], f"blk-{drive.id}",
+                               [disk, theirs.fileno()], backend)
+    finally:
+        os.close(disk)
+        theirs.close()
+    child.what = f"disk {drive.id}"
+    cleanup.children.append(child)
+    return ours
 
 
 def _bind(path: Path, cleanup: _Cleanup) -> socket.socket:
@@ -146,19 +175,38 @@ def _raw_terminal(fd: int) -> None:
     termios.tcsetattr(fd, termios.TCSADRAIN, attributes)
 
 
-def _supervise(pid: int, channel: socket.socket, readiness) -> int:
+def _supervise(vm: children.Child, channel: socket.socket, readiness,
+               backends: list[children.Child]) -> int:
     def forward(number, frame):
         log.info("signal %d: shutting the VM down", number)
         try:
-            os.kill(pid, signal.SIGTERM)
+            os.kill(vm.pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
 
     for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(number, forward)
 
+    poller = select.poll()
+    poller.register(channel, select.POLLIN)
+    watched = {backend.pidfd: backend for backend in backends}
+    for pidfd in watched:
+        poller.register(pidfd, select.POLLIN)
     error, ended = None, False
-    while (message := control.receive(channel)) is not None:
+    while True:
+        ready = {fd for fd, _ in poller.poll()}
+        for pidfd in ready & watched.keys():
+            backend = watched.pop(pidfd)
+            poller.unregister(pidfd)
+            backend.reap(block=True)
+            # A device is not worth the VM: the guest sees a device that stops answering.
+            log.error("%s: its backend process %s; the device no longer works, the VM "
+                      "goes on", backend.what, backend.describe_end())
+        if channel.fileno() not in ready:
+            continue
+        message = control.receive(channel)
+        if message is None:
+            break
         event = message[0].get("event")
         if event == "running" and readiness:
             readiness.ready()
@@ -167,12 +215,27 @@ def _supervise(pid: int, channel: socket.socket, readiness) -> int:
         elif event == "shutdown":
             ended = True
             log.info("VM ended: %s", message[0].get("reason"))
-    _, wait_status = os.waitpid(pid, 0)
-    status = os.waitstatus_to_exitcode(wait_status)
-    if os.WIFSIGNALED(wait_status):
-        error = error or f"the vm process was killed by signal {os.WTERMSIG(wait_status)}"
+    vm.reap(block=True)
+    _reap_backends(backends)
+    status = os.waitstatus_to_exitcode(vm.status)
+    if os.WIFSIGNALED(vm.status):
+        error = error or f"the vm process was {vm.describe_end()}"
     elif status and not ended:
         error = error or f"the vm process failed with status {status} (see the log)"
     if error:
         raise LaunchError(error)
     return status
+
+
+def _reap_backends(backends: list[children.Child]) -> None:
+    """Backends end when the vm process's end closes their sockets; a stuck one is
+    killed after BACKEND_GRACE seconds."""
+    deadline = time.monotonic() + BACKEND_GRACE
+    for backend in backends:
+        if backend.status is None:
+            ready, _, _ = select.select([backend.pidfd], [], [],
+                                        max(0.0, deadline - time.monotonic()))
+            if not ready:
+                log.warning("%s: its backend did not stop; killing it", backend.what)
+                backend.kill()
+            backend.reap(block=True)

@@ -39,3 +39,13 @@ def setup(log_file: Path | None) -> None:
     handler.setFormatter(logging.Formatter(FORMAT, datefmt="%Y-%m-%dT%H:%M:%S"))
     handler.addFilter(_RoleFilter())
     root.addHandler(handler)
+
+
+def open_fds() -> list[int]:
+    """The fds the log handlers write to: a forked child keeps them open."""
+    fds = []
+    for handler in logging.getLogger().handlers:
+        stream = getattr(handler, "stream", None)
+        if stream is not None and hasattr(stream, "fileno"):
+            fds.append(stream.fileno())
+    return fds

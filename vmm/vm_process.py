@@ -11,12 +11,10 @@ import signal
 import socket
 import threading
 
-import prctl
-
 from . import control
 from .boot.loader import BootEntry
 from .config.model import MachineConfig
-from .log import set_role
+from .devices.virtio.mmio import DeviceError
 from .machine.memory import GuestMemory
 from .machine.vcpu import KICK_SIGNAL
 from .machine.vm import Machine
@@ -26,16 +24,19 @@ log = logging.getLogger(__name__)
 
 
 def main(config: MachineConfig, kvm_fd: int, memory: GuestMemory, entry: BootEntry,
-         api_listener: socket.socket, channel: socket.socket) -> int:
-    set_role("vm")
-    prctl.set_name("vmm-vm")
-    prctl.set_pdeathsig(signal.SIGKILL)
+         api_listener: socket.socket, channel: socket.socket,
+         disks: list[socket.socket]) -> int:
+    """Runs in the child the launcher forked (vmm/children.py: name, role, PDEATHSIG
+    and the fds it may hold are already set)."""
     signal.signal(KICK_SIGNAL, lambda *_: None)
     try:
         machine = Machine(config, kvm_fd, memory, entry,
-                          serial_output=1 if config.serial_stdio else None)
+                          serial_output=1 if config.serial_stdio else None, disks=disks)
     except OSError as error:
         control.send(channel, {"event": "error", "message": f"KVM: {error.strerror}"})
+        return 1
+    except DeviceError as error:
+        control.send(channel, {"event": "error", "message": str(error)})
         return 1
     for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(number, lambda *_: machine.shutdown("host-signal", guest=False))

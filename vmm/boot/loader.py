@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from .. import layout
 from ..acpi import tables as acpi_tables
 from ..config.model import MachineConfig
+from ..devices.virtio import discovery
 from ..machine.memory import GuestMemory
 from . import longmode, mptable, params
 from .kernel import HEAD_SIZE, initrd_address, inspect
@@ -41,7 +42,8 @@ def load(config: MachineConfig, memory: GuestMemory, cmdline: str) -> BootEntry:
                  params.boot_params(image, memory.size, len(encoded) - 1, initrd))
     vcpus = config.machine.vcpus
     memory.write(layout.EBDA_ADDR, mptable.mp_table(vcpus))
-    devices = acpi_tables.legacy_devices(serial=config.serial_stdio)
+    devices = acpi_tables.legacy_devices(serial=config.serial_stdio) + \
+        acpi_tables.virtio_mmio_devices(discovery.SLOTS)
     for address, data in acpi_tables.build(vcpus, layout.ioapic_id(vcpus), devices):
         memory.write(address, data)
     for address, table in longmode.page_tables():

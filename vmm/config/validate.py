@@ -8,6 +8,7 @@ import re
 import string
 
 from ..boot.kernel import BadKernel, KernelImage, initrd_address, inspect, read_head
+from ..devices.virtio import discovery
 from . import limits as L
 from . import paths
 from .draft import Draft, Item, Setting
@@ -211,9 +212,11 @@ def _with_host_checks(s: dict[str, Setting], devices: dict[str, list[Item]]) -> 
     paths.existing_file(kernel, "kernel")
     image = _kernel_image(kernel)
     boot_args = _value(s, "boot_args", "")
-    if len(boot_args.encode("utf-8", "surrogateescape")) >= image.cmdline_size:
+    cmdline = discovery.kernel_cmdline(boot_args)
+    if len(cmdline.encode("utf-8", "surrogateescape")) >= image.cmdline_size:
+        room = image.cmdline_size - 1 - len(discovery.kernel_cmdline("x")) + 1
         raise ConfigError(s["boot_args"].where, "kernel command line too long for this kernel",
-                          f"it takes at most {image.cmdline_size - 1} bytes")
+                          f"it takes at most {room} bytes besides the virtio-mmio slots' words")
     if "initrd" in s:
         initrd = s["initrd"]
         size = paths.existing_file(initrd, "initrd").st_size

@@ -91,6 +91,25 @@ class Vm:
     def irq_line(self, irq: int, level: bool) -> None:
         _check(lib.vmm_irq_line(self.fd, irq, int(level)), "KVM_IRQ_LINE")
 
+    def ioeventfd(self, fd: int, address: int, length: int, datamatch: int | None,
+                  assign: bool = True) -> None:
+        """An MMIO write of `length` bytes at `address` (of value `datamatch`, if given)
+        signals eventfd `fd` inside KVM, without an exit to userspace."""
+        request = ffi.new("struct kvm_ioeventfd *")
+        request.addr, request.len, request.fd = address, length, fd
+        request.flags = 0 if assign else lib.KVM_IOEVENTFD_FLAG_DEASSIGN
+        if datamatch is not None:
+            request.datamatch = datamatch
+            request.flags |= lib.KVM_IOEVENTFD_FLAG_DATAMATCH
+        _check(lib.vmm_ioctl_ptr(self.fd, lib.KVM_IOEVENTFD, request), "KVM_IOEVENTFD")
+
+    def irqfd(self, fd: int, gsi: int, assign: bool = True) -> None:
+        """A write to eventfd `fd` pulses interrupt line `gsi` inside KVM."""
+        request = ffi.new("struct kvm_irqfd *")
+        request.fd, request.gsi = fd, gsi
+        request.flags = 0 if assign else lib.KVM_IRQFD_FLAG_DEASSIGN
+        _check(lib.vmm_ioctl_ptr(self.fd, lib.KVM_IRQFD, request), "KVM_IRQFD")
+
     def create_vcpu(self, index: int) -> "Vcpu":
         fd = _check(lib.vmm_ioctl(self.fd, lib.KVM_CREATE_VCPU, index), "KVM_CREATE_VCPU")
         return Vcpu(index, fd, self.kvm.vcpu_mmap_size())

@@ -65,6 +65,17 @@ class GuestMemory:
                 return region.file_offset + address - region.guest_address
         raise GuestMemoryError(f"[{address:#x}, +{length:#x}) is not inside guest RAM")
 
+    def translate(self, address: int, length: int) -> int:
+        """The host address of guest range [address, +length) in this process's mapping;
+        GuestMemoryError unless the whole range is RAM."""
+        return self.host_address() + self._offset(address, length)
+
+    def host_regions(self) -> list[tuple[int, int, int]]:
+        """(guest address, size, host address) of each region, as the ring walker and
+        the vhost-user memory table want them."""
+        base = self.host_address()
+        return [(r.guest_address, r.size, base + r.file_offset) for r in self.regions]
+
     def write(self, address: int, data: bytes) -> None:
         offset = self._offset(address, len(data))
         self._map[offset:offset + len(data)] = data

@@ -3,6 +3,7 @@ vCPU threads, and the run state that QMP observes (running, paused, shut down).
 """
 
 import logging
+import socket
 import threading
 from dataclasses import dataclass
 from typing import Callable
@@ -14,6 +15,10 @@ from ..devices.legacy.acpi_sleep import AcpiSleep
 from ..devices.legacy.i8042 import I8042
 from ..devices.legacy.rtc import Rtc
 from ..devices.legacy.serial import Serial
+from ..devices.virtio import discovery
+from ..devices.virtio.empty import BLK_CONFIG_SIZE, VIRTIO_ID_BLOCK, EmptyDisk, Placeholder
+from ..devices.virtio.mmio import MmioTransport
+from ..devices.virtio.vhost_user_device import VhostUserDevice
 from . import cpu
 from .bus import Bus
 from .kvm import Kvm
@@ -22,6 +27,7 @@ from .vcpu import VcpuThread
 
 log = logging.getLogger(__name__)
 PAUSE_TIMEOUT = 5.0
+DISK_QUEUE_SIZE = 256       # QEMU's default for virtio-blk
 
 
 @dataclass(frozen=True)
@@ -33,7 +39,9 @@ class Shutdown:
 
 class Machine:
     def __init__(self, config: MachineConfig, kvm_fd: int, memory: GuestMemory,
-                 entry: BootEntry, serial_output: int | None):
+                 entry: BootEntry, serial_output: int | None, disks: list[socket.socket]):
+        """disks: the vhost-user connection to each -drive's backend, in order.
+        DeviceError if a backend cannot be set up."""
         self.config = config
         self.memory = memory
         kvm = Kvm(kvm_fd)
@@ -58,6 +66,7 @@ class Machine:
         self.pio.register(layout.RTC_PORT, 2, Rtc())
         self.pio.register(layout.ACPI_SLEEP_PORT, 2,
                           AcpiSleep(lambda: self.shutdown("guest-shutdown", guest=True)))
+        self.transports = self._virtio_slots(disks)
 
         supported = kvm.supported_cpuid()
         hypervisor = cpu.host_hypervisor()
@@ -77,6 +86,24 @@ class Machine:
         self._outcome: Shutdown | None = None
         self.paused = False
         self.listeners: list[Callable[[str, dict], None]] = []
+
+    def _virtio_slots(self, disks: list[socket.socket]) -> list[MmioTransport]:
+        """Every slot of discovery.SLOTS: the disks first, as -drive gave them."""
+        transports = []
+        for index in range(discovery.SLOTS):
+            if index < len(disks):
+                name = f"disk {self.config.drives[index].id}"
+                device = VhostUserDevice(name, VIRTIO_ID_BLOCK, disks[index], self.memory,
+                                         (DISK_QUEUE_SIZE,), BLK_CONFIG_SIZE)
+            elif index < layout.BLK_SLOTS:
+                device, name = EmptyDisk(self.memory), f"empty disk slot {index}"
+            else:
+                device, name = Placeholder(), f"empty slot {index}"
+            base, irq = layout.virtio_mmio_slot(index)
+            transport = MmioTransport(name, base, irq, device, self.vm, self.memory)
+            self.mmio.register(base, layout.VIRTIO_MMIO_SIZE, transport)
+            transports.append(transport)
+        return transports
 
     def start(self) -> None:
         for thread in self.vcpus:

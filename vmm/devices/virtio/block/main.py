@@ -63,6 +63,15 @@ def main(socket_path, fd, print_capabilities, blk_file, read_only, direct, seria
         os.unlink(socket_path)
 
 
+def serve_disk(disk_fd: int, sock: socket.socket, read_only: bool, direct: bool,
+               serial: str | None) -> int:
+    """The launcher's entry into a disk's backend process (forked, see vmm/children.py):
+    the disk is already open with the right flags, the socket already connected."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    _serve(BlockDevice(disk_fd, read_only, direct, serial), sock)
+    return 0
+
+
 def _serve(device: BlockDevice, client: socket.socket) -> None:
     try:
         Backend(device, Connection(client)).serve()

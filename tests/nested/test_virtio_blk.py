@@ -1,0 +1,47 @@
+"""virtio-blk end to end: Debian's stock kernel as L2 (nested rig) finds our disks through
+ACPI and uses them through the vm process's virtio-mmio transport and one vhost-user
+backend process per disk. One L1 boot runs every check (tests/nested/l1/disk_checks.py)."""
+
+import pytest
+
+from tests.nested.conftest import run_checks
+
+pytestmark = [pytest.mark.nested, pytest.mark.needs_root]
+
+
+@pytest.fixture(scope="module")
+def checks(rig):
+    return run_checks(rig, "disk_checks.py")
+
+
+def _one(checks, name):
+    [found] = checks.get(name, [None])
+    assert found, checks["console"][-4000:]
+    return found
+
+
+def test_seed_example_mounts_the_rootfs_rw_and_the_host_finds_the_file(checks):
+    seed = _one(checks, "seed")
+    assert "rw" in seed["mount"]
+    # vda is the rootfs (64 MiB); vdb..vdf are the empty disk slots, capacity 0.
+    assert seed["sizes"] == [str(64 * 2048)] + ["0"] * 5
+    assert seed["status"] == 0 and not seed["api_left"]     # ACPI S5 power-off
+    assert seed["found"] == "written-by-l2\n"
+
+
+def test_readonly_disk_refuses_writes_and_serial_reads_back(checks):
+    readonly = _one(checks, "readonly")
+    assert readonly["ro"] == 1
+    assert readonly["serial"] == "abc"
+    assert readonly["write_status"] != 0
+    assert "ro" in readonly["mount"] and readonly["touch_status"] != 0
+    assert readonly["status"] == 0
+
+
+def test_six_disks_direct_and_buffered(checks):
+    six = _one(checks, "six")
+    assert [d["disk"] for d in six["disks"]] == [f"vd{c}" for c in "abcdef"]
+    for disk in six["disks"]:
+        assert disk["written"] == disk["read"] == disk["host"], disk
+    assert six["vdf_sectors"] == 8 * 2048
+    assert six["status"] == 0

@@ -1,0 +1,94 @@
+"""Forking the VMM's child processes from the launcher, and reaping them.
+
+Children are forked, not exec'd: they start with every module the launcher imported
+(a fresh interpreter would cost ~100 ms and its own copy of the imports) and with only
+the file descriptors they are given -- everything else the launcher holds (the KVM fd,
+guest RAM, other devices' disks and sockets) is closed first thing in the child, so a
+device process holds its disk, its socket and nothing else. stdin becomes /dev/null
+unless the child owns the terminal (the vm process, for the serial port).
+
+Each child gets PR_SET_PDEATHSIG, so it dies with the launcher even if the launcher is
+killed, and a pidfd, so the launcher can wait for any of them in one poll.
+"""
+
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from typing import Callable
+
+import prctl
+
+from . import log as vmm_log
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Child:
+    pid: int
+    name: str
+    pidfd: int
+    what: str = ""                     # how messages name it: "disk rootfs"
+    status: int | None = None          # os.waitstatus, once reaped
+
+    def reap(self, block: bool = False) -> bool:
+        """True once the child has been waited for."""
+        if self.status is None:
+            pid, status = os.waitpid(self.pid, 0 if block else os.WNOHANG)
+            if pid == 0:
+                return False
+            self.status = status
+            os.close(self.pidfd)
+        return True
+
+    def describe_end(self) -> str:
+        if os.WIFSIGNALED(self.status):
+            return f"killed by signal {os.WTERMSIG(self.status)}"
+        return f"exited with status {os.waitstatus_to_exitcode(self.status)}"
+
+    def kill(self) -> None:
+        if self.status is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.reap(block=True)
+
+
+def spawn(name: str, role: str, keep_fds: list[int], body: Callable[[], int],
+          stdin: bool = False) -> Child:
+    """Fork; the child keeps `keep_fds` (and stdout, stderr, the log), runs body() and
+    exits with its status. `name` is the process name (15 bytes at most)."""
+    launcher = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            _only(keep_fds, stdin)
+            vmm_log.set_role(role)
+            prctl.set_name(name)
+            prctl.set_pdeathsig(signal.SIGKILL)
+            if os.getppid() != launcher:    # it died before PDEATHSIG was set
+                os._exit(1)
+            status = body()
+        except BaseException:
+            log.exception("%s failed", role)
+        finally:
+            logging.shutdown()
+            os._exit(status)
+    return Child(pid, name, os.pidfd_open(pid))
+
+
+def _only(keep_fds: list[int], stdin: bool) -> None:
+    keep = sorted(set(keep_fds) | {0, 1, 2} | set(vmm_log.open_fds()))
+    low = 3
+    for fd in keep:
+        if fd >= low:
+            os.closerange(low, fd)
+            low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+    if not stdin:
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)

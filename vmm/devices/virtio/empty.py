@@ -1,0 +1,111 @@
+"""What fills a virtio-mmio slot that has no device behind it.
+
+- An empty disk slot is a virtio-blk device of capacity 0 (read-only), as StratoVirt
+  shows free disk slots, so a disk can later be hot-plugged into the slot the guest
+  already knows. It runs in the vm process: its queue sees only what a guest asks of
+  an empty disk (udev reading the serial, a flush), answered on the vCPU thread that
+  kicked, with no backend process to spend on it. Reads and writes fail with IOERR.
+- Any other empty slot is device ID 0, which the virtio spec (4.2.2) calls a
+  placeholder: Linux's driver skips it without a message.
+"""
+
+import logging
+import os
+import struct
+
+from ...machine.memory import GuestMemory
+from ...virtio.queue import QueueBroken, Virtqueue
+from .mmio import VIRTIO_F_VERSION_1, DeviceError, Interrupt, QueueSetup, config_bytes
+
+log = logging.getLogger(__name__)
+
+VIRTIO_ID_BLOCK = 2
+VIRTIO_BLK_F_RO = 1 << 5
+BLK_CONFIG_SIZE = 60
+T_IN, T_OUT, T_FLUSH, T_GET_ID = 0, 1, 4, 8
+S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
+HEADER = struct.Struct("<IIQ")
+QUEUE_SIZE = 256
+
+
+class Placeholder:
+    device_id = 0
+    features = 0
+    queue_sizes: tuple[int, ...] = ()
+    uses_ioeventfd = False
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        return b""
+
+    def activate(self, features, queues, kicks, interrupt) -> None:
+        pass
+
+    def reset(self) -> None:
+        pass
+
+    def notify(self, index: int) -> None:
+        pass
+
+
+class EmptyDisk:
+    device_id = VIRTIO_ID_BLOCK
+    features = VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_RO
+    queue_sizes = (QUEUE_SIZE,)
+    uses_ioeventfd = False
+
+    def __init__(self, memory: GuestMemory):
+        self.memory = memory
+        self.config = bytes(BLK_CONFIG_SIZE)          # capacity 0, nothing else offered
+        self.queue: Virtqueue | None = None
+        self.interrupt: Interrupt | None = None
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        return config_bytes(self.config, offset, size)
+
+    def activate(self, features: int, queues: list[QueueSetup], kicks: list[int],
+                 interrupt: Interrupt) -> None:
+        queue = queues[0]
+        if not queue.ready:
+            return
+        try:
+            self.queue = Virtqueue(self.memory.host_regions(), queue.num, queue.desc,
+                                   queue.avail, queue.used)
+        except ValueError as error:
+            raise DeviceError(str(error)) from None
+        self.interrupt = interrupt
+
+    def reset(self) -> None:
+        self.queue = None
+
+    def notify(self, index: int) -> None:
+        if self.queue is None:
+            return
+        try:
+            while (chain := self.queue.pop()) is not None:
+                self.queue.push(chain.head, self._answer(chain))
+        except QueueBroken as error:
+            log.error("empty disk slot: %s", error)
+            self.queue = None
+            return
+        if self.queue.needs_interrupt():
+            self.interrupt.trigger()
+
+    @staticmethod
+    def _answer(chain) -> int:
+        """Bytes written: GET_ID gets an empty serial; I/O fails; flush succeeds."""
+        if not chain.writable or not chain.readable:
+            return 0
+        status = chain.writable[-1][-1:]
+        header = b""
+        for view in chain.readable:
+            header += bytes(view[:HEADER.size - len(header)])
+        kind = HEADER.unpack(header)[0] if len(header) == HEADER.size else None
+        if kind == T_GET_ID:
+            written = chain.writable_bytes
+            for view in chain.writable:
+                view[:] = bytes(len(view))
+        else:
+            written = 1
+        status[0] = {T_FLUSH: S_OK, T_GET_ID: S_OK, T_IN: S_IOERR, T_OUT: S_IOERR}.get(kind, S_UNSUPP) \
+            if kind is not None else S_IOERR
+        return written

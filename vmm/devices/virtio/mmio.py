@@ -1,0 +1,293 @@
+"""The virtio-mmio transport, version 2 (modern only), for one slot.
+
+The register file of the virtio 1.2 spec (section 4.2.2) in front of a device model
+(see `VirtioDevice`). The data path does not come through here: each queue's QueueNotify
+write is matched by a KVM ioeventfd that wakes the device's backend directly, and the
+backend's used-buffer notifications go to an eventfd that KVM turns into the slot's
+interrupt (irqfd). Only register reads and writes, which are rare, exit to this code.
+
+Because interrupts bypass this process, we cannot know when one was for used buffers:
+InterruptStatus reads with the used-buffer bit set while the device is live, as
+Firecracker does for its vhost-user devices. Linux's handler then checks every queue of
+the device, which is what it would do anyway for a shared line. The configuration-change
+bit is ours and is exact.
+
+A device that breaks (a ring the guest placed outside RAM, a backend that died) gets
+DEVICE_NEEDS_RESET and a configuration-change interrupt; the guest's driver decides.
+"""
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import Protocol
+
+from ...machine.memory import GuestMemory, GuestMemoryError
+
+log = logging.getLogger(__name__)
+
+MAGIC = 0x74726976                 # "virt"
+VERSION = 2
+VENDOR_ID = 0x554D4551             # "QEMU", as QEMU, Firecracker and StratoVirt answer
+
+# Register offsets.
+MAGIC_VALUE, VERSION_REG, DEVICE_ID, VENDOR_ID_REG = 0x000, 0x004, 0x008, 0x00C
+DEVICE_FEATURES, DEVICE_FEATURES_SEL = 0x010, 0x014
+DRIVER_FEATURES, DRIVER_FEATURES_SEL = 0x020, 0x024
+QUEUE_SEL, QUEUE_NUM_MAX, QUEUE_NUM, QUEUE_READY = 0x030, 0x034, 0x038, 0x044
+QUEUE_NOTIFY = 0x050
+INTERRUPT_STATUS, INTERRUPT_ACK = 0x060, 0x064
+STATUS = 0x070
+QUEUE_DESC_LOW, QUEUE_DESC_HIGH = 0x080, 0x084
+QUEUE_DRIVER_LOW, QUEUE_DRIVER_HIGH = 0x090, 0x094
+QUEUE_DEVICE_LOW, QUEUE_DEVICE_HIGH = 0x0A0, 0x0A4
+SHM_SEL, SHM_LEN_LOW, SHM_LEN_HIGH, SHM_BASE_LOW, SHM_BASE_HIGH = 0x0AC, 0x0B0, 0x0B4, 0x0B8, 0x0BC
+CONFIG_GENERATION = 0x0FC
+CONFIG = 0x100
+
+# Device status bits.
+ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK = 1, 2, 4, 8
+DEVICE_NEEDS_RESET, FAILED = 0x40, 0x80
+
+INT_VRING, INT_CONFIG = 1, 2
+
+VIRTIO_F_VERSION_1 = 1 << 32
+# What this transport can carry: the device-specific bits 0..23, indirect descriptors,
+# EVENT_IDX and VERSION_1. Packed rings, notification data, ring reset and the rest are
+# masked off whatever the backend offers.
+TRANSPORT_FEATURES = (1 << 24) - 1 | 1 << 28 | 1 << 29 | VIRTIO_F_VERSION_1
+
+
+class DeviceError(Exception):
+    """The device cannot go live (or stay live); the message says why."""
+
+
+@dataclass
+class QueueSetup:
+    """One queue as the driver configured it (guest physical addresses)."""
+    size: int
+    num: int = 0
+    ready: bool = False
+    desc: int = 0
+    avail: int = 0
+    used: int = 0
+
+
+class VirtioDevice(Protocol):
+    """What the transport needs from a device model."""
+    device_id: int          # 0: an empty slot the guest driver skips
+    features: int
+    queue_sizes: tuple[int, ...]
+    uses_ioeventfd: bool    # notifications go straight to a backend (else notify())
+
+    def read_config(self, offset: int, size: int) -> bytes: ...
+    def activate(self, features: int, queues: list[QueueSetup], kicks: list[int],
+                 interrupt: "Interrupt") -> None: ...
+    def reset(self) -> None: ...
+    def notify(self, index: int) -> None: ...
+
+
+class Interrupt:
+    """The slot's interrupt line: an eventfd that KVM routes to the slot's GSI."""
+
+    def __init__(self, vm, gsi: int):
+        self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        vm.irqfd(self.fd, gsi)
+
+    def trigger(self) -> None:
+        os.eventfd_write(self.fd, 1)
+
+
+class MmioTransport:
+    def __init__(self, name: str, base: int, gsi: int, device: VirtioDevice, vm,
+                 memory: GuestMemory):
+        self.name = name
+        self.base = base
+        self.device = device
+        self.memory = memory
+        self.interrupt = Interrupt(vm, gsi)
+        self.kicks = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in device.queue_sizes]
+        if device.uses_ioeventfd:
+            for index, kick in enumerate(self.kicks):
+                vm.ioeventfd(kick, base + QUEUE_NOTIFY, 4, index)
+        self._lock = threading.Lock()
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self.status = 0
+        self.device_features_sel = 0
+        self.driver_features_sel = 0
+        self.driver_features = 0
+        self.queue_sel = 0
+        self.queues = [QueueSetup(size) for size in self.device.queue_sizes]
+        self.interrupt_status = 0
+        self.config_generation = 0
+        self.live = False
+
+    # The bus calls these from vCPU threads.
+
+    def read(self, offset: int, size: int) -> int:
+        with self._lock:
+            if offset >= CONFIG:
+                return self._read_config(offset - CONFIG, size)
+            if size != 4 or offset % 4:
+                return 0
+            return self._read_register(offset) & 0xFFFFFFFF
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        with self._lock:
+            if offset >= CONFIG:
+                return          # no device here has a writable configuration space
+            if size != 4 or offset % 4:
+                return
+            self._write_register(offset, value)
+
+    def _read_config(self, offset: int, size: int) -> int:
+        config = self.device.read_config(offset, size)
+        return int.from_bytes(config.ljust(size, b"\0"), "little")
+
+    def _queue(self) -> QueueSetup | None:
+        return self.queues[self.queue_sel] if self.queue_sel < len(self.queues) else None
+
+    def _read_register(self, offset: int) -> int:
+        queue = self._queue()
+        if offset == MAGIC_VALUE:
+            return MAGIC
+        if offset == VERSION_REG:
+            return VERSION
+        if offset == DEVICE_ID:
+            return self.device.device_id
+        if offset == VENDOR_ID_REG:
+            return VENDOR_ID
+        if offset == DEVICE_FEATURES:
+            return self.device.features >> (32 * self.device_features_sel) \
+                if self.device_features_sel < 2 else 0
+        if offset == QUEUE_NUM_MAX:
+            return queue.size if queue else 0
+        if offset == QUEUE_READY:
+            return int(queue.ready) if queue else 0
+        if offset == INTERRUPT_STATUS:
+            return self.interrupt_status | (INT_VRING if self.live else 0)
+        if offset == STATUS:
+            return self.status
+        if offset in (SHM_LEN_LOW, SHM_LEN_HIGH):
+            return 0xFFFFFFFF            # no shared memory regions: length ~0
+        if offset == CONFIG_GENERATION:
+            return self.config_generation
+        return 0
+
+    def _write_register(self, offset: int, value: int) -> None:
+        queue = self._queue()
+        if offset == DEVICE_FEATURES_SEL:
+            self.device_features_sel = value
+        elif offset == DRIVER_FEATURES_SEL:
+            self.driver_features_sel = value
+        elif offset == DRIVER_FEATURES:
+            if self.status & FEATURES_OK or self.driver_features_sel > 1:
+                return
+            shift = 32 * self.driver_features_sel
+            self.driver_features = (self.driver_features & ~(0xFFFFFFFF << shift)) | value << shift
+        elif offset == QUEUE_SEL:
+            self.queue_sel = value
+        elif offset == QUEUE_NOTIFY:
+            if self.live and not self.device.uses_ioeventfd and value < len(self.queues):
+                self.device.notify(value)
+        elif offset == INTERRUPT_ACK:
+            self.interrupt_status &= ~value
+        elif offset == STATUS:
+            self._set_status(value)
+        elif queue is not None and not queue.ready and not self.status & DRIVER_OK:
+            self._write_queue(queue, offset, value)
+
+    def _write_queue(self, queue: QueueSetup, offset: int, value: int) -> None:
+        low = lambda old: (old & ~0xFFFFFFFF) | value
+        high = lambda old: (old & 0xFFFFFFFF) | value << 32
+        if offset == QUEUE_NUM:
+            queue.num = value
+        elif offset == QUEUE_READY:
+            queue.ready = bool(value & 1)
+        elif offset == QUEUE_DESC_LOW:
+            queue.desc = low(queue.desc)
+        elif offset == QUEUE_DESC_HIGH:
+            queue.desc = high(queue.desc)
+        elif offset == QUEUE_DRIVER_LOW:
+            queue.avail = low(queue.avail)
+        elif offset == QUEUE_DRIVER_HIGH:
+            queue.avail = high(queue.avail)
+        elif offset == QUEUE_DEVICE_LOW:
+            queue.used = low(queue.used)
+        elif offset == QUEUE_DEVICE_HIGH:
+            queue.used = high(queue.used)
+
+    def _set_status(self, value: int) -> None:
+        if value == 0:
+            self._reset()
+            return
+        value &= 0xFF
+        if value & ~self.status & FEATURES_OK:
+            wanted = self.driver_features
+            if wanted & ~self.device.features or not wanted & VIRTIO_F_VERSION_1:
+                log.warning("%s: the driver asked for features %#x of %#x; FEATURES_OK refused",
+                            self.name, wanted, self.device.features)
+                value &= ~FEATURES_OK
+        if value & ~self.status & DRIVER_OK:
+            if not value & FEATURES_OK:
+                value &= ~DRIVER_OK
+            else:
+                self.status = value
+                self._activate()
+                return
+        self.status = value | (self.status & DEVICE_NEEDS_RESET)
+
+    def _activate(self) -> None:
+        try:
+            for index, queue in enumerate(self.queues):
+                if queue.ready:
+                    self._check_queue(index, queue)
+            self.device.activate(self.driver_features, self.queues, self.kicks, self.interrupt)
+        except DeviceError as error:
+            self.break_device(str(error))
+            return
+        self.live = True
+
+    def _check_queue(self, index: int, queue: QueueSetup) -> None:
+        num = queue.num
+        if not (0 < num <= queue.size and num & (num - 1) == 0):
+            raise DeviceError(f"queue {index}: size {num}; allowed a power of 2 up to {queue.size}")
+        for what, address, length, align in (("descriptor table", queue.desc, 16 * num, 16),
+                                             ("available ring", queue.avail, 6 + 2 * num, 2),
+                                             ("used ring", queue.used, 6 + 8 * num, 4)):
+            if address % align:
+                raise DeviceError(f"queue {index}: {what} at {address:#x} is not {align}-byte aligned")
+            try:
+                self.memory.translate(address, length)
+            except GuestMemoryError:
+                raise DeviceError(f"queue {index}: {what} at {address:#x} is outside guest RAM") from None
+
+    def break_device(self, why: str) -> None:
+        """DEVICE_NEEDS_RESET and a configuration-change interrupt. Caller holds the lock
+        (or is the transport itself)."""
+        log.error("%s: %s; the device needs a reset", self.name, why)
+        self.status |= DEVICE_NEEDS_RESET
+        self.interrupt_status |= INT_CONFIG
+        self.config_generation += 1
+        self.interrupt.trigger()
+
+    def _reset(self) -> None:
+        if self.live or self.status:
+            try:
+                self.device.reset()
+            except DeviceError as error:
+                log.error("%s: reset: %s", self.name, error)
+        for kick in self.kicks:       # kicks from before the reset mean nothing now
+            try:
+                os.eventfd_read(kick)
+            except BlockingIOError:
+                pass
+        self._reset_state()
+
+
+def config_bytes(config: bytes, offset: int, size: int) -> bytes:
+    """A configuration-space read of `size` bytes at `offset`; past the end reads zero."""
+    return config[offset:offset + size]
+

@@ -1,0 +1,77 @@
+"""A virtio device whose model lives in a vhost-user backend process.
+
+The vm process keeps only the frontend: at start-up it negotiates features, reads the
+configuration space and hands over guest RAM (the memfd, once); when the guest's driver
+sets DRIVER_OK it passes each ready ring with the queue's ioeventfd as kick and the
+slot's irqfd as call, so the data path runs between the guest and the backend alone;
+on a reset it takes the rings back (GET_VRING_BASE).
+
+The frontend talks on the vCPU thread that wrote the status register, as QEMU does
+under its big lock: these are a handful of messages per device life cycle.
+"""
+
+import logging
+import socket
+
+from ...machine.memory import GuestMemory
+from ...vhost_user import protocol as P
+from ...vhost_user.frontend import BackendError, Frontend, RingAddresses
+from .mmio import TRANSPORT_FEATURES, VIRTIO_F_VERSION_1, DeviceError, Interrupt, QueueSetup, \
+    config_bytes
+
+log = logging.getLogger(__name__)
+
+
+class VhostUserDevice:
+    uses_ioeventfd = True
+
+    def __init__(self, name: str, device_id: int, sock: socket.socket, memory: GuestMemory,
+                 queue_sizes: tuple[int, ...], config_size: int):
+        self.name = name
+        self.device_id = device_id
+        self.queue_sizes = queue_sizes
+        self.memory = memory
+        self.frontend = Frontend(P.Connection(sock))
+        self.started: list[int] = []
+        try:
+            offered = self.frontend.negotiate(TRANSPORT_FEATURES)
+            if not self.frontend.protocol_features & (1 << P.PROTOCOL_F_CONFIG):
+                raise DeviceError("the backend does not offer its configuration space (CONFIG)")
+            self.config = self.frontend.get_config(config_size)
+            regions = [P.MemoryRegion(gpa, size, host, offset) for (gpa, size, host), offset in
+                       zip(memory.host_regions(), (r.file_offset for r in memory.regions))]
+            self.frontend.set_mem_table(regions, [memory.fd] * len(regions))
+        except (BackendError, P.ProtocolError, OSError) as error:
+            raise DeviceError(f"{name}: vhost-user backend: {error}") from None
+        self.features = offered & ~P.F_PROTOCOL_FEATURES
+        if not self.features & VIRTIO_F_VERSION_1:
+            raise DeviceError(f"{name}: the backend does not offer VIRTIO_F_VERSION_1")
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        return config_bytes(self.config, offset, size)
+
+    def activate(self, features: int, queues: list[QueueSetup], kicks: list[int],
+                 interrupt: Interrupt) -> None:
+        try:
+            self.frontend.set_features(features)
+            for index, queue in enumerate(queues):
+                if not queue.ready:
+                    continue
+                addresses = RingAddresses(*(self.memory.translate(address, 1) for address in
+                                            (queue.desc, queue.avail, queue.used)))
+                self.frontend.start_ring(index, queue.num, addresses, 0, kicks[index],
+                                         interrupt.fd)
+                self.started.append(index)
+        except (BackendError, P.ProtocolError, OSError) as error:
+            raise DeviceError(f"vhost-user backend: {error}") from None
+
+    def reset(self) -> None:
+        started, self.started = self.started, []
+        try:
+            for index in started:
+                self.frontend.stop_ring(index)
+        except (BackendError, P.ProtocolError, OSError) as error:
+            raise DeviceError(f"vhost-user backend: {error}") from None
+
+    def notify(self, index: int) -> None:
+        """Never called: QueueNotify is an ioeventfd the backend polls."""

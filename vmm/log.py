@@ -45,7 +45,8 @@ def open_fds() -> list[int]:
     """The fds the log handlers write to: a forked child keeps them open."""
     fds = []
     for handler in logging.getLogger().handlers:
-        stream = getattr(handler, "stream", None)
-        if stream is not None and hasattr(stream, "fileno"):
-            fds.append(stream.fileno())
+        try:
+            fds.append(handler.stream.fileno())
+        except (AttributeError, OSError, ValueError):
+            pass        # not a file (a StringIO under pytest)
     return fds

@@ -11,7 +11,7 @@ scripts/guest-assets.sh
 export PATH="$PWD/.venv/bin:$PATH"
 if grep -qw -e vmx -e svm /proc/cpuinfo && [ ! -d /sys/module/kvm_pvm ]; then
     echo "setup-and-run: this host has VMX/SVM: booting directly"
-    exec python scripts/demo_session.py assets/vmlinuz assets/initrd.img
+    exec python scripts/demo_session.py assets/vmlinuz assets/initrd.img assets/rootfs.ext4
 fi
 echo "setup-and-run: /dev/kvm here is not VMX/SVM (PVM?): booting inside the nested rig"
 exec python scripts/nested_demo.py

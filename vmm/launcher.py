@@ -24,9 +24,9 @@ from . import children, control, daemon, vm_process
 from .boot import loader
 from .boot.kernel import BadKernel
 from .config.errors import one_line
-from .config.model import Drive, MachineConfig
-from .devices.virtio import discovery
-from .devices.virtio.block import main as block_main
+from .config.model import MachineConfig
+from .devices.virtio.attach import Attached, AttachError
+from .devices.virtio.block import attach as block_attach
 from .log import setup as setup_logging
 from .machine.kvm import KVM_PATH, open_kvm
 from .machine.memory import GuestMemory, create_memfd
@@ -97,7 +97,7 @@ def _launch(config: MachineConfig, cleanup: _Cleanup, readiness) -> int:
     memory = GuestMemory(create_memfd(config.machine.mem_size), config.machine.mem_size,
                          dont_dump=config.machine.omit_vm_memory)
     try:
-        entry = loader.load(config, memory, discovery.kernel_cmdline(config.boot.boot_args))
+        entry = loader.load(config, memory)
     except (OSError, BadKernel) as error:
         raise LaunchError(f"loading the kernel: {error}") from None
 
@@ -108,49 +108,40 @@ def _launch(config: MachineConfig, cleanup: _Cleanup, readiness) -> int:
         except OSError as error:
             raise LaunchError(f"-pidfile: {config.pidfile}: {error.strerror}") from None
         cleanup.paths.append(config.pidfile)
-    disks = [_start_disk(drive, memory, cleanup) for drive in config.drives]
+    attached = _attach_devices(config, memory, cleanup)
     if config.serial_stdio and os.isatty(0):
         cleanup.terminal = (0, termios.tcgetattr(0))
         _raw_terminal(0)
 
     ours, theirs = control.channel_pair()
-    keep = [kvm_fd, memory.fd, listener.fileno(), theirs.fileno()] + [d.fileno() for d in disks]
+    devices = [(a.slot, a.connection) for a in attached]
+    keep = [kvm_fd, memory.fd, listener.fileno(), theirs.fileno()] + \
+        [a.connection.fileno() for a in attached]
     vm = children.spawn("vmm-vm", "vm", keep, functools.partial(
-        vm_process.main, config, kvm_fd, memory, entry, listener, theirs, disks), stdin=True)
+        vm_process.main, config, kvm_fd, memory, entry, listener, theirs, devices), stdin=True)
     cleanup.children.append(vm)
     theirs.close()
     listener.close()
     os.close(kvm_fd)
-    for sock in disks:
-        sock.close()
+    for a in attached:
+        a.connection.close()
     log.info("vm process %d started", vm.pid)
-    return _supervise(vm, ours, readiness, cleanup.children[:-1])
+    return _supervise(vm, ours, readiness, [a.backend for a in attached])
 
 
-def _start_disk(drive: Drive, memory: GuestMemory, cleanup: _Cleanup) -> socket.socket:
-    """Open the disk and fork its backend with the disk and one end of a socket pair;
-    the other end is the vm process's vhost-user connection to it."""
-    flags = (os.O_RDONLY if drive.read_only else os.O_RDWR) | os.O_CLOEXEC | \
-        (os.O_DIRECT if drive.direct else 0)
+def _attach_devices(config: MachineConfig, memory: GuestMemory,
+                    cleanup: _Cleanup) -> list[Attached]:
+    """One backend process per device, in slot order (disks fill slots 0..5)."""
+    attached = []
     try:
-        disk = os.open(drive.path, flags)
-    except OSError as error:
-        raise LaunchError(f"-drive id={drive.id}: {drive.path}: {error.strerror}") from None
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-
-    def backend() -> int:
-        memory.close()      # it gets guest RAM from the vm process, over vhost-user
-        return block_main.serve_disk(disk, theirs, drive.read_only, drive.direct, drive.serial)
-
-    try:
-        child = children.spawn(f"vmm-blk-{drive.id}"[:15], f"blk-{drive.id}",
-                               [disk, theirs.fileno()], backend)
-    finally:
-        os.close(disk)
-        theirs.close()
-    child.what = f"disk {drive.id}"
-    cleanup.children.append(child)
-    return ours
+        for index, drive in enumerate(config.drives):
+            attached.append(block_attach.attach(drive, index, memory))
+            cleanup.children.append(attached[-1].backend)
+    except AttachError as error:
+        for a in attached:
+            a.connection.close()
+        raise LaunchError(str(error)) from None
+    return attached
 
 
 def _bind(path: Path, cleanup: _Cleanup) -> socket.socket:

@@ -14,6 +14,7 @@ import threading
 from . import control
 from .boot.loader import BootEntry
 from .config.model import MachineConfig
+from .devices.virtio.attach import Slot
 from .devices.virtio.mmio import DeviceError
 from .machine.memory import GuestMemory
 from .machine.vcpu import KICK_SIGNAL
@@ -25,13 +26,13 @@ log = logging.getLogger(__name__)
 
 def main(config: MachineConfig, kvm_fd: int, memory: GuestMemory, entry: BootEntry,
          api_listener: socket.socket, channel: socket.socket,
-         disks: list[socket.socket]) -> int:
+         devices: list[tuple[Slot, socket.socket]]) -> int:
     """Runs in the child the launcher forked (vmm/children.py: name, role, PDEATHSIG
     and the fds it may hold are already set)."""
     signal.signal(KICK_SIGNAL, lambda *_: None)
     try:
         machine = Machine(config, kvm_fd, memory, entry,
-                          serial_output=1 if config.serial_stdio else None, disks=disks)
+                          serial_output=1 if config.serial_stdio else None, devices=devices)
     except OSError as error:
         control.send(channel, {"event": "error", "message": f"KVM: {error.strerror}"})
         return 1

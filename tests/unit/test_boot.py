@@ -9,6 +9,7 @@ from vmm import layout
 from vmm.boot import kernel, longmode, mptable, params
 from vmm.boot.loader import load
 from vmm.config import parse
+from vmm.devices.virtio.discovery import kernel_cmdline
 from vmm.machine.memory import GuestMemory, GuestMemoryError, create_memfd
 from tests.framework.assets import guest_assets
 from tests.framework.guest import tiny_guest
@@ -26,9 +27,9 @@ def config_for(tmp_path, kernel_path, *extra):
                   *extra]).config
 
 
-def loaded(config, cmdline="console=ttyS0"):
+def loaded(config):
     memory = GuestMemory(create_memfd(config.machine.mem_size), config.machine.mem_size)
-    entry = load(config, memory, cmdline)
+    entry = load(config, memory)
     return memory, entry
 
 
@@ -38,9 +39,9 @@ def u(memory, address, fmt):
 
 def test_debian_bzimage_boot_params(tmp_path, debian):
     config = config_for(tmp_path, debian / "vmlinuz", "-initrd", str(debian / "initrd.img"),
-                        "-m", "256M")
+                        "-m", "256M", "-append", "console=ttyS0 root=/dev/vda")
     image_bytes = (debian / "vmlinuz").read_bytes()
-    memory, entry = loaded(config, "console=ttyS0 root=/dev/vda")
+    memory, entry = loaded(config)
     zp = layout.ZERO_PAGE_ADDR
     setup_sects = image_bytes[0x1F1]
     assert memory.read(zp + 0x1F1, 1)[0] == setup_sects and setup_sects > 0
@@ -52,7 +53,11 @@ def test_debian_bzimage_boot_params(tmp_path, debian):
     assert loadflags & 0x01 and loadflags & 0x80                        # LOADED_HIGH, CAN_USE_HEAP
     assert memory.read(zp + 0x210, 1)[0] == 0xFF                        # type_of_loader
     assert u(memory, zp + 0x228, "<I") == layout.CMDLINE_ADDR           # cmd_line_ptr
-    assert memory.read(layout.CMDLINE_ADDR, 28) == b"console=ttyS0 root=/dev/vda\0"
+    words = " ".join(f"virtio_mmio.device=4K@{0xd0000000 + i * 0x1000:#x}:{5 + i}"
+                     for i in range(8))
+    cmdline = f"console=ttyS0 root=/dev/vda {words}\0".encode()
+    assert memory.read(layout.CMDLINE_ADDR, len(cmdline)) == cmdline
+    assert u(memory, zp + 0x238, "<I") >= len(cmdline)                  # cmdline_size
     initrd = (debian / "initrd.img").read_bytes()
     ramdisk_image, ramdisk_size = u(memory, zp + 0x218, "<I"), u(memory, zp + 0x21C, "<I")
     assert ramdisk_size == len(initrd)
@@ -80,12 +85,12 @@ def test_debian_elf_vmlinux_segments_and_entry(tmp_path, debian):
 
 
 def test_elf_vmlinux_boot_params(tmp_path):
-    config = config_for(tmp_path, tiny_guest())
-    memory, entry = loaded(config, "hello")
+    config = config_for(tmp_path, tiny_guest(), "-append", "hello")
+    memory, entry = loaded(config)
     zp = layout.ZERO_PAGE_ADDR
     assert u(memory, zp + 0x1FE, "<H") == 0xAA55 and memory.read(zp + 0x202, 4) == b"HdrS"
     assert u(memory, zp + 0x230, "<I") == 0x1000000                     # kernel_alignment
-    assert u(memory, zp + 0x238, "<I") == 5                             # cmdline_size
+    assert u(memory, zp + 0x238, "<I") == len(kernel_cmdline("hello"))  # cmdline_size
     assert entry.rip == 0x100000
 
 

@@ -20,7 +20,10 @@ class BootEntry:
     rsp: int
 
 
-def load(config: MachineConfig, memory: GuestMemory, cmdline: str) -> BootEntry:
+def load(config: MachineConfig, memory: GuestMemory) -> BootEntry:
+    """The kernel gets the user's command line plus the virtio-mmio slots' words."""
+    slots = discovery.slot_count(config.console is not None, config.vsock is not None)
+    cmdline = discovery.kernel_cmdline(config.boot.boot_args, slots)
     data = config.boot.kernel.read_bytes()
     image = inspect(data[:HEAD_SIZE], len(data))
     for segment in image.segments:
@@ -43,7 +46,7 @@ def load(config: MachineConfig, memory: GuestMemory, cmdline: str) -> BootEntry:
     vcpus = config.machine.vcpus
     memory.write(layout.EBDA_ADDR, mptable.mp_table(vcpus))
     devices = acpi_tables.legacy_devices(serial=config.serial_stdio) + \
-        acpi_tables.virtio_mmio_devices(discovery.SLOTS)
+        acpi_tables.virtio_mmio_devices(slots)
     for address, data in acpi_tables.build(vcpus, layout.ioapic_id(vcpus), devices):
         memory.write(address, data)
     for address, table in longmode.page_tables():

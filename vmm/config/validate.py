@@ -212,9 +212,10 @@ def _with_host_checks(s: dict[str, Setting], devices: dict[str, list[Item]]) -> 
     paths.existing_file(kernel, "kernel")
     image = _kernel_image(kernel)
     boot_args = _value(s, "boot_args", "")
-    cmdline = discovery.kernel_cmdline(boot_args)
+    slots = discovery.slot_count(bool(devices["console"]), bool(devices["vsock"]))
+    cmdline = discovery.kernel_cmdline(boot_args, slots)
     if len(cmdline.encode("utf-8", "surrogateescape")) >= image.cmdline_size:
-        room = image.cmdline_size - 1 - len(discovery.kernel_cmdline("x")) + 1
+        room = image.cmdline_size - 2 - len(discovery.cmdline_devices(slots))
         raise ConfigError(s["boot_args"].where, "kernel command line too long for this kernel",
                           f"it takes at most {room} bytes besides the virtio-mmio slots' words")
     if "initrd" in s:

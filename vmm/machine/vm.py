@@ -16,7 +16,8 @@ from ..devices.legacy.i8042 import I8042
 from ..devices.legacy.rtc import Rtc
 from ..devices.legacy.serial import Serial
 from ..devices.virtio import discovery
-from ..devices.virtio.empty import BLK_CONFIG_SIZE, VIRTIO_ID_BLOCK, EmptyDisk, Placeholder
+from ..devices.virtio.attach import Slot
+from ..devices.virtio.empty import EmptyDisk, Placeholder
 from ..devices.virtio.mmio import MmioTransport
 from ..devices.virtio.vhost_user_device import VhostUserDevice
 from . import cpu
@@ -27,7 +28,6 @@ from .vcpu import VcpuThread
 
 log = logging.getLogger(__name__)
 PAUSE_TIMEOUT = 5.0
-DISK_QUEUE_SIZE = 256       # QEMU's default for virtio-blk
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,9 @@ class Shutdown:
 
 class Machine:
     def __init__(self, config: MachineConfig, kvm_fd: int, memory: GuestMemory,
-                 entry: BootEntry, serial_output: int | None, disks: list[socket.socket]):
-        """disks: the vhost-user connection to each -drive's backend, in order.
+                 entry: BootEntry, serial_output: int | None,
+                 devices: list[tuple[Slot, socket.socket]]):
+        """devices: each backend's slot and the vhost-user connection to it.
         DeviceError if a backend cannot be set up."""
         self.config = config
         self.memory = memory
@@ -66,7 +67,7 @@ class Machine:
         self.pio.register(layout.RTC_PORT, 2, Rtc())
         self.pio.register(layout.ACPI_SLEEP_PORT, 2,
                           AcpiSleep(lambda: self.shutdown("guest-shutdown", guest=True)))
-        self.transports = self._virtio_slots(disks)
+        self.transports = self._virtio_slots(dict(devices))
 
         supported = kvm.supported_cpuid()
         hypervisor = cpu.host_hypervisor()
@@ -87,14 +88,18 @@ class Machine:
         self.paused = False
         self.listeners: list[Callable[[str, dict], None]] = []
 
-    def _virtio_slots(self, disks: list[socket.socket]) -> list[MmioTransport]:
-        """Every slot of discovery.SLOTS: the disks first, as -drive gave them."""
+    def _virtio_slots(self, devices: dict[Slot, socket.socket]) -> list[MmioTransport]:
+        """Every slot the guest is told about; those with no backend get their empty
+        device (vmm/devices/virtio/empty.py)."""
+        by_index = {slot.index: (slot, sock) for slot, sock in devices.items()}
         transports = []
-        for index in range(discovery.SLOTS):
-            if index < len(disks):
-                name = f"disk {self.config.drives[index].id}"
-                device = VhostUserDevice(name, VIRTIO_ID_BLOCK, disks[index], self.memory,
-                                         (DISK_QUEUE_SIZE,), BLK_CONFIG_SIZE)
+        for index in range(discovery.slot_count(self.config.console is not None,
+                                                self.config.vsock is not None)):
+            if index in by_index:
+                slot, sock = by_index[index]
+                name = slot.name
+                device = VhostUserDevice(name, slot.device_id, sock, self.memory,
+                                         slot.queue_sizes, slot.config_size)
             elif index < layout.BLK_SLOTS:
                 device, name = EmptyDisk(self.memory), f"empty disk slot {index}"
             else:

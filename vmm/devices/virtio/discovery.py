@@ -17,7 +17,13 @@ disk slot is a disk of capacity 0, an empty NIC slot is a placeholder (device ID
 
 from ... import layout
 
-SLOTS = layout.BLK_SLOTS + layout.NET_SLOTS
+SLOTS = layout.BLK_SLOTS + layout.NET_SLOTS      # always there; other devices follow
+
+
+def slot_count(console: bool, vsock: bool) -> int:
+    """How many slots a machine has: the disks' and NICs', and one per other device
+    that is configured (in this order: console, vsock)."""
+    return SLOTS + console + vsock
 
 
 def cmdline_devices(slots: int = SLOTS) -> str:

@@ -2,4 +2,5 @@
 
 from setuptools import setup
 
-setup(cffi_modules=["native/kvm_build.py:ffibuilder", "native/virtq_build.py:ffibuilder"])
+setup(cffi_modules=["native/kvm_build.py:ffibuilder", "native/virtq_build.py:ffibuilder",
+                    "native/sigsys_build.py:ffibuilder"])

@@ -11,6 +11,9 @@ EXIT_INTERRUPTED = 130
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["seccomp"]:      # the auditor's subcommands (vmm/sandbox/audit.py)
+        from .sandbox import audit
+        return audit.main(argv[1:])
     try:
         invocation = config.parse(argv)
     except ConfigError as error:

@@ -1,0 +1,223 @@
+"""Writes seccomp_profiles/<role>.json from the tables below: a shared base that every
+role gets (what a running, fully imported CPython 3.11 and the SIGSYS reporter need),
+one small table per role, and the rule that the vm profile also carries what its vCPU
+and QMP threads need (they inherit the vm filter and stack their own on it).
+
+Numbers come from the kernel headers (vmm.sandbox.constants), never typed by hand; the
+checked-in JSON is what runs and what auditors read, and tests/unit/test_seccomp_profiles.py
+checks that it is what this script writes. Run after changing a table:
+    .venv/bin/python seccomp_profiles/generate.py
+"""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from vmm.sandbox.constants import value  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+ALLOW, TRAP = "SCMP_ACT_ALLOW", "SCMP_ACT_TRAP"
+
+
+def rule(names, comment, *args, action=ALLOW, errno=None) -> dict:
+    entry = {"names": names.split(), "action": action}
+    if errno:
+        entry["errnoRet"] = value(errno)
+    if args:
+        entry["args"] = list(args)
+    entry["comment"] = comment
+    return entry
+
+
+def eq(index: int, name: str) -> dict:
+    return {"index": index, "value": value(name), "valueTwo": 0, "op": "SCMP_CMP_EQ"}
+
+
+def masked(index: int, mask: list[str], expect: list[str]) -> dict:
+    """(arg & mask) == expect, with both given as flag names."""
+    return {"index": index, "value": sum(value(n) for n in mask),
+            "valueTwo": sum(value(n) for n in expect), "op": "SCMP_CMP_MASKED_EQ"}
+
+
+def ioctl(name: str, why: str) -> dict:
+    return rule("ioctl", f"{name}: {why}", eq(1, name))
+
+
+NO_EXEC = masked(2, ["PROT_EXEC"], [])
+NAMESPACES = ["CLONE_NEWNS", "CLONE_NEWCGROUP", "CLONE_NEWUTS", "CLONE_NEWIPC",
+              "CLONE_NEWUSER", "CLONE_NEWPID", "CLONE_NEWNET"]
+
+BASE = [
+    rule("futex", "The GIL and every Python lock, condition and event."),
+    rule("brk munmap mremap madvise",
+         "CPython's and glibc's allocators grow, shrink and release memory; munmap also "
+         "unmaps a closed mmap object."),
+    rule("mmap", "Allocator arenas, thread stacks, mmap objects: never executable "
+         "(PROT_EXEC clear), so no new code can be mapped.", NO_EXEC),
+    rule("mprotect", "glibc sets up malloc arenas and stack guard pages; never adds "
+         "PROT_EXEC.", NO_EXEC),
+    rule("close", "Closing fds the role holds; Python closes a socket or file in whichever "
+         "thread drops its last reference."),
+    rule("write", "Log lines (stderr or the -D log file); also how the SIGSYS reporter "
+         "writes its violation line."),
+    rule("rt_sigaction", "Python's signal handlers; the SIGSYS reporter restores SIG_DFL "
+         "before it re-raises."),
+    rule("rt_sigprocmask", "glibc blocks signals around thread creation and exit."),
+    rule("rt_sigreturn", "Return from any signal handler (the vCPU kick, Python's C-level "
+         "handler)."),
+    rule("getpid gettid", "logging records the pid, threading the native thread id; the "
+         "SIGSYS reporter addresses its own thread."),
+    rule("tgkill", "The SIGSYS reporter re-raises SIGSYS with SIG_DFL so the process dies "
+         "by the signal, visible to the launcher.", eq(2, "SIGSYS")),
+    rule("exit", "A thread ends."),
+    rule("exit_group", "The process ends (sys.exit, os._exit)."),
+    rule("clock_gettime", "time.time()/monotonic() where the vDSO cannot answer."),
+    rule("getrandom", "os.urandom and the seeding of new random.Random objects; kept "
+         "although no role was seen calling it after start-up."),
+    rule("sched_getaffinity", "glibc counts CPUs when a thread first needs a malloc arena; "
+         "with /sys closed to it (openat fails) it falls back to this."),
+    rule("newfstatat", "fstat of an fd the role holds (glibc's fstat is newfstatat with "
+         "AT_EMPTY_PATH): Python's mmap and file objects check it.",
+         masked(3, ["AT_EMPTY_PATH"], ["AT_EMPTY_PATH"])),
+    rule("newfstatat", "stat of a path (importlib, linecache formatting a traceback) fails "
+         "like open does.", masked(3, ["AT_EMPTY_PATH"], []),
+         action="SCMP_ACT_ERRNO", errno="EACCES"),
+    rule("openat open", "No file is opened once a role runs: a stray open (a lazy import, "
+         "a traceback's source lines, glibc probing /sys) fails with EACCES instead of "
+         "killing the process.", action="SCMP_ACT_ERRNO", errno="EACCES"),
+]
+
+# Roles that start threads after their filter is on; the threads run under it.
+THREADS = [
+    rule("clone", "New threads only: CLONE_THREAD set, no namespace flag; never a new "
+         "process.", masked(0, ["CLONE_THREAD"] + NAMESPACES, ["CLONE_THREAD"])),
+    rule("clone3", "glibc tries clone3 first, whose flags are in memory a filter cannot "
+         "read; ENOSYS makes it fall back to clone, whose flags are checked.",
+         action="SCMP_ACT_ERRNO", errno="ENOSYS"),
+    rule("set_robust_list rseq", "glibc's start of every new thread."),
+]
+
+VCPU = [
+    ioctl("KVM_RUN", "enter the guest; the run loop is C (vmm_vcpu_run) with the GIL released."),
+    ioctl("KVM_GET_REGS", "read rip for the report of an exit the VMM cannot handle."),
+    ioctl("KVM_IRQ_LINE", "the guest's port I/O to the UART raises or lowers its "
+          "interrupt (THRE, receive)."),
+    rule("read", "A virtio-mmio reset drains the queues' ioeventfds."),
+    rule("sendto sendmsg", "virtio-mmio activation (the vCPU thread that writes DRIVER_OK) "
+         "sends vhost-user requests, the kick and call eventfds as SCM_RIGHTS."),
+    rule("recvfrom recvmsg", "vhost-user replies (REPLY_ACK, GET_VRING_BASE on reset)."),
+]
+
+API = [
+    rule("accept4", "Accept a QMP client on the api-channel socket the launcher bound."),
+    rule("recvfrom", "Read QMP commands."),
+    rule("sendto", "Send QMP replies and events."),
+    rule("getsockname", "Python's socket object of an accepted client asks its address."),
+    rule("shutdown", "Drop a client when the VM ends."),
+    rule("tgkill", "stop/cont/quit kick the vCPU threads out of KVM_RUN (SIGUSR1).",
+         eq(2, "SIGUSR1")),
+]
+
+VM = [
+    rule("read", "The stdin pump thread reads the host terminal into the UART."),
+    rule("sendmsg", "Events to the launcher over the control channel; vhost-user requests "
+         "with SCM_RIGHTS (memfds of guest RAM, eventfds) to the device backends."),
+    rule("recvmsg", "The control channel from the launcher; vhost-user replies."),
+    rule("shutdown", "Closing the api-channel listener wakes the QMP thread out of accept."),
+    rule("tgkill", "Pause and stop kick the vCPU threads out of KVM_RUN (SIGUSR1).",
+         eq(2, "SIGUSR1")),
+    ioctl("KVM_IRQ_LINE", "serial input raises the UART interrupt from the stdin pump thread."),
+    ioctl("KVM_IOEVENTFD", "virtio-mmio: the guest's QueueNotify write becomes an eventfd "
+          "signal that wakes the backend directly."),
+    ioctl("KVM_IRQFD", "virtio-mmio: a backend's call eventfd raises the device's interrupt."),
+    rule("eventfd2", "Kick and call eventfds of the virtio-mmio transports."),
+    rule("prctl", "The vCPU and QMP threads name themselves (vmm-vcpuN, vmm-qmp): the names "
+         "`stratovirt seccomp check` reads.", eq(0, "PR_SET_NAME")),
+    rule("prctl", "libseccomp sets no_new_privs again when a thread loads its own filter.",
+         eq(0, "PR_SET_NO_NEW_PRIVS")),
+    rule("seccomp", "Each vCPU and the QMP thread stack their own filter on this one "
+         "(a filter can only narrow what is allowed).", eq(0, "SECCOMP_SET_MODE_FILTER")),
+]
+
+BLK = [
+    rule("read", "Kick eventfds and the rings' stop pipes."),
+    rule("recvmsg", "vhost-user requests, with the fds of guest RAM and of the eventfds as "
+         "SCM_RIGHTS."),
+    rule("recvfrom", "The payload of a vhost-user request."),
+    rule("sendto", "vhost-user replies."),
+    rule("accept4", "--socket-path: accept the next frontend on the listening socket "
+         "(the launcher's disks use --fd and never accept)."),
+    rule("poll", "Each ring's worker waits for its kick eventfd or its stop pipe."),
+    rule("pipe2", "A ring's stop pipe, made when the frontend starts the ring."),
+    rule("preadv2 pwritev2", "Guest reads and writes: the disk to and from guest RAM, "
+         "vectored (os.preadv/os.pwritev)."),
+    rule("preadv pwritev", "The same from the C fast path (glibc's preadv/pwritev); kept "
+         "for it although the Python path uses the *2 variants."),
+    rule("fdatasync", "VIRTIO_BLK_T_FLUSH."),
+    rule("fcntl", "Python's mmap duplicates the memfd it maps.", eq(1, "F_DUPFD_CLOEXEC")),
+]
+
+LAUNCHER = [
+    rule("poll", "Wait on the control channel and on the backends' pidfds at once."),
+    rule("select pselect6", "Wait, with a deadline, for a backend to end after the vm process."),
+    rule("recvmsg", "Events from the vm process over the control channel."),
+    rule("read", "Daemon mode: the readiness pipe."),
+    rule("wait4", "Reap the vm process and the backends (os.waitpid)."),
+    rule("kill", "Forward SIGTERM/SIGINT/SIGHUP to the vm process as SIGTERM.",
+         eq(1, "SIGTERM")),
+    rule("kill", "Kill a backend that does not stop after the VM.", eq(1, "SIGKILL")),
+    rule("unlink", "Remove the api-channel socket and the pidfile it created."),
+    ioctl("TCSETSW", "restore the terminal's attributes (tcsetattr TCSADRAIN) on exit."),
+    rule("getsockname getpeername", "Python's repr of a socket it closes late (a "
+         "ResourceWarning) asks the socket's addresses."),
+]
+
+ROLES = {
+    "launcher": ("The launcher once every child is running: supervise, reap, clean up.",
+                 LAUNCHER),
+    "vm": ("The vm process: its main thread and its helper threads (stdin pump), installed "
+           "before any thread starts, so the vCPU and QMP threads inherit it and carry "
+           "their own on top.", VM + THREADS),
+    "vcpu": ("One vCPU thread, stacked on the vm filter before it first enters the guest.",
+             VCPU),
+    "api": ("The QMP thread, stacked on the vm filter before it accepts a client.", API),
+    "virtio-blk": ("A virtio-blk vhost-user backend process, installed before it reads "
+                   "anything from its socket.", BLK + THREADS),
+}
+INHERITED_BY = {"vm": ("vcpu", "api")}   # their threads start under the vm filter
+
+DEFAULT_COMMENT = (
+    "Default SCMP_ACT_TRAP: a syscall outside this profile raises SIGSYS; the reporter "
+    "(native/sigsys.c) writes 'seccomp violation: role=<role> syscall=<nr> (<name>)' to "
+    "the log, then the process dies by SIGSYS. Nothing catches SIGSYS and goes on: "
+    "without the reporter, SIGSYS's default action kills the process just the same.")
+
+
+def profile(role: str) -> dict:
+    what, own = ROLES[role]
+    entries = BASE + own
+    for thread_role in INHERITED_BY.get(role, ()):
+        for entry in ROLES[thread_role][1]:
+            if all(not _same(entry, mine) for mine in entries):
+                entries = entries + [dict(entry, comment=f"({thread_role} threads) "
+                                          + entry["comment"])]
+    return {"comment": f"{what} {DEFAULT_COMMENT}",
+            "defaultAction": TRAP,
+            "architectures": ["SCMP_ARCH_X86_64"],
+            "syscalls": entries}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(a.get(k) == b.get(k) for k in ("names", "action", "args", "errnoRet"))
+
+
+def main() -> None:
+    for role in ROLES:
+        text = json.dumps(profile(role), indent=2) + "\n"
+        (HERE / f"{role}.json").write_text(text)
+
+
+if __name__ == "__main__":
+    main()

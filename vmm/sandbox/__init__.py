@@ -1,0 +1,65 @@
+"""Confining the VMM's processes and threads: privileges, then a per-thread seccomp filter
+from the role's profile in seccomp_profiles/ (docs/seccomp.md).
+
+The processes call `confine(role, ...)` at the point where their setup is done and
+before they touch anything the guest or a peer controls.
+"""
+
+import signal
+
+from . import privileges, reporter
+from . import seccomp as _seccomp
+from .profile import Profile, ProfileError, load, roles
+
+__all__ = ["confine", "prepare", "ProfileError", "ROLES"]
+
+ROLES = ("launcher", "vm", "vcpu", "api", "virtio-blk")
+_filters: dict = {}
+
+
+def prepare() -> None:
+    """Load and compile every role's filter now, while files can still be opened: a
+    thread confined later (a vCPU under the vm filter, where openat fails) finds its
+    filter ready. confine() of a process calls it; calling it again costs nothing."""
+    for role in roles():
+        if role not in _filters:
+            _filters[role] = _seccomp.build(load(role))
+
+
+def confine(role: str, *, seccomp: bool = True, thread: bool = False,
+            name: str | None = None, log_fd: int | None = None) -> None:
+    """Confine the calling thread (thread=True) or process (thread=False) as `role`.
+
+    Rules for the caller:
+    - Import everything the process will ever need first: once the filter is on, a
+      lazy import cannot open its file (openat fails with EACCES).
+    - Only the calling thread gets the filter (no TSYNC). A thread created after its
+      creator's filter inherits that filter; a thread's own filter then stacks on it,
+      and a syscall must pass every filter of the thread. So the vm process confines
+      its main thread before it starts any thread, and each vCPU and the QMP thread
+      calls confine("vcpu" / "api", thread=True) first thing in its run().
+    - A process (thread=False) must still be single-threaded: it sets no_new_privs and,
+      except for the launcher, PR_SET_PDEATHSIG(SIGKILL) and an empty capability set in
+      every set, all of which threads inherit from their creator.
+    - seccomp=False (-disable-seccomp) skips the filter and nothing else.
+    - `name` sets the thread's name (comm), which `stratovirt seccomp check` reads;
+      `log_fd` is where a violation is reported (default: the log's fd, else stderr).
+    """
+    if role not in ROLES:
+        raise ProfileError(f"unknown role {role!r} (roles: {', '.join(ROLES)})")
+    if seccomp and role not in _filters:
+        prepare()
+    if name:
+        privileges.set_name(name)
+    if not thread:
+        privileges.no_new_privs()
+        if role != "launcher":
+            privileges.die_with_parent(signal.SIGKILL)
+            privileges.drop_capabilities()
+    if not seccomp:
+        return
+    if thread:
+        reporter.set_thread_role(role)
+    if not thread or not reporter.armed():
+        reporter.arm(role, log_fd)
+    _seccomp.install(_filters[role])

@@ -1,0 +1,214 @@
+"""`stratovirt seccomp ...`: the profiles as auditors read them, and a running VM's threads
+as the kernel sees them.
+
+    list                 the roles and what each is for
+    show ROLE            a table: syscall, action, conditions (named), why
+    export ROLE --format bpf|pfc [-o FILE]
+    diff ROLE1 ROLE2     rules only in one of them (exit status 1 if any, like diff)
+    check PID            every thread and descendant of PID: role, seccomp mode, filter
+                         count; exit status 1 if any is unfiltered
+
+Errors are one line on stderr (exit status 2), never a traceback.
+"""
+
+import errno as errno_names
+import re
+import sys
+import textwrap
+from pathlib import Path
+
+import click
+
+from . import constants
+from . import seccomp as _seccomp
+from .profile import Profile, ProfileError, Rule, load, roles
+
+EXIT_DIFFERENT = EXIT_UNFILTERED = 1
+EXIT_ERROR = 2
+_MODES = {0: "disabled", 1: "strict", 2: "filter"}
+# How many filters each role's threads carry when installed as docs/seccomp.md says.
+EXPECTED_FILTERS = {"launcher": 1, "vm": 1, "vcpu": 2, "api": 2, "virtio-blk": 1}
+
+
+def main(argv: list[str]) -> int:
+    try:
+        return seccomp.main(argv, prog_name="stratovirt seccomp", standalone_mode=False) or 0
+    except click.exceptions.Exit as done:
+        return done.exit_code
+    except click.ClickException as error:
+        message = " ".join(error.format_message().split())
+        print(f"stratovirt seccomp: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+    except click.Abort:
+        return EXIT_ERROR
+    except (ProfileError, OSError) as error:
+        print(f"stratovirt seccomp: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def seccomp():
+    """Audit the seccomp profiles and the filters of a running VM."""
+
+
+@seccomp.command("list")
+def list_roles():
+    """The roles, one a line, with what each profile is for."""
+    for role in roles():
+        profile = load(role)
+        click.echo(f"{role:12} {len(profile.syscalls()):3} syscalls  "
+                   f"{profile.comment.split('. ')[0].rstrip('.')}.")
+
+
+@seccomp.command()
+@click.argument("role")
+def show(role):
+    """ROLE's rules as a table: syscall, action, conditions, why."""
+    profile = load(role)
+    click.echo(f"role {role}: {profile.comment}")
+    click.echo(f"default action: {profile.default_action}; 32-bit (int 0x80) syscalls: "
+               "SCMP_ACT_KILL_PROCESS")
+    click.echo()
+    click.echo(f"{'SYSCALL':18} {'ACTION':14} {'CONDITIONS':44} WHY")
+    for rule in sorted(profile.rules, key=lambda r: (r.names[0], r.args != ())):
+        why = textwrap.wrap(rule.comment, 60) or [""]
+        for index, name in enumerate(rule.names):
+            lines = why if index == 0 else [f"(as {rule.names[0]})"]
+            click.echo(f"{name:18} {_action(rule):14} {_conditions(name, rule):44} {lines[0]}")
+            for more in lines[1:]:
+                click.echo(f"{'':78} {more}")
+
+
+@seccomp.command()
+@click.argument("role")
+@click.option("--format", "fmt", type=click.Choice(["bpf", "pfc"]), required=True,
+              help="bpf: the raw filter program; pfc: libseccomp's pseudo-filter code.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
+              help="Write here instead of standard output.")
+def export(role, fmt, output):
+    """ROLE's filter, compiled by libseccomp, as BPF or PFC."""
+    data = _seccomp.export(_seccomp.build(load(role)), fmt)
+    if output:
+        Path(output).write_bytes(data)
+    elif fmt == "bpf" and sys.stdout.isatty():
+        raise click.ClickException("BPF is binary: give -o FILE or redirect standard output")
+    else:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+
+
+@seccomp.command()
+@click.argument("role1")
+@click.argument("role2")
+def diff(role1, role2):
+    """Rules of ROLE1 that ROLE2 lacks (-) and the reverse (+)."""
+    left, right = _rule_lines(load(role1)), _rule_lines(load(role2))
+    differ = False
+    for mark, only in (("-", sorted(left.keys() - right.keys())),
+                       ("+", sorted(right.keys() - left.keys()))):
+        source = left if mark == "-" else right
+        for key in only:
+            differ = True
+            click.echo(f"{mark} {key:70} {source[key]}")
+    if load(role1).default_action != load(role2).default_action:
+        differ = True
+        click.echo(f"default action: {load(role1).default_action} vs {load(role2).default_action}")
+    raise click.exceptions.Exit(EXIT_DIFFERENT if differ else 0)
+
+
+@seccomp.command()
+@click.argument("pid", type=int)
+def check(pid):
+    """Every thread of PID and of its descendants: role, seccomp mode, filters."""
+    rows = list(_tasks(pid))
+    click.echo(f"{'PID':>8} {'TID':>8} {'NAME':16} {'ROLE':11} {'SECCOMP':8} FILTERS")
+    unfiltered = 0
+    for process, tid, name, role, mode, filters in rows:
+        note = ""
+        if mode != 2:
+            unfiltered += 1
+            note = "  UNFILTERED"
+        elif role in EXPECTED_FILTERS and filters != EXPECTED_FILTERS[role]:
+            note = f"  (expected {EXPECTED_FILTERS[role]})"
+        click.echo(f"{process:>8} {tid:>8} {name:16} {role:11} {_MODES.get(mode, mode):8} "
+                   f"{filters}{note}")
+    if unfiltered:
+        click.echo(f"{unfiltered} of {len(rows)} threads run without a seccomp filter", err=True)
+        raise click.exceptions.Exit(EXIT_UNFILTERED)
+
+
+def role_of(name: str, process_name: str, is_root: bool) -> str:
+    """A thread's role from its name (comm) and its process's, as the VMM names them."""
+    for candidate in (name, process_name):
+        if re.fullmatch(r"vmm-vcpu\d+", candidate):
+            return "vcpu"
+        if candidate == "vmm-qmp":
+            return "api"
+        if candidate == "vmm-vm":
+            return "vm"
+        if candidate.startswith("vmm-blk-"):
+            return "virtio-blk"
+    return "launcher" if is_root else "?"
+
+
+def _tasks(root: int):
+    """(pid, tid, name, role, seccomp mode, filter count) for every thread of root and
+    of its descendants, parents first."""
+    if not Path(f"/proc/{root}/task").is_dir():
+        raise click.ClickException(f"no process {root}")
+    pending = [root]
+    while pending:
+        pid = pending.pop(0)
+        try:
+            tids = sorted(int(t.name) for t in Path(f"/proc/{pid}/task").iterdir())
+            process_name = _read(f"/proc/{pid}/comm")
+        except FileNotFoundError:      # ended while we looked
+            continue
+        for tid in tids:
+            base = f"/proc/{pid}/task/{tid}"
+            try:
+                name = _read(f"{base}/comm")
+                status = dict(line.split(":", 1) for line in _read(f"{base}/status").splitlines()
+                              if ":" in line)
+                pending += [int(c) for c in _read(f"{base}/children").split()]
+            except FileNotFoundError:
+                continue
+            yield (pid, tid, name, role_of(name, process_name, pid == root),
+                   int(status.get("Seccomp", "0")), int(status.get("Seccomp_filters", "0")))
+
+
+def _read(path: str) -> str:
+    return Path(path).read_text().strip()
+
+
+def _action(rule: Rule) -> str:
+    if rule.action == "SCMP_ACT_ERRNO":
+        return f"errno({errno_names.errorcode.get(rule.errno, rule.errno)})"
+    return rule.action.removeprefix("SCMP_ACT_").lower()
+
+
+def _conditions(syscall: str, rule: Rule) -> str:
+    return " && ".join(_condition(syscall, a) for a in rule.args) or "-"
+
+
+def _condition(syscall: str, arg) -> str:
+    def named(number: int) -> str:
+        name = constants.names_for(syscall, arg.index, number)
+        return name if name else (hex(number) if number > 9 else str(number))
+
+    ops = {"SCMP_CMP_EQ": "==", "SCMP_CMP_NE": "!=", "SCMP_CMP_LT": "<", "SCMP_CMP_LE": "<=",
+           "SCMP_CMP_GT": ">", "SCMP_CMP_GE": ">="}
+    if arg.op == "SCMP_CMP_MASKED_EQ":
+        mask = named(arg.value)
+        mask = f"({mask})" if "|" in mask else mask
+        return f"arg{arg.index} & {mask} == {named(arg.value_two) if arg.value_two else 0}"
+    return f"arg{arg.index} {ops[arg.op]} {named(arg.value)}"
+
+
+def _rule_lines(profile: Profile) -> dict[str, str]:
+    """One line per (syscall, action, conditions), with its why."""
+    lines = {}
+    for rule in profile.rules:
+        for name in rule.names:
+            lines[f"{name:18} {_action(rule):14} {_conditions(name, rule)}"] = rule.comment
+    return lines

@@ -125,6 +125,8 @@ VM = [
     rule("sendmsg", "Events to the launcher over the control channel; vhost-user requests "
          "with SCM_RIGHTS (memfds of guest RAM, eventfds) to the device backends."),
     rule("recvmsg", "The control channel from the launcher; vhost-user replies."),
+    rule("sendto", "The main thread emits QMP events (SHUTDOWN) to the client; vhost-user "
+         "requests without fds."),
     rule("shutdown", "Closing the api-channel listener wakes the QMP thread out of accept."),
     rule("tgkill", "Pause and stop kick the vCPU threads out of KVM_RUN (SIGUSR1).",
          eq(2, "SIGUSR1")),
@@ -161,9 +163,9 @@ BLK = [
 
 LAUNCHER = [
     rule("poll", "Wait on the control channel and on the backends' pidfds at once."),
-    rule("select pselect6", "Wait, with a deadline, for a backend to end after the vm process."),
+    rule("pselect6", "select.select: wait, with a deadline, for a backend to end after the "
+         "vm process."),
     rule("recvmsg", "Events from the vm process over the control channel."),
-    rule("read", "Daemon mode: the readiness pipe."),
     rule("wait4", "Reap the vm process and the backends (os.waitpid)."),
     rule("kill", "Forward SIGTERM/SIGINT/SIGHUP to the vm process as SIGTERM.",
          eq(1, "SIGTERM")),

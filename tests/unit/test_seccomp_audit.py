@@ -9,6 +9,7 @@ import threading
 import pytest
 
 from vmm import cli, sandbox
+from vmm.sandbox import audit
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
@@ -141,3 +142,13 @@ def test_check_fails_for_unfiltered_threads(capsys):
         release()
     assert status == 1
     assert out.count("UNFILTERED") == 4 and "4 of 4 threads run without a seccomp filter" in err
+
+
+@pytest.mark.parametrize("name, process, root, role", [
+    ("vmm-vcpu12", "vmm-vm", False, "vcpu"), ("vmm-qmp", "vmm-vm", False, "api"),
+    ("vmm-vm", "vmm-vm", False, "vm"), ("vmm-blk-rootfs", "vmm-blk-rootfs", False, "virtio-blk"),
+    ("vring0", "vmm-blk-rootfs", False, "virtio-blk"), ("python", "python", True, "launcher"),
+    ("kvm-nx-lpage-re", "vmm-vm", False, "kvm-worker"), ("bash", "bash", False, "?"),
+])
+def test_roles_from_names(name, process, root, role):
+    assert audit.role_of(name, process, root) == role

@@ -10,13 +10,29 @@ rule says why its role needs it). Anything else is rejected with the path to it.
 
 import json
 import os
+import sys
+import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyseccomp
 
-PROFILE_DIR = Path(os.environ.get("STRATOVIRT_SECCOMP_PROFILES",
-                                  Path(__file__).resolve().parents[2] / "seccomp_profiles"))
+
+
+def _profile_dir() -> Path:
+    """$STRATOVIRT_SECCOMP_PROFILES, else the source tree's seccomp_profiles/ (editable
+    installs), else the copy a wheel installs under <prefix>/share/stratovirt-py/."""
+    if "STRATOVIRT_SECCOMP_PROFILES" in os.environ:
+        return Path(os.environ["STRATOVIRT_SECCOMP_PROFILES"])
+    source = Path(__file__).resolve().parents[2] / "seccomp_profiles"
+    if source.is_dir():
+        return source
+    installed = [Path(prefix) / "share" / "stratovirt-py" / "seccomp_profiles" for prefix in
+                 (sysconfig.get_path("data"), sys.prefix, "/usr/local")]
+    return next((path for path in installed if path.is_dir()), installed[0])
+
+
+PROFILE_DIR = _profile_dir()
 
 ACTIONS = {"SCMP_ACT_KILL_PROCESS": pyseccomp.KILL_PROCESS, "SCMP_ACT_KILL": pyseccomp.KILL,
            "SCMP_ACT_KILL_THREAD": pyseccomp.KILL_THREAD, "SCMP_ACT_TRAP": pyseccomp.TRAP,

@@ -1,0 +1,72 @@
+/* The virtio-net data path (virtio 1.2, section 5.1) between a virtqueue (virtq.h) and
+ * a tap opened with IFF_VNET_HDR, whose vnet header size is set to the driver's header
+ * size: the header passes through unchanged in both directions. See netio.c for what
+ * is checked and what happens to a malformed chain.
+ *
+ * One struct net_rx for the receive queue's worker, one struct net_tx for the transmit
+ * queue's; each is used by one thread at a time.
+ */
+#ifndef VMM_NETIO_H
+#define VMM_NETIO_H
+
+#include <sys/ioctl.h>
+#include <linux/if_tun.h>      /* the tap ioctls and flags, for the Python side */
+#include <net/if.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#include "virtq.h"
+
+#define NET_HDR_LEN        12      /* struct virtio_net_hdr_v1 (with num_buffers) */
+#define NET_LEGACY_HDR_LEN 10      /* without num_buffers: legacy driver, no MRG_RXBUF */
+/* A frame from the tap: the vnet header and up to 64 KiB of GSO payload plus its
+ * Ethernet, IP and TCP headers. A read that fills the whole buffer may have been cut
+ * short and is dropped. */
+#define NET_FRAME_MAX      (NET_HDR_LEN + 65536 + 4096)
+#define NET_RX_BUF         (NET_FRAME_MAX + 1)
+
+/* net_rx_process / net_tx_process answers, when the queue is not broken. */
+#define NET_NOTIFY  1   /* chains were completed and the driver wants an interrupt */
+#define NET_MORE    2   /* the budget ran out: call again before waiting */
+#define NET_STARVED 4   /* rx: a frame waits and the driver gave no buffer for it: stop
+                         * watching the tap until the driver kicks (adds buffers) */
+
+struct net_rx {
+    uint8_t *buf;                 /* NET_RX_BUF bytes: the frame being delivered */
+    uint32_t pending;             /* bytes of buf holding a frame not yet delivered */
+    uint32_t hdr_len;             /* NET_HDR_LEN or NET_LEGACY_HDR_LEN */
+    uint32_t mergeable;           /* VIRTIO_NET_F_MRG_RXBUF negotiated */
+    uint32_t guest_csum;          /* VIRTIO_NET_F_GUEST_CSUM negotiated: else the header's
+                                   * flags and gso_type are cleared */
+    uint64_t frames, bytes;       /* delivered */
+    uint64_t dropped;             /* frames dropped: too large, cut short, no room */
+    uint64_t bad_chains;          /* chains completed empty: readable or too small */
+    int last_errno;               /* of the last failed read (not EAGAIN) */
+    uint16_t heads[VQ_MAX_QUEUE_SIZE];   /* the chains holding the current frame */
+    uint32_t lens[VQ_MAX_QUEUE_SIZE];
+    struct vq_chain chain;
+};
+
+struct net_tx {
+    uint32_t hdr_len;
+    uint64_t frames, bytes;       /* written to the tap */
+    uint64_t dropped;             /* the tap refused them (bad header, link down, ...) */
+    uint64_t bad_chains;          /* malformed: no header, writable buffers, too large */
+    int last_errno;               /* of the last refused write */
+    struct vq_chain chain;
+    struct iovec iov[VQ_MAX_SEGS];
+};
+
+/* Moves frames from the tap (non-blocking) into the receive queue until the tap is
+ * empty, the driver has no buffer left (NET_STARVED; the frame is kept for the next
+ * call) or `budget` frames were delivered (NET_MORE). used->idx is published once at
+ * the end. -EINVAL when the ring is malformed (the queue is broken, see virtq.h). */
+int net_rx_process(struct vq *q, int tap, struct net_rx *rx, uint32_t budget);
+
+/* Writes up to `budget` frames from the transmit queue to the tap and completes them
+ * (0 bytes written, as the spec says for the transmit queue). -EINVAL when the ring is
+ * malformed; otherwise NET_NOTIFY and NET_MORE bits. */
+int net_tx_process(struct vq *q, int tap, struct net_tx *tx, uint32_t budget);
+
+#endif

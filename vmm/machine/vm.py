@@ -17,7 +17,7 @@ from ..devices.legacy.rtc import Rtc
 from ..devices.legacy.serial import Serial
 from ..devices.virtio import discovery
 from ..devices.virtio.attach import Slot
-from ..devices.virtio.empty import EmptyDisk, Placeholder
+from ..devices.virtio.empty import EmptyDisk, EmptyNic, Placeholder
 from ..devices.virtio.mmio import MmioTransport
 from ..devices.virtio.vhost_user_device import VhostUserDevice
 from . import cpu
@@ -102,6 +102,8 @@ class Machine:
                                          slot.queue_sizes, slot.config_size)
             elif index < layout.BLK_SLOTS:
                 device, name = EmptyDisk(self.memory), f"empty disk slot {index}"
+            elif index < layout.BLK_SLOTS + layout.NET_SLOTS:
+                device, name = EmptyNic(self.memory), f"empty NIC slot {index}"
             else:
                 device, name = Placeholder(), f"empty slot {index}"
             base, irq = layout.virtio_mmio_slot(index)

@@ -5,6 +5,10 @@
   already knows. It runs in the vm process: its queue sees only what a guest asks of
   an empty disk (udev reading the serial, a flush), answered on the vCPU thread that
   kicked, with no backend process to spend on it. Reads and writes fail with IOERR.
+- An empty NIC slot is a virtio-net device whose link is down (STATUS), as the spec's
+  "an empty NIC slot drops what the guest sends" asks: what the guest transmits is
+  completed and dropped on the vCPU thread that kicked, its receive queue is never
+  filled. The guest keeps its ethN names when a tap is plugged later.
 - Any other empty slot is device ID 0, which the virtio spec (4.2.2) calls a
   placeholder: Linux's driver skips it without a message.
 """
@@ -19,7 +23,10 @@ from .mmio import VIRTIO_F_VERSION_1, DeviceError, Interrupt, QueueSetup, config
 
 log = logging.getLogger(__name__)
 
-VIRTIO_ID_BLOCK = 2
+VIRTIO_ID_NET, VIRTIO_ID_BLOCK = 1, 2
+VIRTIO_NET_F_STATUS = 1 << 16
+NET_CONFIG_SIZE = 12            # mac, status (0: link down), max_virtqueue_pairs, mtu
+NET_RX, NET_TX = 0, 1
 VIRTIO_BLK_F_RO = 1 << 5
 BLK_CONFIG_SIZE = 60
 T_IN, T_OUT, T_FLUSH, T_GET_ID = 0, 1, 4, 8
@@ -109,3 +116,50 @@ class EmptyDisk:
         status[0] = {T_FLUSH: S_OK, T_GET_ID: S_OK, T_IN: S_IOERR, T_OUT: S_IOERR}.get(kind, S_UNSUPP) \
             if kind is not None else S_IOERR
         return written
+
+
+class EmptyNic:
+    device_id = VIRTIO_ID_NET
+    features = VIRTIO_F_VERSION_1 | VIRTIO_NET_F_STATUS      # no MAC: the guest picks one
+    queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)                   # receive, transmit
+    uses_ioeventfd = False
+
+    def __init__(self, memory: GuestMemory):
+        self.memory = memory
+        self.config = struct.pack("<6sHHH", bytes(6), 0, 1, 0)   # link down
+        self.tx: Virtqueue | None = None
+        self.interrupt: Interrupt | None = None
+        self.dropped = 0
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        return config_bytes(self.config, offset, size)
+
+    def activate(self, features: int, queues: list[QueueSetup], kicks: list[int],
+                 interrupt: Interrupt) -> None:
+        queue = queues[NET_TX]
+        if not queue.ready:
+            return
+        try:
+            self.tx = Virtqueue(self.memory.host_regions(), queue.num, queue.desc,
+                                queue.avail, queue.used)
+        except ValueError as error:
+            raise DeviceError(str(error)) from None
+        self.interrupt = interrupt
+
+    def reset(self) -> None:
+        self.tx = None
+
+    def notify(self, index: int) -> None:
+        """Transmitted frames are completed unread; the receive queue keeps its buffers."""
+        if index != NET_TX or self.tx is None:
+            return
+        try:
+            while (chain := self.tx.pop()) is not None:
+                self.tx.push(chain.head, 0)
+                self.dropped += 1
+        except QueueBroken as error:
+            log.error("empty NIC slot: %s", error)
+            self.tx = None
+            return
+        if self.tx.needs_interrupt():
+            self.interrupt.trigger()

@@ -36,7 +36,7 @@ if [ ! -s "$out/vmlinuz" ] || [ ! -s "$out/initrd.img" ]; then
     mkdir -p "$root"/{bin,dev,proc,sys,mnt,lib/modules}
     cp "$busybox" "$root/bin/busybox"
     for tool in sh mount umount insmod mkdir cat echo ls poweroff reboot sync sleep dd md5sum \
-            head grep switch_root; do
+            head grep switch_root ip ifconfig route ping nc; do
         ln -s busybox "$root/bin/$tool"
     done
     # Virtio is built as modules in the cloud kernel; this order satisfies their depends=.

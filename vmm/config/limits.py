@@ -34,6 +34,10 @@ GUEST_CID = (3, 0xFFFF_FFFE)
 BOOT_ARGS_BYTES = 2047
 # sun_path is 108 bytes including the NUL.
 SOCKET_PATH_BYTES = 107
+# The vsock device's host sockets: <api-channel's directory>/<id><VSOCK_SUFFIX>, and for
+# guest-initiated streams <that>_<port>, the port up to 4294967295 (10 digits).
+VSOCK_SUFFIX = ".vsock"
+VSOCK_PORT_SUFFIX_BYTES = len("_4294967295")
 
 DEFAULT_NAME = "stratovirt"
 DEFAULT_VCPUS = 1

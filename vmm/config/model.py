@@ -49,6 +49,7 @@ class Console:
 class Vsock:
     id: str
     guest_cid: int
+    socket: Path     # derived: <api-channel's directory>/<id>.vsock (docs/machine.md)
 
 
 @dataclass(frozen=True)

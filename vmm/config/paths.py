@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .draft import Setting
 from .errors import ConfigError
-from .limits import SOCKET_PATH_BYTES
+from .limits import SOCKET_PATH_BYTES, VSOCK_PORT_SUFFIX_BYTES, VSOCK_SUFFIX
 from .values import show
 
 
@@ -68,6 +68,24 @@ def new_path(setting: Setting, what: str, socket: bool = False) -> Path:
         raise ConfigError(setting.where,
                           f"socket path {show(str(path))} is {len(os.fsencode(path))} bytes",
                           f"a unix socket path is at most {SOCKET_PATH_BYTES} bytes")
+    return path
+
+
+def vsock_socket(vsock_id: Setting, api_channel: Setting) -> Path:
+    """The vsock device's host socket, which the StratoVirt configuration has no key for:
+    `<directory of the api-channel>/<vsock id>.vsock`. It must not exist, and it and
+    `<it>_<port>` (the sockets guest-initiated streams reach) must fit sun_path."""
+    path = absolute(api_channel).parent / f"{vsock_id.value}{VSOCK_SUFFIX}"
+    if os.path.lexists(path):
+        raise ConfigError(vsock_id.where, f"the vsock socket {show(str(path))} (the "
+                          "api-channel's directory, the vsock id) already exists",
+                          f"remove it first (rm -f {show(str(path))}) or choose another id")
+    size = len(os.fsencode(path)) + VSOCK_PORT_SUFFIX_BYTES
+    if size > SOCKET_PATH_BYTES:
+        raise ConfigError(vsock_id.where, f"the vsock sockets {show(str(path))}_<port> "
+                          f"take up to {size} bytes",
+                          f"a unix socket path is at most {SOCKET_PATH_BYTES} bytes: put the "
+                          "api-channel in a shorter directory or use a shorter vsock id")
     return path
 
 

@@ -253,6 +253,15 @@ def _with_host_checks(s: dict[str, Setting], devices: dict[str, list[Item]]) -> 
     api_channel = paths.new_path(s["api_channel"], "api-channel socket", socket=True)
     pidfile = paths.new_path(s["pidfile"], "pidfile") if "pidfile" in s else None
     log_file = paths.log_path(s["log_file"]) if "log_file" in s else None
+    vsock = None
+    for item in devices["vsock"]:
+        vsock = Vsock(item.id, item.fields["guest_cid"].value,
+                      paths.vsock_socket(item.fields["id"], s["api_channel"]))
+        others = [p for p in (api_channel, console and console.socket, pidfile, log_file) if p]
+        if vsock.socket in others:
+            raise ConfigError(item.fields["id"].where, f"the vsock socket "
+                              f"{show(str(vsock.socket))} is also the path of another file it creates",
+                              "choose another vsock id")
 
     return MachineConfig(
         boot=BootSource(paths.absolute(kernel), boot_args,
@@ -266,7 +275,7 @@ def _with_host_checks(s: dict[str, Setting], devices: dict[str, list[Item]]) -> 
                        i.fields["mac"].value.lower() if "mac" in i.fields else None)
                    for i in devices["nic"]),
         console=console,
-        vsock=next((Vsock(i.id, i.fields["guest_cid"].value) for i in devices["vsock"]), None),
+        vsock=vsock,
         serial_stdio=_value(s, "serial_stdio", False),
         api_channel=api_channel,
         log_file=log_file,

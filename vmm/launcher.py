@@ -20,13 +20,14 @@ import time
 import tty
 from pathlib import Path
 
-from . import children, control, daemon, vm_process
+from . import children, control, daemon, layout, sandbox, vm_process
 from .boot import loader
 from .boot.kernel import BadKernel
 from .config.errors import one_line
 from .config.model import MachineConfig
 from .devices.virtio.attach import Attached, AttachError
 from .devices.virtio.block import attach as block_attach
+from .devices.virtio.net import attach as net_attach
 from .log import setup as setup_logging
 from .machine.kvm import KVM_PATH, open_kvm
 from .machine.memory import GuestMemory, create_memfd
@@ -84,7 +85,7 @@ def run(config: MachineConfig, notes: tuple[str, ...]) -> int:
 
 def _launch(config: MachineConfig, cleanup: _Cleanup, readiness) -> int:
     unattached = [f"{kind} {device.id}" for kind, devices in (
-        ("NIC", config.nics), ("console", [config.console] if config.console else []),
+        ("console", [config.console] if config.console else []),
         ("vsock", [config.vsock] if config.vsock else [])) for device in devices]
     if unattached:
         log.warning("not attached, these virtio devices are not built yet: %s",
@@ -126,16 +127,21 @@ def _launch(config: MachineConfig, cleanup: _Cleanup, readiness) -> int:
     for a in attached:
         a.connection.close()
     log.info("vm process %d started", vm.pid)
-    return _supervise(vm, ours, readiness, [a.backend for a in attached])
+    return _supervise(vm, ours, readiness, [a.backend for a in attached], config.seccomp)
 
 
 def _attach_devices(config: MachineConfig, memory: GuestMemory,
                     cleanup: _Cleanup) -> list[Attached]:
-    """One backend process per device, in slot order (disks fill slots 0..5)."""
+    """One backend process per device, in slot order (disks fill slots 0..5, NICs 6
+    and 7)."""
     attached = []
     try:
         for index, drive in enumerate(config.drives):
-            attached.append(block_attach.attach(drive, index, memory))
+            attached.append(block_attach.attach(drive, index, memory, config.seccomp))
+            cleanup.children.append(attached[-1].backend)
+        for index, nic in enumerate(config.nics, layout.BLK_SLOTS):
+            attached.append(net_attach.attach(nic, index, config.machine.name, memory,
+                                              config.seccomp))
             cleanup.children.append(attached[-1].backend)
     except AttachError as error:
         for a in attached:
@@ -167,7 +173,9 @@ def _raw_terminal(fd: int) -> None:
 
 
 def _supervise(vm: children.Child, channel: socket.socket, readiness,
-               backends: list[children.Child]) -> int:
+               backends: list[children.Child], seccomp: bool) -> int:
+    # Every child is forked: from here the launcher only waits, signals and cleans up.
+    sandbox.confine("launcher", seccomp=seccomp)
     def forward(number, frame):
         log.info("signal %d: shutting the VM down", number)
         try:

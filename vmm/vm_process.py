@@ -11,7 +11,7 @@ import signal
 import socket
 import threading
 
-from . import control
+from . import control, sandbox
 from .boot.loader import BootEntry
 from .config.model import MachineConfig
 from .devices.virtio.attach import Slot
@@ -41,6 +41,9 @@ def main(config: MachineConfig, kvm_fd: int, memory: GuestMemory, entry: BootEnt
         return 1
     for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(number, lambda *_: machine.shutdown("host-signal", guest=False))
+    # Everything is open and registered with KVM: confine the process before any thread
+    # starts, so each thread inherits this filter and stacks its own (vcpu, api) on it.
+    sandbox.confine("vm", seccomp=config.seccomp)
 
     stop_input = threading.Event()
     if machine.serial is not None:

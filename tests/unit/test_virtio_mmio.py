@@ -51,7 +51,8 @@ def disk_transport(vm, memory, tmp_path, read_only=False, size=1 * MiB):
     disk = os.open(image, os.O_RDONLY if read_only else os.O_RDWR)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     backend = children.spawn("vmm-blk-test", "blk-test", [disk, theirs.fileno()],
-                             lambda: block_main.serve_disk(disk, theirs, read_only, False, "sn-1"))
+                             lambda: block_main.serve_disk(disk, theirs, read_only, False, "sn-1",
+                                                                  seccomp=True))
     os.close(disk)
     theirs.close()
     device = VhostUserDevice("disk test", 2, ours, memory, (256,), 60)

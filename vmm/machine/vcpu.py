@@ -13,6 +13,7 @@ import threading
 
 import prctl
 
+from .. import sandbox
 from .._kvm import ffi, lib
 from .kvm import Vcpu
 
@@ -52,8 +53,17 @@ class VcpuThread(threading.Thread):
 
     # The thread itself.
     def run(self) -> None:
-        prctl.set_name(self.name)
-        self.named.set()
+        """Named and confined (the `vcpu` profile, this thread only) before the first
+        KVM_RUN; the machine's start() waits for both."""
+        try:
+            prctl.set_name(self.name)
+            sandbox.confine("vcpu", thread=True, seccomp=self._machine.config.seccomp)
+        except Exception:
+            log.exception("%s could not be confined", self.name)
+            self._machine.fail(f"{self.name} could not be confined")
+            return
+        finally:
+            self.named.set()
         try:
             while self._next():
                 pass

@@ -13,7 +13,7 @@ import time
 
 import prctl
 
-from .. import __version__
+from .. import __version__, sandbox
 from .commands import COMMANDS, QmpError
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,14 @@ class QmpServer(threading.Thread):
         machine.listeners.append(self.emit)
 
     def run(self) -> None:
+        """Confined (the `api` profile, this thread only) before the first client."""
         prctl.set_name(self.name)
+        try:
+            sandbox.confine("api", thread=True, seccomp=self._machine.config.seccomp)
+        except Exception:
+            log.exception("the QMP thread could not be confined")
+            self._machine.fail("the QMP thread could not be confined")
+            return
         while not self._closing:
             try:
                 client, _ = self._listener.accept()

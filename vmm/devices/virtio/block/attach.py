@@ -13,7 +13,7 @@ QUEUE_SIZE = 256            # QEMU's default for virtio-blk
 CONFIG_SIZE = 60            # struct virtio_blk_config up to write_zeroes_may_unmap
 
 
-def attach(drive: Drive, index: int, memory: GuestMemory) -> Attached:
+def attach(drive: Drive, index: int, memory: GuestMemory, seccomp: bool) -> Attached:
     flags = (os.O_RDONLY if drive.read_only else os.O_RDWR) | os.O_CLOEXEC | \
         (os.O_DIRECT if drive.direct else 0)
     try:
@@ -24,7 +24,8 @@ def attach(drive: Drive, index: int, memory: GuestMemory) -> Attached:
     try:
         return spawn_backend(slot, f"vmm-blk-{drive.id}", f"blk-{drive.id}", [disk],
                              lambda sock: main.serve_disk(disk, sock, drive.read_only,
-                                                          drive.direct, drive.serial),
+                                                          drive.direct, drive.serial,
+                                                          seccomp),
                              memory)
     finally:
         os.close(disk)

@@ -15,6 +15,7 @@ import sys
 
 import click
 
+from .... import sandbox
 from ....vhost_user.backend import Backend
 from ....vhost_user.protocol import Connection, ProtocolError
 from .device import BlockDevice
@@ -64,11 +65,14 @@ def main(socket_path, fd, print_capabilities, blk_file, read_only, direct, seria
 
 
 def serve_disk(disk_fd: int, sock: socket.socket, read_only: bool, direct: bool,
-               serial: str | None) -> int:
+               serial: str | None, seccomp: bool) -> int:
     """The launcher's entry into a disk's backend process (forked, see vmm/children.py):
-    the disk is already open with the right flags, the socket already connected."""
+    the disk is already open with the right flags, the socket already connected. The
+    process is confined before it reads a byte from the vm process or the guest."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    _serve(BlockDevice(disk_fd, read_only, direct, serial), sock)
+    device = BlockDevice(disk_fd, read_only, direct, serial)
+    sandbox.confine("virtio-blk", seccomp=seccomp)
+    _serve(device, sock)
     return 0
 
 

@@ -44,7 +44,10 @@ class Child:
 
     def describe_end(self) -> str:
         if os.WIFSIGNALED(self.status):
-            return f"killed by signal {os.WTERMSIG(self.status)}"
+            number = os.WTERMSIG(self.status)
+            if number == signal.SIGSYS:     # the SIGSYS reporter re-raises it after logging
+                return "was killed by a seccomp violation (SIGSYS; the log names the syscall)"
+            return f"was killed by signal {number} ({signal.Signals(number).name})"
         return f"exited with status {os.waitstatus_to_exitcode(self.status)}"
 
     def kill(self) -> None:

@@ -194,31 +194,34 @@ def _supervise(vm: children.Child, channel: socket.socket, readiness,
     error, ended = None, False
     while True:
         ready = {fd for fd, _ in poller.poll()}
+        # The channel first: a VM that ended says so before its backends see their
+        # sockets close and exit, and their ends are then no news.
+        if channel.fileno() in ready:
+            message = control.receive(channel)
+            if message is None:
+                break
+            event = message[0].get("event")
+            if event == "running" and readiness:
+                readiness.ready()
+            elif event == "error":
+                error = message[0].get("message", "unknown error")
+            elif event == "shutdown":
+                ended = True
+                log.info("VM ended: %s", message[0].get("reason"))
         for pidfd in ready & watched.keys():
             backend = watched.pop(pidfd)
             poller.unregister(pidfd)
             backend.reap(block=True)
-            # A device is not worth the VM: the guest sees a device that stops answering.
-            log.error("%s: its backend process %s; the device no longer works, the VM "
-                      "goes on", backend.what, backend.describe_end())
-        if channel.fileno() not in ready:
-            continue
-        message = control.receive(channel)
-        if message is None:
-            break
-        event = message[0].get("event")
-        if event == "running" and readiness:
-            readiness.ready()
-        elif event == "error":
-            error = message[0].get("message", "unknown error")
-        elif event == "shutdown":
-            ended = True
-            log.info("VM ended: %s", message[0].get("reason"))
+            if not ended:
+                # A device is not worth the VM: the guest sees a device that stops
+                # answering.
+                log.error("%s: its backend process %s; the device no longer works, the VM "
+                          "goes on", backend.what, backend.describe_end())
     vm.reap(block=True)
     _reap_backends(backends)
     status = os.waitstatus_to_exitcode(vm.status)
     if os.WIFSIGNALED(vm.status):
-        error = error or f"the vm process was {vm.describe_end()}"
+        error = error or f"the vm process {vm.describe_end()}"
     elif status and not ended:
         error = error or f"the vm process failed with status {status} (see the log)"
     if error:

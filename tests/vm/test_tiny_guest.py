@@ -131,7 +131,7 @@ def test_killed_vm_process_is_reported_and_cleaned_up(tmp_path, tiny_guest):
     code, out, err = vm.communicate()
     assert code == 1
     assert err.strip().splitlines()[-1] == \
-        "stratovirt: error: the vm process was killed by signal 9"
+        "stratovirt: error: the vm process was killed by signal 9 (SIGKILL)"
     assert vm.leftovers() == []
 
 

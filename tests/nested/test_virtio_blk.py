@@ -29,6 +29,16 @@ def test_seed_example_mounts_the_rootfs_rw_and_the_host_finds_the_file(checks):
     assert seed["found"] == "written-by-l2\n"
 
 
+def test_every_thread_of_the_running_vm_is_confined(checks):
+    """The VM of the seed example, Linux running on its disk, seen by the auditor."""
+    code, out, err = _one(checks, "seed")["seccomp"]
+    assert code == 0, out + err
+    rows = [line.split() for line in out.splitlines()[1:]]
+    roles = {row[3] for row in rows if row[3] != "kvm-worker"}
+    assert roles == {"api", "launcher", "virtio-blk", "vm", "vcpu"}, out
+    assert all(row[4] == "filter" for row in rows), out
+
+
 def test_readonly_disk_refuses_writes_and_serial_reads_back(checks):
     readonly = _one(checks, "readonly")
     assert readonly["ro"] == 1

@@ -47,13 +47,17 @@ def seed_example() -> None:
         vm.expect("rootfs: ready")
         mount = shell(vm, "grep ' / ' /proc/mounts", r"^/dev/vda / ext4 (\S+) ")[1]
         sizes = shell(vm, "echo sizes $(cat /sys/block/vd?/size)", r"^sizes ([\d ]+)$")[1]
+        # The kernel's view of every process and thread of this VM, through the auditor.
+        check = subprocess.run(["stratovirt", "seccomp", "check", str(vm.process.pid)],
+                               capture_output=True, text=True)
         vm.send("echo written-by-l2 > /hello.txt; sync\n")
         vm.send("poweroff\n")
         status = vm.wait()
         found = subprocess.run(["debugfs", "-R", "cat /hello.txt", ROOTFS],
                                capture_output=True, text=True).stdout
         report("seed", mount=mount.split(","), sizes=sizes.split(), status=status,
-               found=found, api_left=os.path.exists(api))
+               found=found, api_left=os.path.exists(api),
+               seccomp=[check.returncode, check.stdout, check.stderr])
     finally:
         vm.kill()
 

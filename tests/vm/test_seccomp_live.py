@@ -50,7 +50,8 @@ def spawn(tmp_path, tiny_guest, *extra):
     return vm
 
 
-def test_every_process_and_thread_is_filtered(tmp_path, tiny_guest):
+def test_every_process_and_thread_is_filtered_and_children_have_no_privileges(
+        tmp_path, tiny_guest):
     vm = spawn(tmp_path, tiny_guest)
     try:
         found = tasks(vm.process.pid)
@@ -62,6 +63,13 @@ def test_every_process_and_thread_is_filtered(tmp_path, tiny_guest):
             assert mode == 2, (tid, name)
             expected = 2 if name.startswith("vmm-vcpu") else EXPECTED_FILTERS.get(name, 1)
             assert filters == expected, (tid, name, filters)
+
+        for child in vm.children():         # the vm process and the disk's backend
+            status = (Path(f"/proc/{child}/status")).read_text()
+            fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+            for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+                assert int(fields[caps], 16) == 0, (child, caps, fields[caps])
+            assert fields["NoNewPrivs"].strip() == "1"
 
         check = subprocess.run([sys.executable, "-m", "vmm", "seccomp", "check",
                                 str(vm.process.pid)], capture_output=True, text=True)

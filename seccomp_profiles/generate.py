@@ -161,6 +161,25 @@ BLK = [
     rule("fcntl", "Python's mmap duplicates the memfd it maps.", eq(1, "F_DUPFD_CLOEXEC")),
 ]
 
+NET = [
+    rule("read", "Kick eventfds, the rings' stop pipes, and frames from the tap "
+         "(native/netio.c reads them into its frame buffer)."),
+    rule("writev", "Frames to the tap: the driver's header and frame, straight from guest "
+         "RAM (native/netio.c)."),
+    rule("recvmsg", "vhost-user requests, with the fds of guest RAM and of the eventfds as "
+         "SCM_RIGHTS."),
+    rule("recvfrom", "The payload of a vhost-user request."),
+    rule("sendto", "vhost-user replies."),
+    rule("poll", "Each ring's worker waits for its kick eventfd or its stop pipe, the "
+         "receive ring's also for the tap."),
+    rule("pipe2", "A ring's stop pipe, made when the frontend starts the ring."),
+    rule("fcntl", "Python's mmap duplicates the memfd it maps.", eq(1, "F_DUPFD_CLOEXEC")),
+    ioctl("TUNSETVNETHDRSZ", "at SET_FEATURES the tap's vnet header size becomes the "
+          "driver's header size (12 bytes, or 10 for a legacy driver)."),
+    ioctl("TUNSETOFFLOAD", "at SET_FEATURES the tap may hand over only what the driver "
+          "can receive (partial checksums, TSO, UFO)."),
+]
+
 LAUNCHER = [
     rule("poll", "Wait on the control channel and on the backends' pidfds at once."),
     rule("pselect6", "select.select: wait, with a deadline, for a backend to end after the "
@@ -187,6 +206,9 @@ ROLES = {
     "api": ("The QMP thread, stacked on the vm filter before it accepts a client.", API),
     "virtio-blk": ("A virtio-blk vhost-user backend process, installed before it reads "
                    "anything from its socket.", BLK + THREADS),
+    "virtio-net": ("A virtio-net vhost-user backend process, installed before it reads "
+                   "anything from its socket; it holds a tap it cannot reconfigure beyond "
+                   "header size and offloads.", NET + THREADS),
 }
 INHERITED_BY = {"vm": ("vcpu", "api")}   # their threads start under the vm filter
 

@@ -13,7 +13,7 @@ from .profile import Profile, ProfileError, load, roles
 
 __all__ = ["confine", "prepare", "ProfileError", "ROLES"]
 
-ROLES = ("launcher", "vm", "vcpu", "api", "virtio-blk")
+ROLES = ("launcher", "vm", "vcpu", "api", "virtio-blk", "virtio-net")
 _filters: dict = {}
 
 

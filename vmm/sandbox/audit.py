@@ -27,7 +27,8 @@ EXIT_DIFFERENT = EXIT_UNFILTERED = 1
 EXIT_ERROR = 2
 _MODES = {0: "disabled", 1: "strict", 2: "filter"}
 # How many filters each role's threads carry when installed as docs/seccomp.md says.
-EXPECTED_FILTERS = {"launcher": 1, "vm": 1, "vcpu": 2, "api": 2, "virtio-blk": 1}
+EXPECTED_FILTERS = {"launcher": 1, "vm": 1, "vcpu": 2, "api": 2, "virtio-blk": 1,
+                    "virtio-net": 1}
 # KVM's own worker threads (kvm-nx-lpage-recovery) sit in the vm process's thread group
 # but never run user code: a filter means nothing to them.
 KERNEL_WORKER = "kvm-worker"
@@ -155,6 +156,8 @@ def role_of(name: str, process_name: str, is_root: bool) -> str:
             return "vm"
         if candidate.startswith("vmm-blk-"):
             return "virtio-blk"
+        if candidate.startswith("vmm-net-"):
+            return "virtio-net"
     return "launcher" if is_root else "?"
 
 

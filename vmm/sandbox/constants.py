@@ -9,7 +9,7 @@ from .._sigsys import lib
 
 # Which family of names an argument of a syscall is drawn from (syscall, index) -> prefixes.
 _ARG_FAMILIES = {
-    ("ioctl", 1): ("KVM_", "TC", "FIO"),
+    ("ioctl", 1): ("KVM_", "TC", "FIO", "TUN"),
     ("fcntl", 1): ("F_",),
     ("mmap", 2): ("PROT_",),
     ("mprotect", 2): ("PROT_",),

@@ -1,0 +1,40 @@
+"""A -netdev in the launcher: the tap opened here (it must exist: tap.py says why),
+then its backend process (vmm-net-<id>) forked with the tap and nothing else of the
+launcher's. NICs take slots 6 and 7 in -netdev order."""
+
+import os
+
+from ....config.model import Nic
+from ....machine.memory import GuestMemory
+from ..attach import Attached, AttachError, Slot, spawn_backend
+from . import device as D
+from . import main
+from . import tap as T
+
+VIRTIO_ID_NET = 1
+
+
+def nic_mac(nic: Nic, vm_name: str) -> bytes:
+    """The configured MAC, else a stable generated one (device.generated_mac): from the
+    VM's name, the NIC's id and its tap's name; the tap's name keeps two VMs that were
+    both left with the default name apart on one host."""
+    return D.parse_mac(nic.mac) if nic.mac else D.generated_mac(vm_name, nic.id, nic.tap)
+
+
+def attach(nic: Nic, index: int, vm_name: str, memory: GuestMemory,
+           seccomp: bool) -> Attached:
+    try:
+        tap = T.open_tap(nic.tap)
+    except T.TapError as error:
+        raise AttachError(f"-netdev id={nic.id}: {error}") from None
+    try:
+        mtu = T.mtu(nic.tap)
+        mac = nic_mac(nic, vm_name)
+        slot = Slot(index, f"NIC {nic.id}", VIRTIO_ID_NET, (D.QUEUE_SIZE,) * 2, D.CONFIG_SIZE)
+        return spawn_backend(slot, f"vmm-net-{nic.id}", f"net-{nic.id}", [tap],
+                             lambda sock: main.serve_nic(tap, sock, mac, mtu, seccomp),
+                             memory)
+    except OSError as error:
+        raise AttachError(f"-netdev id={nic.id}: tap {nic.tap}: {error.strerror}") from None
+    finally:
+        os.close(tap)

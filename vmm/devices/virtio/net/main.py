@@ -1,0 +1,99 @@
+"""`stratovirt-vhost-user-net`: the virtio-net backend as a program of its own.
+
+Follows the vhost-user backend conventions (QEMU's vhost-user.rst), so it can stand
+behind QEMU's `-netdev vhost-user`: --socket-path to listen (one frontend at a time;
+it may reconnect), or --fd for a connected socket inherited from the launcher;
+--print-capabilities; SIGTERM ends it and removes the socket. The tap is opened by
+name (--tap, which must exist: it is not created) or inherited (--tap-fd).
+"""
+
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+
+import click
+
+from .... import sandbox
+from ....vhost_user.backend import Backend
+from ....vhost_user.protocol import Connection, ProtocolError
+from . import tap as T
+from .device import NetDevice, format_mac, generated_mac, parse_mac
+
+log = logging.getLogger(__name__)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--socket-path", type=click.Path(dir_okay=False),
+              help="Listen on this unix socket (created; must not exist).")
+@click.option("--fd", type=int, help="Serve this inherited, connected unix socket.")
+@click.option("--print-capabilities", is_flag=True, help="Print the backend's capabilities.")
+@click.option("--tap", "tap_name", help="The existing tap interface to use.")
+@click.option("--tap-fd", type=int,
+              help="An inherited fd of /dev/net/tun attached to a tap with "
+                   "IFF_TAP|IFF_NO_PI|IFF_VNET_HDR.")
+@click.option("--mac", help="The MAC address the device offers (default: one derived "
+                            "from the tap's name, locally administered).")
+def main(socket_path, fd, print_capabilities, tap_name, tap_fd, mac):
+    """vhost-user virtio-net backend on a host tap."""
+    if print_capabilities:
+        print(json.dumps({"type": "net"}))
+        return
+    if (socket_path is None) == (fd is None) or (tap_name is None) == (tap_fd is None):
+        raise click.UsageError("give one of --tap or --tap-fd, and one of --socket-path or --fd")
+    logging.basicConfig(level=logging.INFO, format="vhost-user-net: %(message)s")
+    try:
+        mac_bytes = parse_mac(mac) if mac else None
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--mac") from None
+    try:
+        if tap_fd is not None:
+            T.check_tap_fd(tap_fd)
+            os.set_blocking(tap_fd, False)
+            tap_fd_ = tap_fd
+        else:
+            tap_fd_ = T.open_tap(tap_name)
+        name = T.name_of(tap_fd_)
+        device = NetDevice(tap_fd_, mac_bytes or generated_mac(name), T.mtu(name))
+    except (T.TapError, OSError) as error:
+        raise click.ClickException(str(error)) from None
+    log.info("tap %s, MAC %s", name, format_mac(device.mac))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    if fd is not None:
+        _serve(device, socket.socket(fileno=fd))
+        return
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        listener.bind(socket_path)
+    except OSError as error:
+        raise click.ClickException(f"--socket-path: {socket_path}: {error.strerror}") from None
+    try:
+        listener.listen(1)
+        while True:
+            client, _ = listener.accept()
+            _serve(device, client)
+    finally:
+        os.unlink(socket_path)
+
+
+def serve_nic(tap_fd: int, sock: socket.socket, mac: bytes, mtu: int | None,
+              seccomp: bool) -> int:
+    """The launcher's entry into a NIC's backend process (forked, see vmm/children.py):
+    the tap is already open, the socket already connected. The process is confined
+    (the virtio-net profile) before it reads a byte from the vm process or the guest."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    device = NetDevice(tap_fd, mac, mtu)
+    sandbox.confine("virtio-net", seccomp=seccomp)
+    _serve(device, sock)
+    return 0
+
+
+def _serve(device: NetDevice, client: socket.socket) -> None:
+    try:
+        Backend(device, Connection(client)).serve()
+    except (ProtocolError, OSError) as error:
+        log.error("frontend connection ended: %s", error)
+    finally:
+        client.close()

@@ -30,9 +30,11 @@
  *   allowed"): Linux drivers never make them, and refusing them means every segment
  *   handed out has a real, translated host range behind it. The WRITE flag of a
  *   descriptor that points to an indirect table is ignored, as the spec requires.
- * - Once broken, a queue stays broken until vq_setup: vq_pop returns -EINVAL, vq_push
- *   and vq_needs_interrupt do nothing, and none of them touches guest memory. The
- *   backend is expected to report DEVICE_NEEDS_RESET.
+ * - Once broken, a queue stays broken until vq_setup: vq_pop returns -EINVAL, vq_push,
+ *   vq_add_used and vq_needs_interrupt do nothing, and none of them touches guest
+ *   memory. The one exception is vq_publish_used, which still publishes used elements
+ *   added before the queue broke (a store to used->idx, inside the ring vq_setup
+ *   checked). The backend is expected to report DEVICE_NEEDS_RESET.
  *
  * Not supported yet: VIRTIO_F_EVENT_IDX (used_event/avail_event are never read or
  * written; interrupts follow VRING_AVAIL_F_NO_INTERRUPT only), VIRTIO_F_IN_ORDER,
@@ -273,7 +275,7 @@ int vq_pop(struct vq *q, struct vq_chain *c)
     return 1;
 }
 
-void vq_push(struct vq *q, uint16_t head, uint32_t written)
+void vq_add_used(struct vq *q, uint16_t head, uint32_t written)
 {
     uint8_t *elem;
 
@@ -283,8 +285,23 @@ void vq_push(struct vq *q, uint16_t head, uint32_t written)
     __atomic_store_n((uint32_t *)elem, (uint32_t)head, __ATOMIC_RELAXED);
     __atomic_store_n((uint32_t *)(elem + 4), written, __ATOMIC_RELAXED);
     q->used_idx++;
-    /* Release: the element is visible before the index that covers it. */
+}
+
+void vq_publish_used(struct vq *q)
+{
+    /* num is 0 until vq_setup succeeded, and then q->used is a checked ring. */
+    if (q->num == 0)
+        return;
+    /* Release: the elements are visible before the index that covers them. */
     __atomic_store_n((uint16_t *)(q->used + 2), q->used_idx, __ATOMIC_RELEASE);
+}
+
+void vq_push(struct vq *q, uint16_t head, uint32_t written)
+{
+    if (q->broken)
+        return;
+    vq_add_used(q, head, written);
+    vq_publish_used(q);
 }
 
 int vq_needs_interrupt(struct vq *q)

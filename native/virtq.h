@@ -82,6 +82,15 @@ int vq_pop(struct vq *q, struct vq_chain *chain);
  * Does nothing on a broken queue. */
 void vq_push(struct vq *q, uint16_t head, uint32_t written);
 
+/* vq_push in two halves, so a batch of completions costs one used->idx update:
+ * vq_add_used writes the used element (the guest cannot see it yet; nothing on a
+ * broken queue), vq_publish_used makes every element added so far visible. Publishing
+ * still works after the queue broke, so completions made before a later vq_pop found
+ * the ring malformed are not lost; it writes only used->idx, in the ring vq_setup
+ * validated, and does nothing on a queue that was never set up. */
+void vq_add_used(struct vq *q, uint16_t head, uint32_t written);
+void vq_publish_used(struct vq *q);
+
 /* Whether the guest wants an interrupt now (call after vq_push). 0 on a broken queue. */
 int vq_needs_interrupt(struct vq *q);
 

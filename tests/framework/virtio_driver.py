@@ -2,9 +2,12 @@
 it, kick and call eventfds, and our vhost-user Frontend to hand it all to a backend.
 
 Tests use it to drive a backend with well-formed and hostile requests; it is also what
-a frontend benchmark needs (no guest involved).
+a frontend benchmark needs (no guest involved): chains written once (write_chain), many
+made available with one index update and one kick (post), completions reaped in
+batches (reap), all through a mapping of its own with no per-access lookups.
 """
 
+import mmap
 import os
 import select
 import socket
@@ -15,6 +18,7 @@ from vmm.vhost_user import protocol as P
 from vmm.vhost_user.frontend import Frontend, RingAddresses
 
 DESC = struct.Struct("<QIHH")
+USED = struct.Struct("<II")
 F_NEXT, F_WRITE = 1, 2
 RING_GPA = 0x10_0000          # desc table, then avail, then used, page-aligned
 DATA_GPA = 0x20_0000          # where tests put buffers
@@ -33,6 +37,20 @@ class Driver:
         self.kick = os.eventfd(0, os.EFD_CLOEXEC)
         self.call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.frontend = Frontend(connection)
+        self._map = mmap.mmap(self.memory.fd, mem_size, mmap.MAP_SHARED,
+                              mmap.PROT_READ | mmap.PROT_WRITE)
+        self.view = memoryview(self._map)         # the memfd, by file offset
+        # Ring indexes are stored and loaded through a 16-bit view: one aligned 2-byte
+        # access, never torn (struct's "<H" goes byte by byte, and a backend reading
+        # half an update sees a broken ring).
+        self._u16 = self.view.cast("H")
+        self._avail = self.offset(self.avail, 6 + 2 * num)
+        self._used = self.offset(self.used, 6 + 8 * num)
+
+    def offset(self, gpa: int, length: int) -> int:
+        """Where guest range [gpa, gpa + length) is in `view`."""
+        region = next(r for r in self.memory.regions if r.contains(gpa, length))
+        return region.file_offset + gpa - region.guest_address
 
     def user_address(self, gpa: int) -> int:
         """Our own mapping stands in for the frontend's address space."""
@@ -50,6 +68,12 @@ class Driver:
         self.frontend.start_ring(0, self.num, addresses, 0, self.kick, self.call)
         return negotiated
 
+    def restart_ring(self, base: int) -> None:
+        """Start ring 0 again (after frontend.stop_ring), the backend resuming at `base`."""
+        addresses = RingAddresses(*(self.user_address(a) for a in (self.desc, self.avail,
+                                                                   self.used)))
+        self.frontend.start_ring(0, self.num, addresses, base, self.kick, self.call)
+
     def submit(self, buffers: list[tuple[int, int, bool]]) -> int:
         """Queue one chain of (guest address, length, device-writable); its head."""
         head = self.next_desc
@@ -65,6 +89,41 @@ class Driver:
         self.memory.write(self.avail + 2, struct.pack("<H", self.avail_idx))
         os.eventfd_write(self.kick, 1)
         return head
+
+    def write_chain(self, head: int, buffers: list[tuple[int, int, bool]]) -> None:
+        """Descriptors head, head + 1, ... for one chain of (guest address, length,
+        device-writable), not made available: post() does that, as often as wanted."""
+        for i, (address, length, writable) in enumerate(buffers):
+            last = i == len(buffers) - 1
+            flags = (F_WRITE if writable else 0) | (0 if last else F_NEXT)
+            DESC.pack_into(self.view, self.offset(self.desc + 16 * (head + i), 16),
+                           address, length, flags, head + i + 1)
+
+    def post(self, heads) -> None:
+        """Make these chains available: their ring entries, then one index update and
+        one kick (as Linux does for a batch)."""
+        u16, ring, idx = self._u16, self._avail // 2 + 2, self.avail_idx
+        for head in heads:
+            u16[ring + idx % self.num] = head
+            idx = (idx + 1) & 0xFFFF
+        u16[self._avail // 2 + 1] = idx
+        self.avail_idx = idx
+        os.eventfd_write(self.kick, 1)
+
+    def reap(self, timeout: float = 10) -> list[tuple[int, int]]:
+        """Every used element (head, written) there is, waiting for at least one."""
+        view, base = self.view, self._used
+        while True:
+            used_idx = self._u16[base // 2 + 1]
+            if used_idx != self.used_seen:
+                done = []
+                while self.used_seen != used_idx:
+                    done.append(USED.unpack_from(view, base + 4 + 8 * (self.used_seen % self.num)))
+                    self.used_seen = (self.used_seen + 1) & 0xFFFF
+                return done
+            if not select.select([self.call], [], [], timeout)[0]:
+                raise TimeoutError("no completion")
+            os.eventfd_read(self.call)
 
     def write_descriptor(self, index: int, address: int, length: int, flags: int, next_: int) -> None:
         self.memory.write(self.desc + 16 * index, DESC.pack(address, length, flags, next_))
@@ -89,6 +148,9 @@ class Driver:
             os.eventfd_read(self.call)
 
     def close(self) -> None:
+        self._u16.release()
+        self.view.release()
+        self._map.close()
         for fd in (self.kick, self.call):
             os.close(fd)
         self.memory.close()

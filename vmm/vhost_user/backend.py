@@ -3,6 +3,27 @@
 The device (e.g. vmm/devices/virtio/block) supplies features, its configuration space
 and a `process(queue)` that consumes available chains; this module does the rest:
 negotiation, the memory table, ring setup and teardown, kicks and calls.
+
+process() may return a Served (vmm/virtio/queue.py): whether to interrupt the driver,
+and whether chains may remain because the device stopped at a budget (the worker then
+looks at its stop pipe without waiting and calls again). A process() that returns None
+consumed everything, and the worker asks the queue whether to interrupt.
+
+A device may take over the worker's whole loop instead, in C where the loop is hot:
+`serve(queue, kick, call, stop)` serves, interrupts through `call`, waits on `kick`,
+and returns once the `stop` fd is readable (QueueBroken for a malformed ring). The
+virtio-blk device does (native/blkio.c, blk_serve). The fds stay open while it runs:
+SET_VRING_KICK/CALL on a running ring stop its worker first and restart it after.
+
+A device with several queues tells them apart by `queue.index` (the ring's number,
+set here). A device that must act on a ring for a reason other than the driver's kick
+(console input or a vsock stream became readable: something to put in the receive
+queue) has `wake_fds`, one eventfd per queue (-1 for none), which it owns and writes;
+the ring's worker waits on it as on the kick and then calls process() again.
+
+A device that must know the driver's features (virtio-net: the header size, the
+tap's offloads) has `set_features(features)`, called at SET_FEATURES, before the
+rings start.
 """
 
 import logging
@@ -11,7 +32,7 @@ import select
 import threading
 from typing import Protocol
 
-from ..virtio.queue import QueueBroken, Virtqueue
+from ..virtio.queue import QueueBroken, Served, Virtqueue
 from . import protocol as P
 from .memory import GuestRam
 
@@ -26,7 +47,7 @@ class Device(Protocol):
     max_queue_size: int
 
     def config(self) -> bytes: ...
-    def process(self, queue: Virtqueue) -> None: ...
+    def process(self, queue: Virtqueue) -> Served | None: ...
 
 
 class Vring:
@@ -53,6 +74,7 @@ class Vring:
     def start(self, device: Device, ram: GuestRam) -> None:
         desc, avail, used = (ram.guest_address(a) for a in self.addresses)
         self.queue = Virtqueue(ram.table(), self.num, desc, avail, used, self.base)
+        self.queue.index = self.index
         self._stop_read, self._stop_write = os.pipe()
         self._thread = threading.Thread(target=self._run, args=(device,),
                                         name=f"vring{self.index}", daemon=True)
@@ -77,24 +99,39 @@ class Vring:
         self.replace_fd("call", -1)
 
     def _run(self, device: Device) -> None:
+        serve = getattr(device, "serve", None)
+        if serve is not None:
+            try:
+                serve(self.queue, self.kick, self.call, self._stop_read)
+            except (QueueBroken, OSError) as error:
+                log.error("ring %d: the device stops serving it: %s", self.index, error)
+            return
         poller = select.poll()
         poller.register(self.kick, select.POLLIN)
         poller.register(self._stop_read, select.POLLIN)
+        wake_fds = getattr(device, "wake_fds", ())
+        wake = wake_fds[self.index] if self.index < len(wake_fds) else -1
+        if wake >= 0:
+            poller.register(wake, select.POLLIN)
         while True:
             # Serve what is already there first: the driver may have queued requests
             # before we were started, without a kick we will ever see.
             try:
-                device.process(self.queue)
+                served = device.process(self.queue)
             except QueueBroken as error:
                 log.error("ring %d is broken, the device stops serving it: %s", self.index, error)
                 return
-            if self.queue.needs_interrupt() and self.call >= 0:
+            if served is None:
+                served = Served(self.queue.needs_interrupt(), False)
+            if served.notify and self.call >= 0:
                 os.eventfd_write(self.call, 1)
-            events = dict(poller.poll())
+            events = dict(poller.poll(0 if served.more else None))
             if self._stop_read in events:
                 return
             if self.kick in events:
                 os.eventfd_read(self.kick)
+            if wake in events:
+                os.eventfd_read(wake)
 
 
 class Backend:
@@ -145,6 +182,12 @@ class Backend:
             return P.U64.pack(self.device.features | P.F_PROTOCOL_FEATURES)
         if r == P.SET_FEATURES:
             self.features = m.u64()
+            set_features = getattr(self.device, "set_features", None)
+            if set_features:
+                try:
+                    set_features(self.features & ~P.F_PROTOCOL_FEATURES)
+                except OSError as error:
+                    raise P.ProtocolError(f"the device refused the features: {error}") from None
         elif r == P.GET_PROTOCOL_FEATURES:
             return P.U64.pack(PROTOCOL_FEATURES)
         elif r == P.SET_PROTOCOL_FEATURES:
@@ -187,10 +230,16 @@ class Backend:
                 if fd >= 0:
                     os.close(fd)
                 return None
+            # A running worker waits on the kick fd and writes the call fd: it stops
+            # before either is closed under it, and starts again where it stopped.
+            running = vring.queue is not None
+            if running:
+                vring.stop()
             vring.replace_fd("kick" if r == P.SET_VRING_KICK else "call", fd)
             if r == P.SET_VRING_KICK:
                 # Without protocol features a ring starts on its kick fd.
                 vring.enabled |= not self.features & P.F_PROTOCOL_FEATURES
+            if running or r == P.SET_VRING_KICK:
                 self._start_ready()
         elif r == P.SET_VRING_ENABLE:
             index, enable = m.vring_state()

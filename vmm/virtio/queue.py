@@ -7,7 +7,8 @@ lists what and why); this module only turns its results into Python objects.
 
 The buffers of a chain are handed out as memoryviews onto guest memory, not copies, so
 a backend can read a request or write a reply with no copy, and as raw iovecs for C
-fast paths (preadv/pwritev). Two consequences for the caller:
+fast paths (preadv/pwritev); a C fast path can also take the whole queue (`native`) and
+walk it itself (native/blkio.c does). Two consequences for the caller:
 
 - The guest can change a readable buffer while the backend looks at it. Copy a request
   header (bytes(view)) before validating it, then use only the copy.
@@ -19,6 +20,7 @@ during the C calls.
 """
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .._virtq import ffi, lib
 
@@ -29,6 +31,15 @@ MAX_SEGMENTS = lib.VQ_MAX_SEGS
 class QueueBroken(Exception):
     """The guest broke the ring protocol. The queue stays unusable until it is set up
     again; the device should report DEVICE_NEEDS_RESET."""
+
+
+class Served(NamedTuple):
+    """What one call of a device's process(queue) did: `notify`: chains were completed
+    and the driver wants an interrupt; `more`: it stopped with chains possibly still
+    available (a budget ran out), so the caller should call again before it waits for
+    a kick."""
+    notify: bool
+    more: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +110,17 @@ class Virtqueue:
         """Whether the guest asked to be interrupted (VRING_AVAIL_F_NO_INTERRUPT clear).
         EVENT_IDX is not offered, so this is the only suppression there is."""
         return bool(lib.vq_needs_interrupt(self._q))
+
+    @property
+    def num(self) -> int:
+        """The ring size."""
+        return self._q.num
+
+    @property
+    def native(self):
+        """The `struct vq *` for C code built into vmm._virtq (native/blkio.c): it then
+        walks and completes chains itself. Same one-thread-at-a-time rule."""
+        return self._q
 
     @property
     def broken(self) -> bool:

@@ -1,19 +1,24 @@
 """The virtio-blk device: features, configuration space, and the request loop.
 
-Features offered: VERSION_1, INDIRECT_DESC, SIZE_MAX, SEG_MAX, BLK_SIZE, FLUSH, and RO
-for read-only disks. GET_ID answers with the configured serial. DISCARD and
-WRITE_ZEROES are not offered yet.
+Features offered: VERSION_1, INDIRECT_DESC, SIZE_MAX, SEG_MAX, BLK_SIZE, FLUSH; RO for
+read-only disks; DISCARD and WRITE_ZEROES for writable ones. GET_ID answers with the
+configured serial. The requests themselves run in C (request.py, native/blkio.c).
+
+Sizes: the capacity is the disk's size in whole sectors. With O_DIRECT, blk_size is
+the disk's direct-I/O block size (statx STATX_DIOALIGN, else BLKSSZGET, else 512) so
+a guest sizes its requests to fit, and the capacity is rounded down to whole blocks
+(O_DIRECT cannot reach a partial block at the end).
 """
 
-import os
 import struct
 
-from ....virtio.queue import Virtqueue
+from ....virtio.queue import Served, Virtqueue
 from . import request as R
 
-SECTOR = 512
+SECTOR = R.SECTOR
 VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_RO = 1 << 1, 1 << 2, 1 << 5
 VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH = 1 << 6, 1 << 9
+VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES = 1 << 13, 1 << 14
 VIRTIO_RING_F_INDIRECT_DESC = 1 << 28
 VIRTIO_F_VERSION_1 = 1 << 32
 
@@ -22,6 +27,8 @@ SEG_MAX = 254                     # fits any ring of 256 or more (a request's he
                                   # status take two descriptors)
 SIZE_MAX = 1 << 20                # bytes in one segment
 CONFIG_SIZE = 60                  # struct virtio_blk_config up to write_zeroes_may_unmap
+MAX_DWZ_SECTORS = 1 << 22         # 2 GiB per discard / write-zeroes segment
+MAX_DISCARD_ALIGNMENT = 1 << 20   # bytes: a larger st_blksize is not an allocation unit
 
 
 class BlockDevice:
@@ -33,18 +40,36 @@ class BlockDevice:
         self.read_only = read_only
         self.direct = direct
         self.serial = (serial or "").encode("ascii")
-        self.capacity = os.lseek(fd, 0, os.SEEK_END) // SECTOR
+        disk = R.probe(fd)
+        self.block_size = disk.block_size if direct else SECTOR
+        self.capacity = disk.size // self.block_size * self.block_size // SECTOR
+        # Discards of less than the file system's block free nothing: tell the guest.
+        granule = disk.io_block if SECTOR <= disk.io_block <= MAX_DISCARD_ALIGNMENT else SECTOR
+        self.discard_alignment = max(granule, disk.block_size) // SECTOR
+        self.limits = R.Limits() if read_only else R.Limits(
+            MAX_DWZ_SECTORS, R.MAX_DWZ_SEGMENTS, MAX_DWZ_SECTORS, R.MAX_DWZ_SEGMENTS, True)
         self.features = (VIRTIO_F_VERSION_1 | VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_BLK_F_SIZE_MAX
                          | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH
-                         | (VIRTIO_BLK_F_RO if read_only else 0))
+                         | (VIRTIO_BLK_F_RO if read_only else
+                            VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES))
+        self.requests = R.Requests(fd, self.capacity, read_only, direct, disk, self.serial,
+                                   self.limits)
 
     def config(self) -> bytes:
         config = bytearray(CONFIG_SIZE)
         struct.pack_into("<QII", config, 0, self.capacity, SIZE_MAX, SEG_MAX)
-        struct.pack_into("<I", config, 20, SECTOR)                  # blk_size
+        struct.pack_into("<I", config, 20, self.block_size)          # blk_size
         struct.pack_into("<H", config, 34, self.num_queues)
+        if not self.read_only:
+            limits = self.limits
+            struct.pack_into("<IIIIIB", config, 36, limits.max_discard_sectors,
+                             limits.max_discard_seg, self.discard_alignment,
+                             limits.max_write_zeroes_sectors, limits.max_write_zeroes_seg,
+                             limits.write_zeroes_may_unmap)
         return bytes(config)
 
-    def process(self, queue: Virtqueue) -> None:
-        while (chain := queue.pop()) is not None:
-            queue.push(chain.head, R.execute(self, chain))
+    def process(self, queue: Virtqueue) -> Served:
+        return self.requests.process(queue)
+
+    def serve(self, queue: Virtqueue, kick: int, call: int, stop: int) -> None:
+        self.requests.serve(queue, kick, call, stop)

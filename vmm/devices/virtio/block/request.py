@@ -1,156 +1,137 @@
-"""One descriptor chain -> one validated virtio-blk request, executed against the disk.
+"""virtio-blk requests: the Python face of native/blkio.c, which parses, checks and
+executes them.
 
-A chain is: a 16-byte header (type, reserved, sector) in device-readable buffers, then
-data (readable for writes, writable for reads), then one writable status byte. Anything
-else -- a short header, no status byte, data that is not a whole number of sectors, a
-range past the end of the disk, a write to a read-only disk -- completes with an error
-status; the guest gets an error, never a crash of the backend.
+A chain is a 16-byte header (type, reserved, sector) in device-readable buffers, then
+data (writable for IN and GET_ID, readable for OUT, DISCARD and WRITE_ZEROES), then one
+writable status byte. The whole request path is C (blk_process, GIL released): pop,
+check, preadv/pwritev straight between the disk and guest RAM, status, used element;
+one used-index update and one interrupt decision per batch. blkio.c's header comment
+is the list of rules; in short, anything malformed -- a short header, no status byte,
+data in the wrong direction, not whole sectors, a range past the end of the disk, a
+write to a read-only disk, bad discard segments -- completes with IOERR (UNSUPP for
+unknown types, reserved flag bits and features not offered); a malformed *ring* breaks
+the queue (QueueBroken). The guest gets an error, never a crash of the backend.
+
+Python's part: describe the disk (probe), build the C structures, keep one worker
+(bounce buffer, scratch, counters) per queue.
 """
 
+import errno
 import mmap
 import os
-import struct
+import stat
+import threading
+import weakref
+from dataclasses import dataclass
 
-from ...._kvm import ffi
-from ....virtio.queue import Chain
+from ...._virtq import ffi, lib
+from ....virtio.queue import QueueBroken, Served, Virtqueue
 
-T_IN, T_OUT, T_FLUSH, T_GET_ID = 0, 1, 4, 8
-S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
-HEADER = struct.Struct("<IIQ")
-SECTOR = 512
-ID_BYTES = 20
-
-
-def _take(buffers: list[memoryview], count: int) -> tuple[bytes, list[memoryview]]:
-    """The first `count` bytes of a scattered buffer, and the views that remain."""
-    taken, rest = b"", list(buffers)
-    while rest and len(taken) < count:
-        head = rest.pop(0)
-        need = count - len(taken)
-        taken += bytes(head[:need])
-        if len(head) > need:
-            rest.insert(0, head[need:])
-    return taken, rest
+T_IN, T_OUT, T_FLUSH, T_GET_ID = lib.BLK_T_IN, lib.BLK_T_OUT, lib.BLK_T_FLUSH, lib.BLK_T_GET_ID
+T_DISCARD, T_WRITE_ZEROES = lib.BLK_T_DISCARD, lib.BLK_T_WRITE_ZEROES
+S_OK, S_IOERR, S_UNSUPP = lib.BLK_S_OK, lib.BLK_S_IOERR, lib.BLK_S_UNSUPP
+F_UNMAP = lib.BLK_DWZ_F_UNMAP
+SECTOR = lib.BLK_SECTOR
+ID_BYTES = lib.BLK_ID_BYTES
+MAX_DWZ_SEGMENTS = lib.BLK_MAX_DWZ_SEG
+BOUNCE_BYTES = 1 << 20           # per queue; unaligned O_DIRECT requests go through it in chunks
 
 
-def _split_status(writable: list[memoryview]) -> tuple[list[memoryview], memoryview | None]:
-    """The data views, and the last writable byte, which holds the status."""
-    if not writable:
-        return [], None
-    last = writable[-1]
-    data = writable[:-1] + ([last[:-1]] if len(last) > 1 else [])
-    return data, last[len(last) - 1:]
+@dataclass(frozen=True)
+class Probe:
+    """What the disk fd is."""
+    size: int                    # bytes
+    block_device: bool
+    mem_align: int               # O_DIRECT buffer alignment
+    block_size: int              # O_DIRECT offset/length alignment (the logical block size)
+    io_block: int                # st_blksize: the file system's allocation unit
 
 
-def execute(device, chain: Chain) -> int:
-    """Runs the request; returns the number of bytes written into the chain."""
-    data_out, status = _split_status(chain.writable)
-    if status is None:
-        return 0                           # nowhere to put a status: nothing to report
-    header, data_in = _take(chain.readable, HEADER.size)
-    written = 1
-    if len(header) < HEADER.size:
-        code = S_IOERR
-    else:
-        kind, _, sector = HEADER.unpack(header)
-        code, written = _run(device, kind, sector, data_in, data_out)
-    status[0] = code
-    return written
+def probe(fd: int) -> Probe:
+    st = os.fstat(fd)
+    mem_align, block_size = ffi.new("uint32_t *"), ffi.new("uint32_t *")
+    rc = lib.blk_dio_alignment(fd, mem_align, block_size)
+    if rc < 0:
+        raise OSError(-rc, os.strerror(-rc))
+    return Probe(os.lseek(fd, 0, os.SEEK_END), stat.S_ISBLK(st.st_mode), mem_align[0],
+                 block_size[0], st.st_blksize)
 
 
-def _run(device, kind: int, sector: int, data_in, data_out) -> tuple[int, int]:
-    if kind == T_IN:
-        length = sum(len(v) for v in data_out)
-        if not _in_range(device, sector, length):
-            return S_IOERR, 1
-        try:
-            done = _read(device, data_out, sector * SECTOR, length)
-        except OSError:
-            return S_IOERR, 1
-        return (S_OK if done == length else S_IOERR), length + 1
-    if kind == T_OUT:
-        length = sum(len(v) for v in data_in)
-        if device.read_only or not _in_range(device, sector, length):
-            return S_IOERR, 1
-        try:
-            done = _write(device, data_in, sector * SECTOR, length)
-        except OSError:
-            return S_IOERR, 1
-        return (S_OK if done == length else S_IOERR), 1
-    if kind == T_FLUSH:
-        try:
-            os.fdatasync(device.fd)
-        except OSError:
-            return S_IOERR, 1
-        return S_OK, 1
-    if kind == T_GET_ID:
-        ident = device.serial[:ID_BYTES].ljust(ID_BYTES, b"\0")
-        copied = 0
-        for view in data_out:
-            count = min(len(view), ID_BYTES - copied)
-            view[:count] = ident[copied:copied + count]
-            copied += count
-        return S_OK, copied + 1
-    return S_UNSUPP, 1
+@dataclass(frozen=True)
+class Limits:
+    """The discard / write-zeroes limits offered in the configuration space (sectors,
+    segments per request); 0 segments: the request type is not offered."""
+    max_discard_sectors: int = 0
+    max_discard_seg: int = 0
+    max_write_zeroes_sectors: int = 0
+    max_write_zeroes_seg: int = 0
+    write_zeroes_may_unmap: bool = False
 
 
-def _in_range(device, sector: int, length: int) -> bool:
-    return length % SECTOR == 0 and sector + length // SECTOR <= device.capacity
+class _Worker:
+    """One queue's C state: scratch space, the bounce buffer, counters."""
+
+    def __init__(self, disk):
+        self.native = ffi.new("struct blk_worker *")
+        align = max(disk.mem_align, mmap.PAGESIZE)
+        # Anonymous mmap: page-aligned; over-allocated when O_DIRECT wants more.
+        self._bounce = mmap.mmap(-1, BOUNCE_BYTES + align - mmap.PAGESIZE)
+        base = ffi.cast("uint8_t *", ffi.from_buffer(self._bounce))
+        skip = -int(ffi.cast("uintptr_t", base)) % align
+        if lib.blk_worker_init(self.native, disk, base + skip, BOUNCE_BYTES) < 0:
+            raise ValueError("virtio-blk: the disk's alignment does not fit the bounce buffer")
 
 
-def _aligned(views, offset: int) -> bool:
-    """What O_DIRECT needs: sector-aligned file offset, buffer addresses and lengths."""
-    return offset % SECTOR == 0 and all(
-        len(v) % SECTOR == 0 and int(ffi.cast("uintptr_t", ffi.from_buffer(v))) % SECTOR == 0
-        for v in views)
+class Requests:
+    """Executes the requests of any number of queues against one disk."""
 
+    def __init__(self, fd: int, capacity: int, read_only: bool, direct: bool, probe: Probe,
+                 serial: bytes, limits: Limits):
+        d = self._disk = ffi.new("struct blk_disk *")
+        d.fd, d.capacity = fd, capacity
+        d.read_only, d.direct, d.block_device = read_only, direct, probe.block_device
+        d.mem_align, d.block_size = probe.mem_align, probe.block_size
+        d.discard = limits.max_discard_seg > 0
+        d.write_zeroes = limits.max_write_zeroes_seg > 0
+        d.write_zeroes_may_unmap = limits.write_zeroes_may_unmap
+        d.max_discard_sectors, d.max_discard_seg = limits.max_discard_sectors, limits.max_discard_seg
+        d.max_write_zeroes_sectors = limits.max_write_zeroes_sectors
+        d.max_write_zeroes_seg = limits.max_write_zeroes_seg
+        d.id = list(serial[:ID_BYTES].ljust(ID_BYTES, b"\0"))
+        _Worker(d)                                    # refuse a bad description now
+        self._workers: weakref.WeakKeyDictionary[Virtqueue, _Worker] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
 
-def _read(device, views, offset: int, length: int) -> int:
-    if not device.direct or _aligned(views, offset):
-        return _all(os.preadv, device.fd, views, offset)
-    bounce = _bounce(length)
-    done = _all(os.preadv, device.fd, [memoryview(bounce)[:length]], offset)
-    position = 0
-    for view in views:
-        view[:] = bounce[position:position + len(view)]
-        position += len(view)
-    return done
+    def process(self, queue: Virtqueue) -> Served:
+        """Serves up to one ring's worth of chains. QueueBroken if the ring is malformed."""
+        rc = lib.blk_process(queue.native, self._disk, self._worker(queue).native, queue.num)
+        if rc < 0:
+            raise QueueBroken("malformed virtqueue: the guest broke the ring protocol")
+        return Served(bool(rc & lib.BLK_NOTIFY), bool(rc & lib.BLK_MORE))
 
+    def serve(self, queue: Virtqueue, kick: int, call: int, stop: int) -> None:
+        """The queue worker's whole loop, in C (blk_serve): serve, interrupt, wait for a
+        kick, until `stop` is readable. QueueBroken if the ring is malformed."""
+        worker = self._worker(queue)
+        rc = lib.blk_serve(queue.native, self._disk, worker.native, kick, call, stop)
+        if rc == -errno.EINVAL:
+            raise QueueBroken("malformed virtqueue: the guest broke the ring protocol")
+        if rc < 0:
+            raise OSError(-rc, os.strerror(-rc))
 
-def _write(device, views, offset: int, length: int) -> int:
-    if not device.direct or _aligned(views, offset):
-        return _all(os.pwritev, device.fd, views, offset)
-    bounce = _bounce(length)
-    position = 0
-    for view in views:
-        bounce[position:position + len(view)] = view
-        position += len(view)
-    return _all(os.pwritev, device.fd, [memoryview(bounce)[:length]], offset)
+    def _worker(self, queue: Virtqueue) -> _Worker:
+        worker = self._workers.get(queue)
+        if worker is None:
+            with self._lock:
+                worker = self._workers[queue] = _Worker(self._disk)
+        return worker
 
-
-def _bounce(length: int) -> mmap.mmap:
-    """A page-aligned buffer (anonymous mmap) for guest buffers O_DIRECT cannot use."""
-    return mmap.mmap(-1, max(length, 1))
-
-
-def _all(call, fd: int, views, offset: int) -> int:
-    """preadv/pwritev until done or end of file (short transfers are legal)."""
-    total = sum(len(v) for v in views)
-    done = 0
-    while done < total:
-        count = call(fd, _skip(views, done), offset + done)
-        if count <= 0:
-            break
-        done += count
-    return done
-
-
-def _skip(views, count: int) -> list[memoryview]:
-    rest = []
-    for view in views:
-        if count >= len(view):
-            count -= len(view)
-            continue
-        rest.append(view[count:])
-        count = 0
-    return rest
+    def counters(self) -> dict[str, int]:
+        """Requests, errors, bounced (O_DIRECT through the bounce buffer) and
+        zeroes_written (write-zeroes done by writing), summed over the live queues."""
+        names = ("requests", "errors", "bounced", "zeroes_written")
+        totals = dict.fromkeys(names, 0)
+        for worker in list(self._workers.values()):
+            for name in names:
+                totals[name] += getattr(worker.native, name)
+        return totals

@@ -35,6 +35,7 @@
 #include "netio.h"
 
 #include <errno.h>
+#include <poll.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -200,6 +201,7 @@ int net_rx_process(struct vq *q, int tap, struct net_rx *rx, uint32_t budget)
         }
         delivered++;
     }
+    rx->starved = (result & NET_STARVED) != 0;
     vq_publish_used(q);
     if (delivered && vq_needs_interrupt(q))
         result |= NET_NOTIFY;
@@ -255,4 +257,77 @@ int net_tx_process(struct vq *q, int tap, struct net_tx *tx, uint32_t budget)
     if (completed && vq_needs_interrupt(q))
         result |= NET_NOTIFY;
     return result;
+}
+
+/* Signals the call eventfd; 0 or -errno. */
+static int interrupt(int call_fd)
+{
+    uint64_t one = 1;
+
+    if (call_fd >= 0 && write(call_fd, &one, sizeof one) < 0 && errno != EAGAIN)
+        return -errno;
+    return 0;
+}
+
+/* Waits on fds[0] (kick), fds[1] (stop) and, when nfds is 3, fds[2] (the tap); the
+ * kick is consumed. 1: stop, 0: go on, -errno. */
+static int wait_round(struct pollfd *fds, int nfds, int more)
+{
+    uint64_t count;
+
+    if (poll(fds, (nfds_t)nfds, more ? 0 : -1) < 0)
+        return errno == EINTR ? 0 : -errno;
+    if (fds[1].revents)
+        return 1;
+    if (fds[0].revents & (POLLERR | POLLNVAL))
+        return -EBADF;
+    if ((fds[0].revents & POLLIN) && read(fds[0].fd, &count, sizeof count) < 0 &&
+        errno != EAGAIN && errno != EINTR)
+        return -errno;
+    return 0;
+}
+
+int net_rx_serve(struct vq *q, int tap, struct net_rx *rx, int kick_fd, int call_fd,
+                 int stop_fd)
+{
+    struct pollfd fds[3] = {
+        { .fd = kick_fd, .events = POLLIN }, { .fd = stop_fd, .events = POLLIN },
+        { .fd = tap, .events = POLLIN } };
+
+    for (;;) {
+        /* Frames (and buffers) may be waiting from before we started. */
+        int rc = net_rx_process(q, tap, rx, NET_BUDGET), watch, more;
+
+        if (rc < 0)
+            return rc;
+        more = rc & NET_MORE;
+        if ((rc & NET_NOTIFY) && (rc = interrupt(call_fd)) < 0)
+            return rc;
+        /* The tap only while a frame read from it could go somewhere, and while reads
+         * work: a deleted tap polls readable forever. */
+        watch = !rx->starved && !rx->last_errno;
+        rc = wait_round(fds, watch ? 3 : 2, more);
+        if (rc)
+            return rc > 0 ? 0 : rc;
+    }
+}
+
+int net_tx_serve(struct vq *q, int tap, struct net_tx *tx, int kick_fd, int call_fd,
+                 int stop_fd)
+{
+    struct pollfd fds[2] = {
+        { .fd = kick_fd, .events = POLLIN }, { .fd = stop_fd, .events = POLLIN } };
+
+    for (;;) {
+        int rc = net_tx_process(q, tap, tx, NET_BUDGET), more;
+
+        if (rc < 0)
+            return rc;
+        more = rc & NET_MORE;
+        if ((rc & NET_NOTIFY) && (rc = interrupt(call_fd)) < 0)
+            return rc;
+        rc = wait_round(fds, 2, more);
+        if (rc)
+            return rc > 0 ? 0 : rc;
+    }
 }

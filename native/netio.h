@@ -42,7 +42,10 @@ struct net_rx {
     uint64_t frames, bytes;       /* delivered */
     uint64_t dropped;             /* frames dropped: too large, cut short, no room */
     uint64_t bad_chains;          /* chains completed empty: readable or too small */
-    int last_errno;               /* of the last failed read (not EAGAIN) */
+    int last_errno;               /* of the last failed read (not EAGAIN): the tap is
+                                   * not watched any more (detached, deleted) */
+    uint32_t starved;             /* a frame waits for buffers (the last call's
+                                   * NET_STARVED) */
     uint16_t heads[VQ_MAX_QUEUE_SIZE];   /* the chains holding the current frame */
     uint32_t lens[VQ_MAX_QUEUE_SIZE];
     struct vq_chain chain;
@@ -68,5 +71,15 @@ int net_rx_process(struct vq *q, int tap, struct net_rx *rx, uint32_t budget);
  * (0 bytes written, as the spec says for the transmit queue). -EINVAL when the ring is
  * malformed; otherwise NET_NOTIFY and NET_MORE bits. */
 int net_tx_process(struct vq *q, int tap, struct net_tx *tx, uint32_t budget);
+
+/* A queue worker's whole loop, run with the GIL released: process, interrupt through
+ * call_fd, wait for the kick (and, for receive, for the tap while a frame could be
+ * delivered), until stop_fd is readable (0). -EINVAL when the ring is malformed, -errno
+ * when waiting fails. NET_BUDGET frames per round between looks at stop_fd. */
+#define NET_BUDGET 256
+int net_rx_serve(struct vq *q, int tap, struct net_rx *rx, int kick_fd, int call_fd,
+                 int stop_fd);
+int net_tx_serve(struct vq *q, int tap, struct net_tx *tx, int kick_fd, int call_fd,
+                 int stop_fd);
 
 #endif

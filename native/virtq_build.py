@@ -105,6 +105,7 @@ struct net_rx {
     uint32_t guest_csum;
     uint64_t frames, bytes, dropped, bad_chains;
     int last_errno;
+    uint32_t starved;
     ...;
 };
 struct net_tx {
@@ -116,6 +117,11 @@ struct net_tx {
 
 int net_rx_process(struct vq *q, int tap, struct net_rx *rx, uint32_t budget);
 int net_tx_process(struct vq *q, int tap, struct net_tx *tx, uint32_t budget);
+#define NET_BUDGET ...
+int net_rx_serve(struct vq *q, int tap, struct net_rx *rx, int kick_fd, int call_fd,
+                 int stop_fd);
+int net_tx_serve(struct vq *q, int tap, struct net_tx *tx, int kick_fd, int call_fd,
+                 int stop_fd);
 
 /* The tap's ioctls and flags (vmm/devices/virtio/net/tap.py). */
 #define TUNSETIFF ...

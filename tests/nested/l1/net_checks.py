@@ -111,7 +111,8 @@ def two_nics() -> None:
              "-append", APPEND, "-smp", "2", "-m", "512M", "-serial", "stdio",
              "-api-channel", f"unix:{api}",
              "-drive", "file=/payload/files/tools.ext4,id=tools,readonly=true",
-             "-netdev", f"id=net0,netdev=tap0,mac={MAC0}", "-netdev", "id=net1,netdev=tap1"])
+             "-netdev", f"id=net0,netdev=tap0,mac={MAC0}", "-netdev", "id=net1,netdev=tap1"],
+            timeout=1200)       # every L2 instruction is emulated twice over: minutes
     try:
         vm.expect("initramfs: ready")
         result = {"macs": {}, "ping_out": {}, "ping_in": {}}

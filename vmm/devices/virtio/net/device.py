@@ -96,10 +96,6 @@ class NetDevice:
         self.rx.configure(hdr_len, bool(features & MRG_RXBUF), bool(features & GUEST_CSUM))
         self.tx.configure(hdr_len)
 
-    def process(self, queue):
-        """Serve ring queue.index (vmm/vhost_user/backend.py sets it)."""
-        return (self.rx if queue.index == RX else self.tx).process(queue)
-
-    def watch_fd(self, index: int) -> int:
-        """The tap for the receive ring while it can take frames (backend.py)."""
-        return self.rx.wake_fd() if index == RX else -1
+    def serve(self, queue, kick: int, call: int, stop: int) -> None:
+        """Ring queue.index's worker loop, in C (vmm/vhost_user/backend.py calls it)."""
+        (self.rx if queue.index == RX else self.tx).serve(queue, kick, call, stop)

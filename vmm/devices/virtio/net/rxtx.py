@@ -1,24 +1,29 @@
 """The virtio-net queues: the Python face of native/netio.c, which moves the frames.
 
+Each queue's worker loop is C too (net_rx_serve, net_tx_serve: the backend library's
+`serve` hook, vmm/vhost_user/backend.py), so a frame costs no Python at all.
+
 Receive (queue 0): frames read from the tap (non-blocking) go into the driver's
 buffers, several per frame with MRG_RXBUF (num_buffers in the first header). The
-queue's worker waits on its kick and on the tap; when the driver has no buffer left
-for a waiting frame, the frame is kept and the tap is not watched again until the
-driver kicks (adds buffers), so a full ring never spins. Transmit (queue 1): each
-chain (header + frame, readable buffers only) is written to the tap with one writev
-straight from guest memory. netio.c's header comment lists what is checked; a
-malformed chain is completed without effect and counted, never followed.
+worker waits on its kick and on the tap; when the driver has no buffer left for a
+waiting frame, the frame is kept and the tap is not watched again until the driver
+kicks (adds buffers), so a full ring never spins. Transmit (queue 1): each chain
+(header + frame, readable buffers only) is written to the tap with one writev straight
+from guest memory. netio.c's header comment lists what is checked; a malformed chain
+is completed without effect and counted, never followed.
 """
 
-import logging
-
 from ...._virtq import ffi, lib
-from ....virtio.queue import QueueBroken, Served, Virtqueue
-
-log = logging.getLogger(__name__)
+from ....virtio.queue import QueueBroken, Virtqueue
 
 HDR_LEN, LEGACY_HDR_LEN = lib.NET_HDR_LEN, lib.NET_LEGACY_HDR_LEN
-BUDGET = 256          # frames per call before the worker looks at its stop pipe
+
+
+def _check(rc: int, what: str) -> None:
+    if rc == -22:       # EINVAL
+        raise QueueBroken(f"malformed {what} queue: the guest broke the ring protocol")
+    if rc < 0:
+        raise OSError(-rc, f"{what} queue worker")
 
 
 class Receive:
@@ -28,36 +33,27 @@ class Receive:
         self.state = ffi.new("struct net_rx *")
         self.state.buf = self._buf
         self.state.hdr_len = HDR_LEN
-        self.starved = False
-        self._reported_errno = 0
 
     def configure(self, hdr_len: int, mergeable: bool, guest_csum: bool) -> None:
         self.state.hdr_len = hdr_len
         self.state.mergeable = mergeable
         self.state.guest_csum = guest_csum
 
-    def process(self, queue: Virtqueue) -> Served:
-        rc = lib.net_rx_process(queue.native, self.tap, self.state, BUDGET)
-        if rc < 0:
-            raise QueueBroken("malformed receive queue: the guest broke the ring protocol")
-        self.starved = bool(rc & lib.NET_STARVED)
-        errno = self.state.last_errno
-        if errno and errno != self._reported_errno:
-            # A tap that fails reads (deleted under us: EBADFD) would poll readable
-            # forever: stop watching it.
-            log.error("tap read failed (errno %d); receiving stops", errno)
-            self._reported_errno = errno
-        return Served(bool(rc & lib.NET_NOTIFY), bool(rc & lib.NET_MORE))
+    def serve(self, queue: Virtqueue, kick: int, call: int, stop: int) -> None:
+        """The receive queue's worker loop (net_rx_serve), until `stop` is readable."""
+        _check(lib.net_rx_serve(queue.native, self.tap, self.state, kick, call, stop),
+               "receive")
 
-    def wake_fd(self) -> int:
-        """The tap, unless a frame waits for buffers or the tap failed."""
-        return -1 if self.starved or self._reported_errno else self.tap
+    @property
+    def starved(self) -> bool:
+        """A frame waits for the driver's buffers; the tap is not watched meanwhile."""
+        return bool(self.state.starved)
 
     @property
     def counters(self) -> dict:
         s = self.state
         return {"frames": s.frames, "bytes": s.bytes, "dropped": s.dropped,
-                "bad_chains": s.bad_chains}
+                "bad_chains": s.bad_chains, "errno": s.last_errno}
 
 
 class Transmit:
@@ -69,14 +65,13 @@ class Transmit:
     def configure(self, hdr_len: int) -> None:
         self.state.hdr_len = hdr_len
 
-    def process(self, queue: Virtqueue) -> Served:
-        rc = lib.net_tx_process(queue.native, self.tap, self.state, BUDGET)
-        if rc < 0:
-            raise QueueBroken("malformed transmit queue: the guest broke the ring protocol")
-        return Served(bool(rc & lib.NET_NOTIFY), bool(rc & lib.NET_MORE))
+    def serve(self, queue: Virtqueue, kick: int, call: int, stop: int) -> None:
+        """The transmit queue's worker loop (net_tx_serve), until `stop` is readable."""
+        _check(lib.net_tx_serve(queue.native, self.tap, self.state, kick, call, stop),
+               "transmit")
 
     @property
     def counters(self) -> dict:
         s = self.state
         return {"frames": s.frames, "bytes": s.bytes, "dropped": s.dropped,
-                "bad_chains": s.bad_chains}
+                "bad_chains": s.bad_chains, "errno": s.last_errno}

@@ -7,6 +7,8 @@ import fcntl
 import os
 import socket
 import struct
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -343,3 +345,26 @@ def test_a_deleted_tap_stops_receive_without_spinning(net):
     assert driver.tx.completion() == (head, 0)
     assert device.tx.counters["dropped"] == 1
     assert len(driver.frontend.get_config(D.CONFIG_SIZE)) == D.CONFIG_SIZE
+
+
+def test_the_program_with_an_inherited_tap_and_socket():
+    """stratovirt-vhost-user-net --tap-fd --fd: a supervisor's way (no names, no paths);
+    without --mac the MAC is derived from the tap's name."""
+    program = os.path.join(os.path.dirname(sys.executable), "stratovirt-vhost-user-net")
+    with Netns() as ns:
+        ns.add_tap("vt2")
+        fd = ns.call(T.open_tap, "vt2")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        backend = subprocess.Popen([program, "--tap-fd", str(fd), "--fd", str(theirs.fileno())],
+                                   pass_fds=(fd, theirs.fileno()), stderr=subprocess.PIPE)
+        os.close(fd)
+        theirs.close()
+        driver = NetDriver(P.Connection(ours))
+        try:
+            driver.start(BASIC)
+            mac = D.CONFIG.unpack(driver.frontend.get_config(D.CONFIG_SIZE))[0]
+            assert mac == D.generated_mac("vt2")
+        finally:
+            ours.close()
+            driver.close()
+            assert backend.wait(10) == 0, backend.stderr.read()

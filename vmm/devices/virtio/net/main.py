@@ -49,14 +49,9 @@ def main(socket_path, fd, print_capabilities, tap_name, tap_fd, mac):
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="--mac") from None
     try:
-        if tap_fd is not None:
-            T.check_tap_fd(tap_fd)
-            os.set_blocking(tap_fd, False)
-            tap_fd_ = tap_fd
-        else:
-            tap_fd_ = T.open_tap(tap_name)
-        name = T.name_of(tap_fd_)
-        device = NetDevice(tap_fd_, mac_bytes or generated_mac(name), T.mtu(name))
+        tap = _inherited_tap(tap_fd) if tap_fd is not None else T.open_tap(tap_name)
+        name = T.name_of(tap)
+        device = NetDevice(tap, mac_bytes or generated_mac(name), _mtu(name))
     except (T.TapError, OSError) as error:
         raise click.ClickException(str(error)) from None
     log.info("tap %s, MAC %s", name, format_mac(device.mac))
@@ -76,6 +71,21 @@ def main(socket_path, fd, print_capabilities, tap_name, tap_fd, mac):
             _serve(device, client)
     finally:
         os.unlink(socket_path)
+
+
+def _mtu(name: str) -> int | None:
+    """The tap's MTU, offered to the driver (VIRTIO_NET_F_MTU); None (not offered) for
+    an inherited tap in another network namespace, where its name means nothing."""
+    try:
+        return T.mtu(name)
+    except OSError:
+        return None
+
+
+def _inherited_tap(fd: int) -> int:
+    T.check_tap_fd(fd)
+    os.set_blocking(fd, False)
+    return fd
 
 
 def serve_nic(tap_fd: int, sock: socket.socket, mac: bytes, mtu: int | None,

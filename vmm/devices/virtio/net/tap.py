@@ -9,6 +9,7 @@ exist would create it, so the name is looked up first, and a tap that still turn
 to be new (it vanished in between) is closed again, which deletes it.
 """
 
+import errno
 import fcntl
 import os
 import socket
@@ -59,11 +60,11 @@ def open_tap(name: str) -> int:
 
 
 def _why(error: OSError) -> str:
-    if error.errno == 22:       # EINVAL: a tun device, or another kind of interface
+    if error.errno == errno.EINVAL:      # a tun device, or another kind of interface
         return "not a tap device (or one created with other flags, e.g. multi_queue)"
-    if error.errno == 16:       # EBUSY: a non-persistent tap is attached to one file only
+    if error.errno == errno.EBUSY:       # a tap without multi_queue takes one file only
         return "busy: another process holds it"
-    if error.errno == 1:        # EPERM
+    if error.errno == errno.EPERM:
         return "permission denied: the tap belongs to another user or group"
     return error.strerror
 

@@ -368,3 +368,20 @@ def test_the_program_with_an_inherited_tap_and_socket():
             ours.close()
             driver.close()
             assert backend.wait(10) == 0, backend.stderr.read()
+
+
+def test_a_legacy_driver_gets_the_10_byte_header(net):
+    """Neither VERSION_1 nor MRG_RXBUF: virtio_net_hdr without num_buffers, both ways."""
+    driver, device, ns, tap_mac = net
+    assert not driver.start(D.MAC | D.STATUS) & (D.VIRTIO_F_VERSION_1 | D.MRG_RXBUF)
+    assert struct.unpack("i", fcntl.ioctl(device.tap, lib.TUNGETVNETHDRSZ, bytes(4)))[0] == 10
+    sock = listener(ns)
+    head = driver.send(udp_frame(tap_mac, b"legacy"), header=bytes(10))
+    assert driver.tx.completion() == (head, 0)
+    assert sock.recvfrom(100)[0] == b"legacy"
+    driver.post_rx(2, 2048)
+    sender(ns).sendto(b"back", (GUEST_IP, 6000))
+    head, written = driver.rx.completion()
+    address, _ = driver.rx_buffers[head]
+    data = driver.memory.read(address, written)
+    assert data[10:16] == GUEST_MAC and data.endswith(b"back")

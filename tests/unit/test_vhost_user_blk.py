@@ -540,3 +540,38 @@ def test_call_fd_replaced_while_the_ring_runs(blk):
             os.eventfd_read(d.call)
     finally:
         os.close(new_call)
+
+
+class ProcessOnly:
+    """The device without serve(): the backend's generic worker loop calls process()."""
+
+    def __init__(self, device: BlockDevice):
+        self.device = device
+        self.features, self.num_queues = device.features, device.num_queues
+        self.max_queue_size = device.max_queue_size
+        self.config, self.process = device.config, device.process
+
+
+def test_the_generic_worker_loop_drives_process(tmp_path):
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(MiB))
+    fd = os.open(disk, os.O_RDWR)
+    connection, theirs = backend_pair()
+    device = BlockDevice(fd, False, False, None)
+    thread = threading.Thread(target=Backend(ProcessOnly(device), P.Connection(theirs)).serve,
+                              daemon=True)
+    thread.start()
+    blk = Blk(Driver(connection), thread, device, disk)
+    try:
+        blk.driver.start(FEATURES)
+        pattern = os.urandom(4 * SECTOR)
+        assert blk.write(8, pattern, scattered([SECTOR, 3 * SECTOR], skew=1)) == R.S_OK
+        assert blk.read(8, len(pattern)) == (R.S_OK, pattern)
+        assert blk.ranges(R.T_WRITE_ZEROES, (8, 1, 0)) == R.S_OK
+        assert blk.read(8, SECTOR) == (R.S_OK, bytes(SECTOR))
+        assert blk.counters()["requests"] == 4
+    finally:
+        connection.close()
+        thread.join(10)
+        blk.driver.close()
+        os.close(fd)

@@ -180,6 +180,50 @@ NET = [
           "can receive (partial checksums, TSO, UFO)."),
 ]
 
+# A console backend: vhost-user like virtio-blk, plus its one-client console socket.
+CONSOLE = [
+    rule("read", "Kick and wake eventfds, and the rings' stop pipes."),
+    rule("recvmsg", "vhost-user requests, with the fds of guest RAM and of the eventfds as "
+         "SCM_RIGHTS; client input straight into the guest's receive buffers "
+         "(recvmsg_into)."),
+    rule("recvfrom", "The payload of a vhost-user request; a peek at the client's input."),
+    rule("sendto", "vhost-user replies; guest output to the client, and the one-line "
+         "refusal a second client gets."),
+    rule("accept4", "Take a client on the console socket the launcher bound (and refuse a "
+         "second one)."),
+    rule("getsockname", "Python's socket object for an accepted client checks the fd is a "
+         "socket."),
+    rule("poll", "Each ring's worker waits for its kick, wake eventfd or stop pipe; the "
+         "port's thread for the console socket and its client."),
+    rule("pipe2", "A ring's stop pipe, made when the frontend starts the ring."),
+    rule("fcntl", "Python's mmap duplicates the memfd it maps.", eq(1, "F_DUPFD_CLOEXEC")),
+]
+
+# A vsock backend: vhost-user, its listening socket, and the one role that may create
+# and connect sockets: a guest's connection to port P reaches <socket>_P on the host.
+VSOCK = [
+    rule("read", "Kick and wake eventfds, and the rings' stop pipes."),
+    rule("recvmsg", "vhost-user requests, with the fds of guest RAM and of the eventfds as "
+         "SCM_RIGHTS; host stream data straight into the guest's receive buffers "
+         "(recvmsg_into)."),
+    rule("recvfrom", "The payload of a vhost-user request; host stream data and peeks; a "
+         "host client's CONNECT line."),
+    rule("sendto", "vhost-user replies; buffered guest data and the OK line to host "
+         "sockets."),
+    rule("sendmsg", "Guest stream data to a host socket straight from guest RAM."),
+    rule("accept4", "Take a host client on the vsock socket the launcher bound."),
+    rule("getsockname", "Python's socket object for an accepted client checks the fd is a "
+         "socket."),
+    rule("socket", "A guest connection to port P: a unix socket to connect to <socket>_P. "
+         "AF_UNIX only: no network.", eq(0, "AF_UNIX")),
+    rule("connect", "Connect it (non-blocking; a refusal becomes the guest's RST)."),
+    rule("shutdown", "The guest's SHUTDOWN(SEND) becomes the host reader's end of stream."),
+    rule("poll", "Each ring's worker waits for its kick, wake eventfd or stop pipe; the "
+         "host thread for the listening socket and every stream's socket."),
+    rule("pipe2", "A ring's stop pipe, made when the frontend starts the ring."),
+    rule("fcntl", "Python's mmap duplicates the memfd it maps.", eq(1, "F_DUPFD_CLOEXEC")),
+]
+
 LAUNCHER = [
     rule("poll", "Wait on the control channel and on the backends' pidfds at once."),
     rule("pselect6", "select.select: wait, with a deadline, for a backend to end after the "
@@ -209,6 +253,13 @@ ROLES = {
     "virtio-net": ("A virtio-net vhost-user backend process, installed before it reads "
                    "anything from its socket; it holds a tap it cannot reconfigure beyond "
                    "header size and offloads.", NET + THREADS),
+    "virtio-console": ("A virtio-console vhost-user backend process, installed before its "
+                       "port's thread starts and before it reads anything from its socket "
+                       "or a client.", CONSOLE + THREADS),
+    "virtio-vsock": ("A virtio-vsock vhost-user backend process, installed before its host "
+                     "thread starts and before it reads anything from its socket, the "
+                     "guest or a host client; it may create and connect AF_UNIX sockets "
+                     "(the guest's streams to <socket>_<port>).", VSOCK + THREADS),
 }
 INHERITED_BY = {"vm": ("vcpu", "api")}   # their threads start under the vm filter
 

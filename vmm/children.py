@@ -69,6 +69,7 @@ def spawn(name: str, role: str, keep_fds: list[int], body: Callable[[], int],
         status = 1
         try:
             _only(keep_fds, stdin)
+            signal.pthread_sigmask(signal.SIG_SETMASK, set())   # the launcher defers some
             vmm_log.set_role(role)
             prctl.set_name(name)
             prctl.set_pdeathsig(signal.SIGKILL)

@@ -27,13 +27,16 @@ from .config.errors import one_line
 from .config.model import MachineConfig
 from .devices.virtio.attach import Attached, AttachError
 from .devices.virtio.block import attach as block_attach
+from .devices.virtio.console import attach as console_attach
 from .devices.virtio.net import attach as net_attach
+from .devices.virtio.vsock import attach as vsock_attach
 from .log import setup as setup_logging
 from .machine.kvm import KVM_PATH, open_kvm
 from .machine.memory import GuestMemory, create_memfd
 
 log = logging.getLogger(__name__)
 EXIT_FAILURE = 1
+_DEFERRED = {signal.SIGTERM, signal.SIGHUP}
 BACKEND_GRACE = 5.0
 
 
@@ -64,6 +67,10 @@ class _Cleanup:
 
 def run(config: MachineConfig, notes: tuple[str, ...]) -> int:
     readiness = daemon.detach() if config.daemonize else None
+    # A SIGTERM or SIGHUP before _supervise() handles them must not kill the launcher
+    # halfway, leaving its sockets behind: they wait, blocked, until then (children
+    # unblock them, vmm/children.py).
+    signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED)
     setup_logging(config.log_file)
     for note in notes:
         log.info("config: %s", note)
@@ -84,12 +91,6 @@ def run(config: MachineConfig, notes: tuple[str, ...]) -> int:
 
 
 def _launch(config: MachineConfig, cleanup: _Cleanup, readiness) -> int:
-    unattached = [f"{kind} {device.id}" for kind, devices in (
-        ("console", [config.console] if config.console else []),
-        ("vsock", [config.vsock] if config.vsock else [])) for device in devices]
-    if unattached:
-        log.warning("not attached, these virtio devices are not built yet: %s",
-                    ", ".join(unattached))
     try:
         kvm_fd = open_kvm()
     except OSError as error:
@@ -133,7 +134,7 @@ def _launch(config: MachineConfig, cleanup: _Cleanup, readiness) -> int:
 def _attach_devices(config: MachineConfig, memory: GuestMemory,
                     cleanup: _Cleanup) -> list[Attached]:
     """One backend process per device, in slot order (disks fill slots 0..5, NICs 6
-    and 7)."""
+    and 7, then the console and vsock)."""
     attached = []
     try:
         for index, drive in enumerate(config.drives):
@@ -142,6 +143,18 @@ def _attach_devices(config: MachineConfig, memory: GuestMemory,
         for index, nic in enumerate(config.nics, layout.BLK_SLOTS):
             attached.append(net_attach.attach(nic, index, config.machine.name, memory,
                                               config.seccomp))
+            cleanup.children.append(attached[-1].backend)
+        # Then the console (slot 8) and vsock (the next slot), each when configured
+        # (discovery.slot_count). Their sockets are removed on every exit path.
+        index = layout.BLK_SLOTS + layout.NET_SLOTS
+        if config.console:
+            attached.append(console_attach.attach(config.console, index, memory,
+                                                  cleanup.paths, config.seccomp))
+            cleanup.children.append(attached[-1].backend)
+            index += 1
+        if config.vsock:
+            attached.append(vsock_attach.attach(config.vsock, index, memory, cleanup.paths,
+                                                config.seccomp))
             cleanup.children.append(attached[-1].backend)
     except AttachError as error:
         for a in attached:
@@ -185,6 +198,7 @@ def _supervise(vm: children.Child, channel: socket.socket, readiness,
 
     for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(number, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _DEFERRED)     # one that came runs now
 
     poller = select.poll()
     poller.register(channel, select.POLLIN)

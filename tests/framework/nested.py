@@ -272,8 +272,6 @@ def _link_or_copy(source, dest):
 
 
 def _guest_asset(name: str) -> pathlib.Path:
-    """The L2 guest from scripts/guest-assets.sh, built if missing."""
-    path = REPO / "assets" / name
-    if not path.is_file():
-        subprocess.run([REPO / "scripts/guest-assets.sh"], check=True, stdout=subprocess.DEVNULL)
-    return path
+    """The L2 guest from scripts/guest-assets.sh, built if missing or out of date."""
+    from tests.framework.assets import guest_assets
+    return guest_assets() / name

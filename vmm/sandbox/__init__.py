@@ -13,7 +13,8 @@ from .profile import Profile, ProfileError, load, roles
 
 __all__ = ["confine", "prepare", "ProfileError", "ROLES"]
 
-ROLES = ("launcher", "vm", "vcpu", "api", "virtio-blk", "virtio-net")
+ROLES = ("launcher", "vm", "vcpu", "api", "virtio-blk", "virtio-net", "virtio-console",
+         "virtio-vsock")
 _filters: dict = {}
 
 

@@ -1,0 +1,51 @@
+"""Listening unix sockets for the device backends: the console's and the vsock device's
+host sockets, and a stand-alone backend's vhost-user socket.
+
+The path appears only once the socket listens: it is bound under a temporary name in
+the same directory, set listening, then hard-linked to its path (which fails, rather
+than replacing anything, if the path exists) and the temporary name removed. A client
+that waits for the file to appear (QEMU, a test, a script) is never refused by a socket
+that is bound but not yet listening.
+"""
+
+import errno
+import os
+import secrets
+import socket
+
+SUN_PATH_MAX = 107
+
+
+def listen_unix(path: str, backlog: int = 16, private: bool = False) -> socket.socket:
+    """private: mode 0600 from the start (bound under umask 0177: no other user can
+    connect in between). OSError as bind raises it (EADDRINUSE when the path exists)."""
+    temporary = os.path.join(os.path.dirname(os.path.abspath(path)),
+                             f".bind-{os.getpid()}-{secrets.token_hex(4)}")
+    if len(os.fsencode(temporary)) > SUN_PATH_MAX:
+        temporary = None                     # no room: bind the path itself
+    if os.path.lexists(path):
+        raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE), path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old = os.umask(0o177) if private else None
+    try:
+        listener.bind(temporary or path)
+        listener.listen(backlog)
+        if temporary:
+            try:
+                os.link(temporary, path)
+            except FileExistsError:
+                raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE), path) from None
+            finally:
+                os.unlink(temporary)
+    except OSError:
+        listener.close()
+        raise
+    finally:
+        if old is not None:
+            os.umask(old)
+    return listener
+
+
+def bind_private(path: str, backlog: int = 16) -> socket.socket:
+    """The console's and the vsock device's host sockets: only their owner may connect."""
+    return listen_unix(path, backlog, private=True)

@@ -1,0 +1,56 @@
+"""What every stand-alone backend program (stratovirt-vhost-user-*) does once its device
+exists, by the vhost-user backend conventions (QEMU's vhost-user.rst): serve an
+inherited connected socket (--fd) until it closes, or listen on --socket-path for one
+frontend at a time (it may reconnect), removing the socket when SIGTERM ends us. The
+socket file appears once it listens (listener.py), so a frontend may connect as soon as
+it sees the file."""
+
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Callable
+
+import click
+
+from ...vhost_user.backend import Backend, Device
+from ...vhost_user.protocol import Connection, ProtocolError
+from .listener import listen_unix
+
+log = logging.getLogger(__name__)
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM raises SystemExit in the main thread, so `finally` clauses remove what
+    the program created."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
+
+def serve_connection(device: Device, client: socket.socket) -> None:
+    """One frontend, until it disconnects or breaks the protocol."""
+    try:
+        Backend(device, Connection(client)).serve()
+    except (ProtocolError, OSError) as error:
+        log.error("frontend connection ended: %s", error)
+    finally:
+        client.close()
+
+
+def serve(device: Device, socket_path: str | None, fd: int | None,
+          after_each: Callable[[], None] = lambda: None) -> None:
+    """after_each() runs when a frontend goes (a device forgets that guest's state)."""
+    if fd is not None:
+        serve_connection(device, socket.socket(fileno=fd))
+        return
+    try:
+        listener = listen_unix(socket_path, 1)
+    except OSError as error:
+        raise click.ClickException(f"--socket-path: {socket_path}: {error.strerror}") from None
+    try:
+        while True:
+            client, _ = listener.accept()
+            serve_connection(device, client)
+            after_each()
+    finally:
+        os.unlink(socket_path)

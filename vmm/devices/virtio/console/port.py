@@ -199,26 +199,33 @@ class Port:
 
     def _loop(self) -> None:
         while True:
-            poller = select.poll()
-            poller.register(self._wake_self, select.POLLIN)
-            poller.register(self.listener, select.POLLIN)
-            with self.lock:
-                client = self.client
-                output = select.POLLOUT if self.output else 0
-                # While the guest has not taken the client's input, the client is not
-                # polled at all: poll reports a hang-up whatever it is asked, and it
-                # would spin; the receive queue sees the end when it gets there.
-                if client is not None and (self.input != READY or output):
-                    poller.register(client, output | (select.POLLIN if self.input == IDLE
-                                                      else 0))
-            ready = dict(poller.poll())
-            with self.lock:
-                if self._wake_self in ready:
-                    os.eventfd_read(self._wake_self)
-                if client is not None and client is self.client and client.fileno() in ready:
-                    self._client_event(ready[client.fileno()])
-                if self.listener.fileno() in ready:
-                    self._accept()
+            try:
+                self._loop_once()
+            except Exception:                   # a bug here must not end the console
+                log.exception("%s: port thread", self.name)
+                select.poll().poll(100)         # no busy loop if it repeats
+
+    def _loop_once(self) -> None:
+        poller = select.poll()
+        poller.register(self._wake_self, select.POLLIN)
+        poller.register(self.listener, select.POLLIN)
+        with self.lock:
+            client = self.client
+            output = select.POLLOUT if self.output else 0
+            # While the guest has not taken the client's input, the client is not
+            # polled at all: poll reports a hang-up whatever it is asked, and it
+            # would spin; the receive queue sees the end when it gets there.
+            if client is not None and (self.input != READY or output):
+                poller.register(client, output | (select.POLLIN if self.input == IDLE
+                                                  else 0))
+        ready = dict(poller.poll())
+        with self.lock:
+            if self._wake_self in ready:
+                os.eventfd_read(self._wake_self)
+            if client is not None and client is self.client and client.fileno() in ready:
+                self._client_event(ready[client.fileno()])
+            if self.listener.fileno() in ready:
+                self._accept()
 
     def _client_event(self, event: int) -> None:
         hangup = event & (select.POLLHUP | select.POLLERR)

@@ -30,6 +30,11 @@
  * that needs more chains than the ring has is dropped.
  *
  * Completions are published once per call; the interrupt decision is taken once.
+ *
+ * Kicks (VM exits) are asked for only when needed (VRING_USED_F_NO_NOTIFY): the
+ * transmit worker turns them off while it drains the ring, the receive worker leaves
+ * them off unless a frame waits for buffers. Each turns them on again before it sleeps
+ * and then looks at the ring once more, so no chain waits for a kick that never comes.
  */
 #define _GNU_SOURCE
 #include "netio.h"
@@ -293,6 +298,7 @@ int net_rx_serve(struct vq *q, int tap, struct net_rx *rx, int kick_fd, int call
     struct pollfd fds[3] = {
         { .fd = kick_fd, .events = POLLIN }, { .fd = stop_fd, .events = POLLIN },
         { .fd = tap, .events = POLLIN } };
+    int kicks = 1;           /* the ring starts with VRING_USED_F_NO_NOTIFY clear */
 
     for (;;) {
         /* Frames (and buffers) may be waiting from before we started. */
@@ -303,6 +309,18 @@ int net_rx_serve(struct vq *q, int tap, struct net_rx *rx, int kick_fd, int call
         more = rc & NET_MORE;
         if ((rc & NET_NOTIFY) && (rc = interrupt(call_fd)) < 0)
             return rc;
+        /* Buffers matter only when a frame waits for them: the driver's kicks (a VM
+         * exit each) are asked for then, and the ring looked at once more, since
+         * buffers made available before the driver saw the flag bring no kick. */
+        if (rx->starved && !kicks) {
+            vq_set_notify(q, 1);
+            kicks = 1;
+            continue;
+        }
+        if (!rx->starved && kicks) {
+            vq_set_notify(q, 0);
+            kicks = 0;
+        }
         /* The tap only while a frame read from it could go somewhere, and while reads
          * work: a deleted tap polls readable forever. */
         watch = !rx->starved && !rx->last_errno;
@@ -319,13 +337,26 @@ int net_tx_serve(struct vq *q, int tap, struct net_tx *tx, int kick_fd, int call
         { .fd = kick_fd, .events = POLLIN }, { .fd = stop_fd, .events = POLLIN } };
 
     for (;;) {
-        int rc = net_tx_process(q, tap, tx, NET_BUDGET), more;
+        int rc, more;
 
+        /* No kicks while we drain the ring (each is a VM exit); then kicks again, and
+         * one more look for what came before the driver saw that. */
+        vq_set_notify(q, 0);
+        rc = net_tx_process(q, tap, tx, NET_BUDGET);
         if (rc < 0)
             return rc;
         more = rc & NET_MORE;
         if ((rc & NET_NOTIFY) && (rc = interrupt(call_fd)) < 0)
             return rc;
+        if (!more) {
+            vq_set_notify(q, 1);
+            rc = net_tx_process(q, tap, tx, NET_BUDGET);
+            if (rc < 0)
+                return rc;
+            more = rc & NET_MORE;
+            if ((rc & NET_NOTIFY) && (rc = interrupt(call_fd)) < 0)
+                return rc;
+        }
         rc = wait_round(fds, 2, more);
         if (rc)
             return rc > 0 ? 0 : rc;

@@ -304,6 +304,16 @@ void vq_push(struct vq *q, uint16_t head, uint32_t written)
     vq_publish_used(q);
 }
 
+void vq_set_notify(struct vq *q, int enable)
+{
+    if (q->broken)
+        return;
+    /* used->flags is the device's to write; the driver reads it after publishing
+     * avail->idx (with a barrier), we read avail->idx after this store (with this one). */
+    __atomic_store_n((uint16_t *)q->used, enable ? 0 : VQ_USED_F_NO_NOTIFY, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
+
 int vq_needs_interrupt(struct vq *q)
 {
     if (q->broken)

@@ -18,6 +18,7 @@
 #define VQ_DESC_F_WRITE    2
 #define VQ_DESC_F_INDIRECT 4
 #define VQ_AVAIL_F_NO_INTERRUPT 1
+#define VQ_USED_F_NO_NOTIFY 1
 
 /* One guest RAM range and where it is mapped in this process. */
 struct vq_region {
@@ -90,6 +91,13 @@ void vq_push(struct vq *q, uint16_t head, uint32_t written);
  * validated, and does nothing on a queue that was never set up. */
 void vq_add_used(struct vq *q, uint16_t head, uint32_t written);
 void vq_publish_used(struct vq *q);
+
+/* Whether the driver should notify (kick) the device when it makes chains available:
+ * clears or sets VRING_USED_F_NO_NOTIFY in the used ring, then a full barrier. After
+ * enabling, look at the ring again before waiting for a kick: the driver may have made
+ * chains available before it could see the flag, and will not kick for those. Only a
+ * hint to the driver (it may kick anyway). Nothing on a broken queue. */
+void vq_set_notify(struct vq *q, int enable);
 
 /* Whether the guest wants an interrupt now (call after vq_push). 0 on a broken queue. */
 int vq_needs_interrupt(struct vq *q);

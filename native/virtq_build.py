@@ -41,6 +41,7 @@ void vq_push(struct vq *q, uint16_t head, uint32_t written);
 void vq_add_used(struct vq *q, uint16_t head, uint32_t written);
 void vq_publish_used(struct vq *q);
 int vq_needs_interrupt(struct vq *q);
+void vq_set_notify(struct vq *q, int enable);
 uint16_t vq_get_last_avail_idx(const struct vq *q);
 void vq_set_last_avail_idx(struct vq *q, uint16_t idx);
 

@@ -385,3 +385,36 @@ def test_a_legacy_driver_gets_the_10_byte_header(net):
     address, _ = driver.rx_buffers[head]
     data = driver.memory.read(address, written)
     assert data[10:16] == GUEST_MAC and data.endswith(b"back")
+
+
+def used_flags(driver: NetDriver, ring) -> int:
+    return struct.unpack("<H", driver.memory.read(ring.used, 2))[0]
+
+
+def wait_for(condition, timeout: float = 5.0) -> bool:
+    for _ in range(int(timeout / 0.02)):
+        if condition():
+            return True
+        threading.Event().wait(0.02)
+    return condition()
+
+
+def test_kicks_are_asked_for_only_when_needed(net):
+    """VRING_USED_F_NO_NOTIFY: the receive ring wants kicks only while a frame waits for
+    buffers; the transmit ring wants them whenever it is idle."""
+    driver, device, ns, tap_mac = net
+    driver.start(BASIC | D.MRG_RXBUF)
+    driver.post_rx(2, 2048)
+    out = sender(ns)
+    out.sendto(b"one", (GUEST_IP, 6000))
+    assert driver.receive()[1].endswith(b"one")
+    assert wait_for(lambda: used_flags(driver, driver.rx) == 1)       # buffers: no kicks
+    for i in range(3):                                               # one buffer left
+        out.sendto(b"more", (GUEST_IP, 6000))
+    assert wait_for(lambda: device.rx.starved)
+    assert used_flags(driver, driver.rx) == 0                        # kicks wanted again
+    driver.post_rx(4, 2048)                                          # ... and heeded
+    assert [driver.receive()[1].endswith(b"more") for _ in range(3)] == [True] * 3
+    head = driver.send(udp_frame(tap_mac, b"tx"))
+    assert driver.tx.completion() == (head, 0)
+    assert wait_for(lambda: used_flags(driver, driver.tx) == 0)

@@ -2,7 +2,7 @@
 # Builds (as root) the cached L1 base for the nested tests (tests/framework/nested.py) and
 # prints its directory as the last line on stdout:
 #   l1.img       sparse ext4: Debian bookworm minbase + python3, qemu-system-x86, iproute2,
-#                busybox, kmod, the L1 kernel's modules, and a venv /opt/vmm holding the
+#                busybox, kmod, strace, the L1 kernel's modules, and a venv /opt/vmm holding the
 #                project's runtime dependencies (not the project: each run installs it fresh)
 #   vmlinuz      Debian's stock cloud kernel, the one scripts/guest-assets.sh uses for L2
 #   initrd.img   busybox initramfs: virtio-pci + virtio-blk, mount /dev/vda, switch_root
@@ -73,9 +73,10 @@ mount --bind "$cache/debs" "$root/var/cache/apt/archives"
 step "apt-get install"
 run in_root apt-get update -q
 # libcap2/libffi8: python-prctl's and cffi's compiled modules; libseccomp2: pyseccomp;
-# qemu-system-x86: a reference VMM inside L1; kmod: modprobe of the modules copied below.
+# qemu-system-x86: a reference VMM inside L1; kmod: modprobe of the modules copied below;
+# strace: `stratovirt seccomp usage` records what each role calls (scripts/seccomp_usage.py).
 run in_root apt-get install -y -q --no-install-recommends python3 python3-venv libcap2 \
-    libffi8 libseccomp2 qemu-system-x86 iproute2 busybox e2fsprogs kmod
+    libffi8 libseccomp2 qemu-system-x86 iproute2 busybox e2fsprogs kmod strace
 umount "$root/var/cache/apt/archives"
 rm -rf "$root"/var/lib/apt/lists/*
 

@@ -7,10 +7,11 @@ cd "$(dirname "$0")/.."
 # Build: python3-venv/-dev, gcc, libffi-dev (cffi), libcap-dev (python-prctl).
 # Run: libseccomp2 (pyseccomp). Tests and guest assets: qemu, busybox, e2fsprogs, cpio,
 # acpica-tools (iasl), iproute2, lz4 (extracting the ELF vmlinux from the bzImage);
-# debootstrap (the nested test image, scripts/build-l1.sh).
+# debootstrap (the nested test image, scripts/build-l1.sh); strace (the seccomp usage
+# recorder, scripts/seccomp_usage.py and `stratovirt seccomp usage`).
 packages=(python3 python3-venv python3-dev gcc libc6-dev libffi-dev libcap-dev libseccomp2
           qemu-system-x86 qemu-utils busybox-static e2fsprogs cpio lz4 acpica-tools iproute2
-          debootstrap)
+          debootstrap strace)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \

@@ -16,12 +16,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vmm.sandbox.constants import value  # noqa: E402
+from vmm.sandbox.usage import ONLY_NESTED, STAYS  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ALLOW, TRAP = "SCMP_ACT_ALLOW", "SCMP_ACT_TRAP"
 
 
-def rule(names, comment, *args, action=ALLOW, errno=None) -> dict:
+def rule(names, comment, *args, action=ALLOW, errno=None, stays=None, nested=False) -> dict:
+    """One entry. Minimality (docs/seccomp.md): an entry that a role's recorded sessions
+    (scripts/seccomp_usage.py) may not call says why it stays: `nested` for a path only
+    a Linux guest takes (the nested recording has it), `stays` for a reason of its own.
+    tests/vm/test_seccomp_usage.py fails on an unused entry that says neither."""
+    if nested:
+        comment += f" ({ONLY_NESTED}.)"
+    if stays:
+        comment += f" {STAYS}: {stays}"
     entry = {"names": names.split(), "action": action}
     if errno:
         entry["errnoRet"] = value(errno)
@@ -32,7 +41,9 @@ def rule(names, comment, *args, action=ALLOW, errno=None) -> dict:
 
 
 def eq(index: int, name: str) -> dict:
-    return {"index": index, "value": value(name), "valueTwo": 0, "op": "SCMP_CMP_EQ"}
+    """arg == a constant, by name; flags joined with | are summed."""
+    return {"index": index, "value": sum(value(n) for n in name.split("|")), "valueTwo": 0,
+            "op": "SCMP_CMP_EQ"}
 
 
 def masked(index: int, mask: list[str], expect: list[str]) -> dict:
@@ -41,52 +52,79 @@ def masked(index: int, mask: list[str], expect: list[str]) -> dict:
             "valueTwo": sum(value(n) for n in expect), "op": "SCMP_CMP_MASKED_EQ"}
 
 
-def ioctl(name: str, why: str) -> dict:
-    return rule("ioctl", f"{name}: {why}", eq(1, name))
+def ioctl(name: str, why: str, **minimality) -> dict:
+    return rule("ioctl", f"{name}: {why}", eq(1, name), **minimality)
 
 
 NO_EXEC = masked(2, ["PROT_EXEC"], [])
 NAMESPACES = ["CLONE_NEWNS", "CLONE_NEWCGROUP", "CLONE_NEWUTS", "CLONE_NEWIPC",
               "CLONE_NEWUSER", "CLONE_NEWPID", "CLONE_NEWNET"]
 
+# Every role: what any thread of an already-imported CPython 3.11 may do, and the SIGSYS
+# reporter (native/sigsys.c: write, rt_sigaction, getpid, gettid, tgkill, rt_sigreturn).
 BASE = [
     rule("futex", "The GIL and every Python lock, condition and event."),
-    rule("brk munmap mremap madvise",
+    rule("brk munmap mremap",
          "CPython's and glibc's allocators grow, shrink and release memory; munmap also "
-         "unmaps a closed mmap object."),
+         "unmaps a closed mmap object.",
+         stays="any thread that allocates may grow the main arena (brk; threads share it "
+         "once there are more threads than arenas) or resize a block above the 128 KiB "
+         "mmap threshold (mremap)."),
     rule("mmap", "Allocator arenas, thread stacks, mmap objects: never executable "
-         "(PROT_EXEC clear), so no new code can be mapped.", NO_EXEC),
-    rule("mprotect", "glibc sets up malloc arenas and stack guard pages; never adds "
-         "PROT_EXEC.", NO_EXEC),
+         "(PROT_EXEC clear), so no new code can be mapped.", NO_EXEC,
+         stays="any allocation above the mmap threshold, in any thread running Python."),
+    rule("mprotect", "glibc sets up malloc arenas and stack guard pages and grows a "
+         "thread's arena heap; never adds PROT_EXEC.", NO_EXEC,
+         stays="a thread's arena heap grows by mprotect whenever it allocates past it."),
     rule("close", "Closing fds the role holds; Python closes a socket or file in whichever "
-         "thread drops its last reference."),
+         "thread drops its last reference.",
+         stays="the cyclic garbage collector runs, and finalizes socket and file objects, "
+         "in whichever thread happens to allocate."),
     rule("write", "Log lines (stderr or the -D log file); also how the SIGSYS reporter "
          "writes its violation line."),
     rule("rt_sigaction", "Python's signal handlers; the SIGSYS reporter restores SIG_DFL "
-         "before it re-raises."),
-    rule("rt_sigprocmask", "glibc blocks signals around thread creation and exit."),
+         "before it re-raises.", stays="the SIGSYS reporter needs it on a violation."),
+    rule("rt_sigprocmask", "glibc blocks signals around thread creation and exit; the "
+         "launcher unblocks SIGTERM and SIGHUP once it supervises."),
     rule("rt_sigreturn", "Return from any signal handler (the vCPU kick, Python's C-level "
-         "handler)."),
+         "handler).", stays="a signal sent to the process (SIGTERM) is handled by whichever "
+         "of its threads the kernel picks."),
     rule("getpid gettid", "logging records the pid, threading the native thread id; the "
-         "SIGSYS reporter addresses its own thread."),
+         "SIGSYS reporter addresses its own thread.",
+         stays="the SIGSYS reporter calls both on a violation, and a log line getpid."),
     rule("tgkill", "The SIGSYS reporter re-raises SIGSYS with SIG_DFL so the process dies "
-         "by the signal, visible to the launcher.", eq(2, "SIGSYS")),
-    rule("exit", "A thread ends."),
-    rule("exit_group", "The process ends (sys.exit, os._exit)."),
-    rule("clock_gettime", "time.time()/monotonic() where the vDSO cannot answer."),
-    rule("getrandom", "os.urandom and the seeding of new random.Random objects; kept "
-         "although no role was seen calling it after start-up."),
-    rule("sched_getaffinity", "glibc counts CPUs when a thread first needs a malloc arena; "
-         "with /sys closed to it (openat fails) it falls back to this."),
-    rule("newfstatat", "fstat of an fd the role holds (glibc's fstat is newfstatat with "
-         "AT_EMPTY_PATH): Python's mmap and file objects check it.",
-         masked(3, ["AT_EMPTY_PATH"], ["AT_EMPTY_PATH"])),
+         "by the signal, visible to the launcher.", eq(2, "SIGSYS"),
+         stays="only on a violation (tests/unit/test_seccomp_confine.py makes them)."),
+    rule("restart_syscall", "The kernel resumes a timed wait (futex, poll, nanosleep) "
+         "that a signal interrupted without running a handler in this thread: SIGTERM "
+         "taken by another thread of the process, SIGSTOP/SIGCONT. Only an already "
+         "allowed call continues.",
+         stays="only after a stop and continue (Ctrl-Z, fg) or a signal another thread "
+         "took; without it such a thread dies by SIGSYS."),
+    rule("clock_gettime", "time.time()/monotonic() where the vDSO cannot answer.",
+         stays="this host's vDSO answers; where the clocksource is one the vDSO cannot "
+         "read (L1 under TCG in the nested run) every role calls it."),
     rule("newfstatat", "stat of a path (importlib, linecache formatting a traceback) fails "
          "like open does.", masked(3, ["AT_EMPTY_PATH"], []),
-         action="SCMP_ACT_ERRNO", errno="EACCES"),
-    rule("openat open", "No file is opened once a role runs: a stray open (a lazy import, "
+         action="SCMP_ACT_ERRNO", errno="EACCES",
+         stays="what a stray stat gets instead of killing the process."),
+    rule("openat", "No file is opened once a role runs: a stray open (a lazy import, "
          "a traceback's source lines, glibc probing /sys) fails with EACCES instead of "
-         "killing the process.", action="SCMP_ACT_ERRNO", errno="EACCES"),
+         "killing the process.", action="SCMP_ACT_ERRNO", errno="EACCES",
+         stays="what a stray open gets instead of killing the process (glibc's CPU count "
+         "with many vCPUs opens /sys and /proc files)."),
+]
+
+# Roles that are processes (not the vcpu and api threads, which never end the process).
+PROCESS = [
+    rule("exit_group", "The process ends (sys.exit, os._exit)."),
+]
+
+# A thread that ends under the filter.
+THREAD_END = [
+    rule("exit", "A thread ends."),
+    rule("madvise", "glibc releases an ending thread's stack and a thread arena's free "
+         "pages."),
 ]
 
 # Roles that start threads after their filter is on; the threads run under it.
@@ -97,17 +135,26 @@ THREADS = [
          "read; ENOSYS makes it fall back to clone, whose flags are checked.",
          action="SCMP_ACT_ERRNO", errno="ENOSYS"),
     rule("set_robust_list rseq", "glibc's start of every new thread."),
+] + THREAD_END
+
+# Device backends: guest RAM arrives as a memfd at SET_MEM_TABLE and is mapped.
+GUEST_RAM = [
+    rule("newfstatat", "fstat of an fd the role holds (glibc's fstat is newfstatat with "
+         "AT_EMPTY_PATH): Python's mmap checks the memfd of guest RAM it maps.",
+         masked(3, ["AT_EMPTY_PATH"], ["AT_EMPTY_PATH"])),
 ]
 
 VCPU = [
     ioctl("KVM_RUN", "enter the guest; the run loop is C (vmm_vcpu_run) with the GIL released."),
-    ioctl("KVM_GET_REGS", "read rip for the report of an exit the VMM cannot handle."),
+    ioctl("KVM_GET_REGS", "read rip for the report of an exit the VMM cannot handle.",
+          stays="the report of an exit the VMM cannot handle, which ends the VM."),
     ioctl("KVM_IRQ_LINE", "the guest's port I/O to the UART raises or lowers its "
-          "interrupt (THRE, receive)."),
-    rule("read", "A virtio-mmio reset drains the queues' ioeventfds."),
+          "interrupt (THRE, receive).", nested=True),
+    rule("read", "A virtio-mmio reset drains the queues' ioeventfds.", nested=True),
     rule("sendto sendmsg", "virtio-mmio activation (the vCPU thread that writes DRIVER_OK) "
-         "sends vhost-user requests, the kick and call eventfds as SCM_RIGHTS."),
-    rule("recvfrom recvmsg", "vhost-user replies (REPLY_ACK, GET_VRING_BASE on reset)."),
+         "sends vhost-user requests, the kick and call eventfds as SCM_RIGHTS.", nested=True),
+    rule("recvfrom recvmsg", "vhost-user replies (REPLY_ACK, GET_VRING_BASE on reset).",
+         nested=True),
 ]
 
 API = [
@@ -115,7 +162,6 @@ API = [
     rule("recvfrom", "Read QMP commands."),
     rule("sendto", "Send QMP replies and events."),
     rule("getsockname", "Python's socket object of an accepted client asks its address."),
-    rule("shutdown", "Drop a client when the VM ends."),
     rule("tgkill", "stop/cont/quit kick the vCPU threads out of KVM_RUN (SIGUSR1).",
          eq(2, "SIGUSR1")),
 ]
@@ -124,17 +170,17 @@ VM = [
     rule("read", "The stdin pump thread reads the host terminal into the UART."),
     rule("sendmsg", "Events to the launcher over the control channel; vhost-user requests "
          "with SCM_RIGHTS (memfds of guest RAM, eventfds) to the device backends."),
-    rule("recvmsg", "The control channel from the launcher; vhost-user replies."),
     rule("sendto", "The main thread emits QMP events (SHUTDOWN) to the client; vhost-user "
          "requests without fds."),
     rule("shutdown", "Closing the api-channel listener wakes the QMP thread out of accept."),
     rule("tgkill", "Pause and stop kick the vCPU threads out of KVM_RUN (SIGUSR1).",
          eq(2, "SIGUSR1")),
-    ioctl("KVM_IRQ_LINE", "serial input raises the UART interrupt from the stdin pump thread."),
-    ioctl("KVM_IOEVENTFD", "virtio-mmio: the guest's QueueNotify write becomes an eventfd "
-          "signal that wakes the backend directly."),
-    ioctl("KVM_IRQFD", "virtio-mmio: a backend's call eventfd raises the device's interrupt."),
-    rule("eventfd2", "Kick and call eventfds of the virtio-mmio transports."),
+    ioctl("KVM_IRQ_LINE", "serial input raises the UART interrupt from the stdin pump "
+          "thread.", nested=True),
+    rule("sched_getaffinity", "glibc counts CPUs when a thread first needs a malloc arena "
+         "and there are more than 8: with /sys and /proc closed to it (openat fails) it "
+         "falls back to this. New threads start under this filter: a VM with many vCPUs "
+         "takes this path."),
     rule("prctl", "The vCPU and QMP threads name themselves (vmm-vcpuN, vmm-qmp): the names "
          "`stratovirt seccomp check` reads.", eq(0, "PR_SET_NAME")),
     rule("prctl", "libseccomp sets no_new_privs again when a thread loads its own filter.",
@@ -149,15 +195,18 @@ BLK = [
          "SCM_RIGHTS."),
     rule("recvfrom", "The payload of a vhost-user request."),
     rule("sendto", "vhost-user replies."),
-    rule("accept4", "--socket-path: accept the next frontend on the listening socket "
-         "(the launcher's disks use --fd and never accept)."),
     rule("poll", "Each ring's worker waits for its kick eventfd or its stop pipe."),
     rule("pipe2", "A ring's stop pipe, made when the frontend starts the ring."),
-    rule("preadv2 pwritev2", "Guest reads and writes: the disk to and from guest RAM, "
-         "vectored (os.preadv/os.pwritev)."),
-    rule("preadv pwritev", "The same from the C fast path (glibc's preadv/pwritev); kept "
-         "for it although the Python path uses the *2 variants."),
+    rule("preadv pwritev", "Guest reads and writes: the disk to and from guest RAM, "
+         "vectored, from the C request path (native/blkio.c)."),
     rule("fdatasync", "VIRTIO_BLK_T_FLUSH."),
+    rule("fallocate", "DISCARD, and WRITE_ZEROES that may unmap, punch a hole in an image "
+         "file (native/blkio.c).", eq(1, "FALLOC_FL_PUNCH_HOLE|FALLOC_FL_KEEP_SIZE")),
+    rule("fallocate", "WRITE_ZEROES zeroes a range of an image file without writing it.",
+         eq(1, "FALLOC_FL_ZERO_RANGE|FALLOC_FL_KEEP_SIZE")),
+    ioctl("BLKDISCARD", "DISCARD on a disk that is a block device.",
+          stays="only for a disk that is a block device (the recorded sessions use a loop "
+          "device when run as root)."),
     rule("fcntl", "Python's mmap duplicates the memfd it maps.", eq(1, "F_DUPFD_CLOEXEC")),
 ]
 
@@ -232,8 +281,11 @@ LAUNCHER = [
     rule("wait4", "Reap the vm process and the backends (os.waitpid)."),
     rule("kill", "Forward SIGTERM/SIGINT/SIGHUP to the vm process as SIGTERM.",
          eq(1, "SIGTERM")),
-    rule("kill", "Kill a backend that does not stop after the VM.", eq(1, "SIGKILL")),
+    rule("kill", "Kill a backend that does not stop after the VM.", eq(1, "SIGKILL"),
+         stays="a backend still there BACKEND_GRACE seconds after the VM ended."),
     rule("unlink", "Remove the api-channel socket and the pidfile it created."),
+    ioctl("TCGETS", "Python's termios.tcsetattr reads the attributes (tcgetattr) before "
+          "it restores them on exit."),
     ioctl("TCSETSW", "restore the terminal's attributes (tcsetattr TCSADRAIN) on exit."),
     rule("getsockname getpeername", "Python's repr of a socket it closes late (a "
          "ResourceWarning) asks the socket's addresses."),
@@ -272,7 +324,9 @@ DEFAULT_COMMENT = (
 
 def profile(role: str) -> dict:
     what, own = ROLES[role]
-    entries = BASE + own
+    stacked = any(role in threads for threads in INHERITED_BY.values())
+    entries = BASE + (THREAD_END if stacked else PROCESS) + \
+        (GUEST_RAM if role.startswith("virtio-") else []) + own
     for thread_role in INHERITED_BY.get(role, ()):
         for entry in ROLES[thread_role][1]:
             if all(not _same(entry, mine) for mine in entries):

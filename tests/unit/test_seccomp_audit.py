@@ -38,7 +38,7 @@ def test_show_names_conditions_and_why(capsys):
 
 def test_export(capsys, tmp_path):
     status, out, _ = run(capsys, "export", "virtio-blk", "--format", "pfc")
-    assert status == 0 and '"preadv2"' in out and '"fdatasync"' in out
+    assert status == 0 and '"preadv"' in out and '"fdatasync"' in out
     target = tmp_path / "blk.bpf"
     status, _, _ = run(capsys, "export", "virtio-blk", "--format", "bpf", "-o", str(target))
     assert status == 0 and target.stat().st_size > 0 and target.stat().st_size % 8 == 0

@@ -4,6 +4,7 @@ EACCES instead; /proc shows the filters; privileges are gone before the filter i
 
 import ctypes
 import fcntl
+import functools
 import os
 import signal
 import socket
@@ -117,24 +118,28 @@ def test_the_vm_may_start_threads_but_not_processes():
 
 @pytest.mark.parametrize("role", list(sandbox.ROLES))
 def test_open_fails_with_eacces_and_the_process_lives(role):
+    # fstat of an fd: only the backends, whose Python mmap of guest RAM checks the memfd.
+    check = functools.partial(_open_fails, fstat=role.startswith("virtio-"))
+
     def body(log_fd):
         if role in ("vcpu", "api"):
-            _in_thread(role, log_fd, _open_fails)
+            _in_thread(role, log_fd, check)
         else:
             sandbox.confine(role, log_fd=log_fd)
-            _open_fails()
+            check()
 
     ending = run_child(body)
     assert ending.exit_code == 0, ending
     assert ending.log == ""
 
 
-def _open_fails():
+def _open_fails(fstat: bool):
     with pytest.raises(PermissionError):
         open("/etc/hostname")
     with pytest.raises(PermissionError):
         os.stat("/etc/hostname")
-    os.fstat(1)
+    if fstat:
+        os.fstat(1)
 
 
 def _confined_child(role: str, seccomp: bool = True):

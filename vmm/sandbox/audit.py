@@ -7,11 +7,15 @@ as the kernel sees them.
     diff ROLE1 ROLE2     rules only in one of them (exit status 1 if any, like diff)
     check PID            every thread and descendant of PID: role, seccomp mode, filter
                          count; exit status 1 if any is unfiltered
+    usage [--trace FILE] [--results JSON] [--json OUT] [-- COMMAND...]
+                         what each role's threads called under their filters (strace),
+                         and the entries nothing used; exit status 1 on a violation
 
 Errors are one line on stderr (exit status 2), never a traceback.
 """
 
 import errno as errno_names
+import json
 import re
 import sys
 import textwrap
@@ -141,6 +145,49 @@ def check(pid):
     if unfiltered:
         click.echo(f"{unfiltered} of {len(rows)} threads run without a seccomp filter", err=True)
         raise click.exceptions.Exit(EXIT_UNFILTERED)
+
+
+@seccomp.command(context_settings={"ignore_unknown_options": True})
+@click.option("--trace", "traces", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Read this strace -f -Y -X verbose output instead of running a command.")
+@click.option("--results", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Add the results of an earlier run (its --json file).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, writable=True),
+              help="Also write the results as JSON here (- for standard output, no text).")
+@click.option("--keep-trace", type=click.Path(dir_okay=False, writable=True),
+              help="Keep the strace output of COMMAND here.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def usage(traces, results, json_out, keep_trace, command):
+    """Run COMMAND (a VM, or a script that runs VMs) under strace, or read --trace files,
+    and show per role the syscalls its threads made under its filter and the entries
+    of its profile that nothing used (docs/seccomp.md, "Minimality")."""
+    from . import usage as recorder
+    if not (traces or results or command):
+        raise click.UsageError("give a COMMAND, --trace or --results")
+    total = recorder.Usage()
+    try:
+        for path in results:
+            total.merge(recorder.load_json(path))
+        for path in traces:
+            with open(path, errors="replace") as trace:
+                total.merge(recorder.analyze(trace, label=path))
+        if command:
+            status, recorded = recorder.record(list(command), keep_trace)
+            total.merge(recorded)
+            if status:
+                click.echo(f"stratovirt seccomp usage: {command[0]} exited with status "
+                           f"{status}", err=True)
+    except recorder.UsageError as error:
+        raise click.ClickException(str(error)) from None
+    if json_out:
+        text = json.dumps(total.to_json(), indent=1, sort_keys=True)
+        if json_out == "-":
+            click.echo(text)
+        else:
+            Path(json_out).write_text(text + "\n")
+    if json_out != "-":
+        click.echo(recorder.report(total, {role: load(role) for role in roles()}))
+    raise click.exceptions.Exit(EXIT_DIFFERENT if total.violations else 0)
 
 
 def role_of(name: str, process_name: str, is_root: bool) -> str:

@@ -9,8 +9,9 @@ from .._sigsys import lib
 
 # Which family of names an argument of a syscall is drawn from (syscall, index) -> prefixes.
 _ARG_FAMILIES = {
-    ("ioctl", 1): ("KVM_", "TC", "FIO", "TUN"),
+    ("ioctl", 1): ("KVM_", "TC", "FIO", "TUN", "BLK"),
     ("fcntl", 1): ("F_",),
+    ("fallocate", 1): ("FALLOC_FL_",),
     ("mmap", 2): ("PROT_",),
     ("mprotect", 2): ("PROT_",),
     ("clone", 0): ("CLONE_",),
@@ -43,7 +44,7 @@ def names_for(syscall: str, index: int, number: int) -> str | None:
     exact = sorted(name for name, v in family.items() if v == number)
     if exact:
         return exact[0]
-    if prefixes in (("PROT_",), ("CLONE_",)) and number:
+    if prefixes in (("PROT_",), ("CLONE_",), ("FALLOC_FL_",)) and number:
         bits = [name for name, v in sorted(family.items(), key=lambda kv: kv[1])
                 if v and v & (v - 1) == 0 and number & v]
         if sum(family[b] for b in bits) == number:

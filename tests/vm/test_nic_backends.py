@@ -9,6 +9,8 @@ QEMU in tests/interop; the tiny guest does not touch virtio.)"""
 
 import os
 import secrets
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -92,6 +94,16 @@ def test_one_backend_process_per_nic_holding_only_its_tap(ns, tmp_path, tiny_gue
             [tun] = [fd for fd, target in held.items() if target == "/dev/net/tun"]
             tap = "tap0" if name.endswith("n0") else "tap1"
             assert f"iff:\t{tap}\n" in Path(f"/proc/{pid}/fdinfo/{tun}").read_text()
+
+        # The auditor sees every thread of the NIC backends filtered, as virtio-net.
+        check = subprocess.run([sys.executable, "-m", "vmm", "seccomp", "check",
+                                str(vm.process.pid)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr
+        rows = [line.split() for line in check.stdout.splitlines()[1:]]
+        backends = [str(pid) for pid, name in names.items() if name.startswith("vmm-net-")]
+        net_rows = [row for row in rows if row[0] in backends]        # all their threads
+        assert {"vmm-net-n0", "vmm-net-n1"} <= {row[2] for row in net_rows}
+        assert all(row[3] == "virtio-net" and row[4] == "filter" for row in net_rows), rows
 
         async def steps(qmp, events):
             await qmp.execute("quit")

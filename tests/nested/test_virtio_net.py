@@ -79,3 +79,10 @@ def test_a_tap_that_does_not_exist_is_one_line_and_leaves_nothing(checks):
                                  "mode tap)\n")
     assert not missing["api_left"] and missing["backends_left"] == {}
     assert not missing["created"]
+
+
+def test_an_empty_nic_slot_is_a_nic_without_carrier(checks):
+    empty = _one(checks, "empty_slot")
+    assert empty["driver"] == "virtio_net" and empty["carrier"] == "0"
+    assert empty["ping_empty"] != 0 and empty["ping0"] == 0
+    assert empty["status"] == 0

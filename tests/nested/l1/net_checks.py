@@ -159,6 +159,29 @@ def generated_mac() -> None:
     report("generated_mac", mac=format_mac(nic_mac(Nic("net1", "tap1", None), DEFAULT_NAME)))
 
 
+def empty_slot() -> None:
+    """One -netdev: slot 7 is an empty NIC slot, which L2 sees as eth1 with no carrier;
+    bringing it up and sending on it changes nothing for eth0."""
+    vm = Vm(["stratovirt", "-kernel", "/l2/vmlinuz", "-initrd", "/l2/initrd.img",
+             "-append", APPEND, "-m", "256M", "-serial", "stdio",
+             "-api-channel", "unix:/tmp/empty.sock", "-netdev", "id=net0,netdev=tap0"],
+            timeout=900)
+    try:
+        vm.expect("initramfs: ready")
+        driver = shell(vm, "busybox basename "
+                           "$(busybox readlink /sys/class/net/eth1/device/driver)", "DRV")[0]
+        shell(vm, "ip link set eth1 up && ip addr add 10.9.9.2/24 dev eth1", "UP1")
+        carrier = shell(vm, "cat /sys/class/net/eth1/carrier", "CARRIER")[0]
+        ping_empty = shell(vm, "ping -c 2 -W 3 10.9.9.1", "PINGE")[1]
+        shell(vm, "ip link set eth0 up && ip addr add 10.0.0.2/24 dev eth0", "UP0")
+        ping0 = shell(vm, "ping -c 2 -W 10 10.0.0.1", "PING0")[1]
+        vm.send("poweroff -f\n")
+        report("empty_slot", driver=driver.split()[-1], carrier=carrier.split()[-1],
+               ping_empty=ping_empty, ping0=ping0, status=vm.wait())
+    finally:
+        vm.kill()
+
+
 def missing_tap() -> None:
     """A tap that does not exist: one line, exit 1, nothing left (socket, processes,
     no tap created)."""
@@ -175,7 +198,7 @@ def missing_tap() -> None:
 if __name__ == "__main__":
     make_taps()
     failed = 0
-    for check in (generated_mac, missing_tap, two_nics):
+    for check in (generated_mac, missing_tap, empty_slot, two_nics):
         try:
             check()
         except (Timeout, OSError, subprocess.SubprocessError) as error:

@@ -149,6 +149,8 @@ def test_check_fails_for_unfiltered_threads(capsys):
     ("vmm-vm", "vmm-vm", False, "vm"), ("vmm-blk-rootfs", "vmm-blk-rootfs", False, "virtio-blk"),
     ("vring0", "vmm-blk-rootfs", False, "virtio-blk"), ("python", "python", True, "launcher"),
     ("kvm-nx-lpage-re", "vmm-vm", False, "kvm-worker"), ("bash", "bash", False, "?"),
+    ("vmm-con-con0", "vmm-con-con0", False, "virtio-console"),
+    ("vmm-vsock-vs0", "vmm-vsock-vs0", False, "virtio-vsock"),
 ])
 def test_roles_from_names(name, process, root, role):
     assert audit.role_of(name, process, root) == role

@@ -11,6 +11,8 @@ touch virtio.)"""
 import os
 import socket
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -66,6 +68,16 @@ def test_console_and_vsock_backends(tmp_path, tiny_guest):
             assert not any(t.endswith((".img", "/dev/kvm")) for t in targets)
             status = Path(f"/proc/{pid}/status").read_text()
             assert "\nCapEff:\t0000000000000000\n" in status and "\nNoNewPrivs:\t1\n" in status
+
+        # The auditor names both roles and finds every thread filtered.
+        check = subprocess.run([sys.executable, "-m", "vmm", "seccomp", "check",
+                                str(vm.process.pid)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr
+        rows = [line.split() for line in check.stdout.splitlines()[1:]]
+        roles = {row[2]: row[3] for row in rows}
+        assert roles["vmm-con-c0"] == "virtio-console"
+        assert roles["vmm-vsock-v0"] == "virtio-vsock"
+        assert all(row[4] == "filter" for row in rows if row[3] != "kvm-worker"), check.stdout
 
         first = socket.socket(socket.AF_UNIX)
         first.connect(str(console))

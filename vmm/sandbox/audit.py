@@ -205,6 +205,10 @@ def role_of(name: str, process_name: str, is_root: bool) -> str:
             return "virtio-blk"
         if candidate.startswith("vmm-net-"):
             return "virtio-net"
+        if candidate.startswith("vmm-con-"):
+            return "virtio-console"
+        if candidate.startswith("vmm-vsock-"):
+            return "virtio-vsock"
     return "launcher" if is_root else "?"
 
 

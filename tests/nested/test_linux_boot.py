@@ -39,7 +39,9 @@ def test_boots_to_init_with_smp_memory_and_serial_both_ways(checks):
 def test_seed_example_runs_as_written(checks):
     [seed] = checks.get("seed", [None])
     assert seed, checks["console"][-3000:]
-    assert seed["cmdline"] == "console=ttyS0 root=/dev/vda rw reboot=k panic=1"
+    slots = " ".join(f"virtio_mmio.device=4K@0x{0xd0000000 + i * 0x1000:x}:{5 + i}"
+                     for i in range(8))
+    assert seed["cmdline"] == f"console=ttyS0 root=/dev/vda rw reboot=k panic=1 {slots}"
     # Without an initramfs, Debian's kernel cannot load virtio_blk (a module): it panics
     # without a root disk, and panic=1 + reboot=k end the VM cleanly through the i8042.
     # The example with the initramfs, root disk and all: tests/nested/test_virtio_blk.py.

@@ -40,8 +40,24 @@ def spawn(tmp_path, tiny_guest, disks) -> Microvm:
 
 
 def fd_targets(pid: int) -> list[str]:
-    fds = Path(f"/proc/{pid}/fd")
-    return sorted(os.readlink(fd) for fd in fds.iterdir())
+    """What the process holds, once two readings agree: a backend may be closing a
+    short-lived fd (a ring worker's stop pipe) while we read."""
+    def read() -> list[str]:
+        targets = []
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                targets.append(os.readlink(fd))
+            except FileNotFoundError:
+                pass
+        return sorted(targets)
+    previous = read()
+    for _ in range(50):
+        time.sleep(0.05)
+        current = read()
+        if current == previous:
+            return current
+        previous = current
+    return previous
 
 
 def quit_vm(vm: Microvm) -> tuple[int, str, str]:

@@ -36,7 +36,8 @@ def _inet_socket():
 VIOLATIONS = {"execve": (_execve, 59), "ptrace": (_ptrace, 101), "socket": (_inet_socket, 41)}
 
 
-@pytest.mark.parametrize("role", ["launcher", "vm", "virtio-blk"])
+@pytest.mark.parametrize("role", ["launcher", "vm", "virtio-blk", "virtio-net",
+                                  "virtio-console", "virtio-vsock"])
 @pytest.mark.parametrize("call", list(VIOLATIONS))
 def test_a_process_role_dies_by_sigsys_and_names_role_and_syscall(role, call):
     action, number = VIOLATIONS[call]

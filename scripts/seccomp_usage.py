@@ -89,6 +89,8 @@ def main() -> int:
     parser.add_argument("--session", action="append", choices=sessions.HOST_SESSIONS,
                         help="only these host sessions (repeatable)")
     parser.add_argument("--nested", action="store_true", help="also the nested run")
+    parser.add_argument("--nested-script", action="append", choices=sessions.NESTED_SCRIPTS,
+                        help="only these L1 scripts in the nested run (repeatable)")
     parser.add_argument("--results", action="append", default=[],
                         help="merge these earlier results (JSON)")
     parser.add_argument("--json", help="write the merged results here")
@@ -108,7 +110,8 @@ def main() -> int:
             subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d",
                             tmp, "qemu.qmp"], check=True)
             [wheel] = Path(tmp).glob("qemu_qmp-*.whl")
-            nested, _ = sessions.record_nested(rig, wheel)
+            nested, _ = sessions.record_nested(rig, wheel,
+                                               args.nested_script or sessions.NESTED_SCRIPTS)
         total.merge(nested)
     if args.json:
         Path(args.json).write_text(json.dumps(total.to_json(), indent=1, sort_keys=True) + "\n")

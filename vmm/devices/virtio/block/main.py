@@ -9,18 +9,14 @@ from the launcher; --print-capabilities; SIGTERM ends it and removes the socket.
 import json
 import logging
 import os
-import signal
 import socket
-import sys
 
 import click
 
 from .... import sandbox
-from ....vhost_user.backend import Backend
-from ....vhost_user.protocol import Connection, ProtocolError
+from .. import program
 from .device import BlockDevice
 
-log = logging.getLogger(__name__)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -46,22 +42,8 @@ def main(socket_path, fd, print_capabilities, blk_file, read_only, direct, seria
     except OSError as error:
         raise click.ClickException(f"--blk-file: {blk_file}: {error.strerror}") from None
     device = BlockDevice(disk, read_only, direct, serial)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    if fd is not None:
-        _serve(device, socket.socket(fileno=fd))
-        return
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        listener.bind(socket_path)
-    except OSError as error:
-        raise click.ClickException(f"--socket-path: {socket_path}: {error.strerror}") from None
-    try:
-        listener.listen(1)
-        while True:
-            client, _ = listener.accept()
-            _serve(device, client)
-    finally:
-        os.unlink(socket_path)
+    program.exit_on_sigterm()
+    program.serve(device, socket_path, fd)
 
 
 def serve_disk(disk_fd: int, sock: socket.socket, read_only: bool, direct: bool,
@@ -69,17 +51,9 @@ def serve_disk(disk_fd: int, sock: socket.socket, read_only: bool, direct: bool,
     """The launcher's entry into a disk's backend process (forked, see vmm/children.py):
     the disk is already open with the right flags, the socket already connected. The
     process is confined before it reads a byte from the vm process or the guest."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    program.exit_on_sigterm()
     device = BlockDevice(disk_fd, read_only, direct, serial)
     sandbox.confine("virtio-blk", seccomp=seccomp)
-    _serve(device, sock)
+    program.serve_connection(device, sock)
     return 0
 
-
-def _serve(device: BlockDevice, client: socket.socket) -> None:
-    try:
-        Backend(device, Connection(client)).serve()
-    except (ProtocolError, OSError) as error:
-        log.error("frontend connection ended: %s", error)
-    finally:
-        client.close()

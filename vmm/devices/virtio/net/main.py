@@ -10,15 +10,12 @@ name (--tap, which must exist: it is not created) or inherited (--tap-fd).
 import json
 import logging
 import os
-import signal
 import socket
-import sys
 
 import click
 
 from .... import sandbox
-from ....vhost_user.backend import Backend
-from ....vhost_user.protocol import Connection, ProtocolError
+from .. import program
 from . import tap as T
 from .device import NetDevice, format_mac, generated_mac, parse_mac
 
@@ -55,22 +52,8 @@ def main(socket_path, fd, print_capabilities, tap_name, tap_fd, mac):
     except (T.TapError, OSError) as error:
         raise click.ClickException(str(error)) from None
     log.info("tap %s, MAC %s", name, format_mac(device.mac))
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    if fd is not None:
-        _serve(device, socket.socket(fileno=fd))
-        return
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        listener.bind(socket_path)
-    except OSError as error:
-        raise click.ClickException(f"--socket-path: {socket_path}: {error.strerror}") from None
-    try:
-        listener.listen(1)
-        while True:
-            client, _ = listener.accept()
-            _serve(device, client)
-    finally:
-        os.unlink(socket_path)
+    program.exit_on_sigterm()
+    program.serve(device, socket_path, fd)
 
 
 def _mtu(name: str) -> int | None:
@@ -93,17 +76,9 @@ def serve_nic(tap_fd: int, sock: socket.socket, mac: bytes, mtu: int | None,
     """The launcher's entry into a NIC's backend process (forked, see vmm/children.py):
     the tap is already open, the socket already connected. The process is confined
     (the virtio-net profile) before it reads a byte from the vm process or the guest."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    program.exit_on_sigterm()
     device = NetDevice(tap_fd, mac, mtu)
     sandbox.confine("virtio-net", seccomp=seccomp)
-    _serve(device, sock)
+    program.serve_connection(device, sock)
     return 0
 
-
-def _serve(device: NetDevice, client: socket.socket) -> None:
-    try:
-        Backend(device, Connection(client)).serve()
-    except (ProtocolError, OSError) as error:
-        log.error("frontend connection ended: %s", error)
-    finally:
-        client.close()

@@ -19,20 +19,19 @@ import struct
 
 from ...machine.memory import GuestMemory
 from ...virtio.queue import QueueBroken, Virtqueue
+from .block.attach import QUEUE_SIZE, VIRTIO_ID_BLOCK
+from .block.device import CONFIG_SIZE as BLK_CONFIG_SIZE, VIRTIO_BLK_F_RO
+from .block.request import S_IOERR, S_OK, S_UNSUPP, T_FLUSH, T_GET_ID, T_IN, T_OUT
+from .net.device import QUEUE_SIZE as NET_QUEUE_SIZE
 from .mmio import VIRTIO_F_VERSION_1, DeviceError, Interrupt, QueueSetup, config_bytes
 
 log = logging.getLogger(__name__)
 
-VIRTIO_ID_NET, VIRTIO_ID_BLOCK = 1, 2
+VIRTIO_ID_NET = 1
 VIRTIO_NET_F_STATUS = 1 << 16
 NET_CONFIG_SIZE = 12            # mac, status (0: link down), max_virtqueue_pairs, mtu
 NET_RX, NET_TX = 0, 1
-VIRTIO_BLK_F_RO = 1 << 5
-BLK_CONFIG_SIZE = 60
-T_IN, T_OUT, T_FLUSH, T_GET_ID = 0, 1, 4, 8
-S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
-HEADER = struct.Struct("<IIQ")
-QUEUE_SIZE = 256
+HEADER = struct.Struct("<IIQ")            # struct virtio_blk_outhdr: type, ioprio, sector
 
 
 class Placeholder:
@@ -121,7 +120,7 @@ class EmptyDisk:
 class EmptyNic:
     device_id = VIRTIO_ID_NET
     features = VIRTIO_F_VERSION_1 | VIRTIO_NET_F_STATUS      # no MAC: the guest picks one
-    queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)                   # receive, transmit
+    queue_sizes = (NET_QUEUE_SIZE, NET_QUEUE_SIZE)           # receive, transmit
     uses_ioeventfd = False
 
     def __init__(self, memory: GuestMemory):

@@ -7,10 +7,10 @@ from ....config.model import Drive
 from ....machine.memory import GuestMemory
 from ..attach import Attached, AttachError, Slot, spawn_backend
 from . import main
+from .device import CONFIG_SIZE
 
 VIRTIO_ID_BLOCK = 2
 QUEUE_SIZE = 256            # QEMU's default for virtio-blk
-CONFIG_SIZE = 60            # struct virtio_blk_config up to write_zeroes_may_unmap
 
 
 def attach(drive: Drive, index: int, memory: GuestMemory, seccomp: bool) -> Attached:

@@ -41,6 +41,7 @@ I8042_DATA_PORT = 0x60
 I8042_COMMAND_PORT = 0x64
 RTC_PORT = 0x70
 ACPI_SLEEP_PORT = 0x3C0          # sleep control (0x3C0) and status (0x3C1) registers
+POWER_BUTTON_GSI = 16            # the ACPI GED's interrupt: IOAPIC pin 16, above ISA's 0..15
 
 
 # virtio-mmio slots (StratoVirt's): 6 disks, then 2 NICs, then the other devices.

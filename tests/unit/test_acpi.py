@@ -106,3 +106,78 @@ def test_virtio_mmio_cmdline_words():
     assert cmdline_devices(11).split()[-1] == "virtio_mmio.device=4K@0xd000a000:15"
     with pytest.raises(ValueError):
         cmdline_devices(12)
+
+
+def test_fadt_says_the_power_button_is_a_control_method_one(tmp_path):
+    # FADT PWR_BUTTON set means "no fixed-feature power button": the button is \_SB.PWRB.
+    text = disassemble(tmp_path, "facp", by_signature()[b"FACP"][1])
+    assert re.search(r"Control Method Power Button \(V1\) : 1", text)
+
+
+def dsdt_of_the_machine(slots: int = layout.BLK_SLOTS + layout.NET_SLOTS) -> bytes:
+    """The DSDT as the loader builds it."""
+    return tables.dsdt(tables.legacy_devices(serial=True) + tables.power_button_devices()
+                       + tables.virtio_mmio_devices(slots))
+
+
+def test_power_button_and_its_generic_event_device_in_the_dsdt(tmp_path):
+    gsi = layout.POWER_BUTTON_GSI
+    text = disassemble(tmp_path, "dsdt", dsdt_of_the_machine())
+    devices = dict(re.findall(r"\n        Device \((\w+)\)\n        \{(.*?)\n        \}", text,
+                              re.S))
+    button, ged = devices["PWRB"], devices["GED"]
+    assert 'Name (_HID, EisaId ("PNP0C0C")' in button
+    assert 'Name (_HID, "ACPI0013"' in ged
+    assert re.search(r"Interrupt \(ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, \)"
+                     r"\s+\{\s+0x%08X,\s+\}" % gsi, ged), ged
+    evt = re.search(r"Method \(_EVT, 1, NotSerialized\).*", ged, re.S)
+    assert evt, ged
+    assert re.search(r"If \(\(Arg0 == 0x%02X\)\)\s+\{\s+Notify \(\\_SB\.PWRB, 0x80\)" % gsi,
+                     evt[0]), evt[0]
+    # No other device in the DSDT has the GED's interrupt.
+    interrupts = [int(x, 16) for x in re.findall(r"Interrupt \([^)]*\)\s+\{\s+0x([0-9A-F]+),",
+                                                 text)]
+    interrupts += [int(x) for x in re.findall(r"IRQNoFlags \(\)\s+\{(\d+)\}", text)]
+    assert interrupts.count(gsi) == 1 and len(interrupts) == 1 + 8 + 1
+
+
+def test_dsdt_recompiles_to_the_same_bytes(tmp_path):
+    """ACPICA's compiler, fed its own disassembly with optimizations off (-oa), writes
+    exactly our AML: every term (Method, If, LEqual, Notify, Arg0, names, resources)
+    was encoded as the spec reads."""
+    data = dsdt_of_the_machine()
+    disassemble(tmp_path, "dsdt", data)
+    result = subprocess.run(["iasl", "-oa", "-p", "again", "dsdt.dsl"], capture_output=True,
+                            text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    again = (tmp_path / "again.aml").read_bytes()
+    header = tables.HEADER.size           # the compiler writes its own ids and checksum
+    assert again[header:] == data[header:]
+
+
+def test_aml_terms():
+    assert aml.method("_EVT", 1, serialized=True) == b"\x14\x06_EVT\x09"
+    assert aml.if_(aml.lequal(aml.arg(0), aml.integer(16))) == b"\xa0\x05\x93\x68\x0a\x10"
+    assert aml.notify("\\_SB.PWRB", 0x80) == b"\x86\\\x2e_SB_PWRB\x0a\x80"
+    with pytest.raises(ValueError):
+        aml.arg(7)
+
+
+def test_the_loader_writes_that_dsdt(tmp_path):
+    """RSDP -> XSDT -> FADT -> X_DSDT in guest RAM: the loader's DSDT is the one above,
+    power button included."""
+    from tests.framework.guest import tiny_guest
+    from vmm.boot.loader import load
+    from vmm.config import parse
+    from vmm.machine.memory import GuestMemory, create_memfd
+    config = parse(["-kernel", str(tiny_guest()), "-api-channel", f"unix:{tmp_path}/api.sock",
+                    "-serial", "stdio"]).config
+    memory = GuestMemory(create_memfd(config.machine.mem_size), config.machine.mem_size)
+    load(config, memory)
+
+    def u(address, fmt):
+        return struct.unpack(fmt, memory.read(address, struct.calcsize(fmt)))[0]
+
+    fadt = u(u(layout.ACPI_ADDR + 24, "<Q") + 36, "<Q")
+    dsdt = u(fadt + 140, "<Q")
+    assert memory.read(dsdt, u(dsdt + 4, "<I")) == dsdt_of_the_machine()

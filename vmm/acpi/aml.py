@@ -12,6 +12,8 @@ STRING_PREFIX = 0x0D
 NAME_OP, SCOPE_OP, BUFFER_OP, PACKAGE_OP = 0x08, 0x10, 0x11, 0x12
 EXT_OP_PREFIX, DEVICE_OP = 0x5B, 0x82
 ROOT_CHAR, DUAL_NAME_PREFIX, MULTI_NAME_PREFIX = 0x5C, 0x2E, 0x2F
+METHOD_OP, IF_OP, LEQUAL_OP, NOTIFY_OP = 0x14, 0xA0, 0x93, 0x86
+ARG0_OP = 0x68                   # Arg0..Arg6 are 0x68..0x6E
 
 
 def pkg_length(body_length: int) -> bytes:
@@ -89,6 +91,37 @@ def scope(path: str, *terms: bytes) -> bytes:
 def device(path: str, *terms: bytes) -> bytes:
     body = name_string(path) + b"".join(terms)
     return bytes([EXT_OP_PREFIX, DEVICE_OP]) + pkg_length(len(body)) + body
+
+
+def method(path: str, arg_count: int, *terms: bytes, serialized: bool = False) -> bytes:
+    """DefMethod: MethodFlags are ArgCount (bits 0-2), SerializeFlag (bit 3), SyncLevel 0."""
+    if not 0 <= arg_count <= 7:
+        raise ValueError(f"a method takes 0..7 arguments, not {arg_count}")
+    flags = arg_count | (0x08 if serialized else 0)
+    body = name_string(path) + bytes([flags]) + b"".join(terms)
+    return bytes([METHOD_OP]) + pkg_length(len(body)) + body
+
+
+def if_(predicate: bytes, *terms: bytes) -> bytes:
+    """DefIfElse without an Else: If (predicate) { terms }."""
+    body = predicate + b"".join(terms)
+    return bytes([IF_OP]) + pkg_length(len(body)) + body
+
+
+def lequal(left: bytes, right: bytes) -> bytes:
+    return bytes([LEQUAL_OP]) + left + right
+
+
+def arg(index: int) -> bytes:
+    """ArgObj: a method's argument Arg0..Arg6."""
+    if not 0 <= index <= 6:
+        raise ValueError(f"Arg{index}: methods have Arg0..Arg6")
+    return bytes([ARG0_OP + index])
+
+
+def notify(path: str, value: int) -> bytes:
+    """DefNotify: Notify (path, value), path naming a device (a SuperName)."""
+    return bytes([NOTIFY_OP]) + name_string(path) + integer(value)
 
 
 # Resource descriptors (ACPI 6.5, section 6.4), for _CRS buffers.

@@ -4,7 +4,8 @@ Layout: everything lives in the legacy BIOS area from ACPI_ADDR (0xE0000), where
 BIOS-booted kernel scans for the RSDP; boot_params.acpi_rsdp_addr points there too.
 Hardware-reduced ACPI: no PM timer, no SCI, no GPEs. Reset goes through the FADT reset
 register (the i8042's 0xFE), power-off through the sleep control register (port 0x3C0),
-both of which end the VM.
+both of which end the VM. The power button is a control-method one (PNP0C0C), notified
+by a Generic Event Device (ACPI0013) on its own interrupt, the hardware-reduced way.
 """
 
 import struct
@@ -17,7 +18,9 @@ OEM_TABLE_ID = b"MICROVM "
 CREATOR_ID = b"SVPY"
 HEADER = struct.Struct("<4sIBB6s8sI4sI")
 
-# FADT flags and boot architecture flags.
+# FADT flags and boot architecture flags. PWR_BUTTON and SLP_BUTTON set mean "no
+# fixed-feature button" (there is no PM1 event block to hold one): the power button is
+# the control-method device \_SB.PWRB in the DSDT instead, and there is no sleep button.
 FADT_PWR_BUTTON, FADT_SLP_BUTTON = 1 << 4, 1 << 5
 FADT_RESET_REG_SUP, FADT_HEADLESS, FADT_HW_REDUCED_ACPI = 1 << 10, 1 << 12, 1 << 20
 IAPC_VGA_NOT_PRESENT = 1 << 2
@@ -107,6 +110,31 @@ def virtio_mmio_devices(slots: int) -> bytes:
                                   aml.memory32_fixed(base, layout.VIRTIO_MMIO_SIZE),
                                   aml.interrupt(irq))))
     return devices
+
+
+POWER_BUTTON_NOTIFY = 0x80       # a power button's "pressed" (ACPI, device object notifications)
+
+
+def power_button_devices(gsi: int = layout.POWER_BUTTON_GSI) -> bytes:
+    """A control-method power button (PNP0C0C, \\_SB.PWRB) and the Generic Event Device
+    (ACPI0013, \\_SB.GED) that reports its presses, as QEMU's microvm has them (ACPI
+    6.5, "Generic Event Device", "Control Method Power Button").
+
+    The GED's _CRS holds one interrupt, `gsi`, edge-triggered and active high: the VMM
+    pulses the line, and Linux programs the IOAPIC pin from this descriptor (above the
+    ISA range it would otherwise assume level, active low). On that interrupt Linux's
+    GED driver (drivers/acpi/evged.c, built in) runs _EVT with the GSI as Arg0, which
+    notifies PWRB with 0x80; the button driver (button.ko) then reports KEY_POWER on its
+    input device "Power Button"."""
+    button = aml.device("PWRB", aml.name("_HID", aml.eisa_id("PNP0C0C")),
+                        aml.name("_UID", aml.integer(0)))
+    ged = aml.device("GED", aml.name("_HID", aml.string("ACPI0013")),
+                     aml.name("_UID", aml.integer(0)),
+                     aml.name("_CRS", aml.resource_template(aml.interrupt(gsi))),
+                     aml.method("_EVT", 1,
+                                aml.if_(aml.lequal(aml.arg(0), aml.integer(gsi)),
+                                        aml.notify("\\_SB.PWRB", POWER_BUTTON_NOTIFY))))
+    return button + ged
 
 
 def dsdt(devices: bytes) -> bytes:

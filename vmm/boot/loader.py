@@ -46,7 +46,7 @@ def load(config: MachineConfig, memory: GuestMemory) -> BootEntry:
     vcpus = config.machine.vcpus
     memory.write(layout.EBDA_ADDR, mptable.mp_table(vcpus))
     devices = acpi_tables.legacy_devices(serial=config.serial_stdio) + \
-        acpi_tables.virtio_mmio_devices(slots)
+        acpi_tables.power_button_devices() + acpi_tables.virtio_mmio_devices(slots)
     for address, data in acpi_tables.build(vcpus, layout.ioapic_id(vcpus), devices):
         memory.write(address, data)
     for address, table in longmode.page_tables():

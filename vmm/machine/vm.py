@@ -13,6 +13,7 @@ from ..boot.loader import BootEntry
 from ..config.model import MachineConfig
 from ..devices.legacy.acpi_sleep import AcpiSleep
 from ..devices.legacy.i8042 import I8042
+from ..devices.legacy.power_button import PowerButton
 from ..devices.legacy.rtc import Rtc
 from ..devices.legacy.serial import Serial
 from ..devices.virtio import discovery
@@ -67,6 +68,7 @@ class Machine:
         self.pio.register(layout.RTC_PORT, 2, Rtc())
         self.pio.register(layout.ACPI_SLEEP_PORT, 2,
                           AcpiSleep(lambda: self.shutdown("guest-shutdown", guest=True)))
+        self.power_button = PowerButton(vm.irq_line)
         self.transports = self._virtio_slots(dict(devices))
 
         supported = kvm.supported_cpuid()
@@ -152,6 +154,14 @@ class Machine:
             self._outcome = Shutdown(reason, guest, status)
         log.info("shutdown: %s", reason)
         self._done.set()
+
+    def press_power_button(self) -> None:
+        """Press the guest's ACPI power button (for QMP system_powerdown). It asks, it
+        does not force: a guest that handles the button (Linux's button driver and a
+        daemon such as acpid running poweroff) shuts down its own way, and its S5 write
+        then ends the VM with guest-shutdown and status 0; a guest that ignores the
+        button, or has not bound its drivers yet, keeps running."""
+        self.power_button.press()
 
     def fail(self, message: str, reason: str = "guest-panic") -> None:
         log.error("%s", message)

@@ -2,9 +2,11 @@
 # Builds a Linux guest from Debian's own packages into assets/ (not committed):
 #   assets/vmlinuz       Debian's cloud kernel (bzImage)
 #   assets/vmlinux       the same kernel as an ELF vmlinux, extracted from the bzImage
-#   assets/initrd.img    busybox initramfs that loads the virtio modules, then mounts
-#                        root= (rw if asked) and switches to it, or else runs a shell
-#   assets/rootfs.ext4   a small ext4 root filesystem with busybox
+#   assets/initrd.img    busybox initramfs that loads the virtio modules (and evdev and
+#                        button, for the ACPI power button), then mounts root= (rw if
+#                        asked) and switches to it, or else runs a shell
+#   assets/rootfs.ext4   a small ext4 root filesystem with busybox; its acpid powers the
+#                        guest off cleanly when the ACPI power button is pressed
 # Safe to run again: it rebuilds only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,8 +45,11 @@ if [ ! -s "$out/vmlinuz" ] || [ ! -s "$out/initrd.img" ]; then
         ln -s busybox "$root/bin/$tool"
     done
     # Virtio is built as modules in the cloud kernel; this order satisfies their depends=.
+    # evdev (/dev/input/event*) and button (the PNP0C0C power button, which the VMM's ACPI
+    # GED notifies; docs/machine.md) are modules too, depending on nothing.
     modules="virtio_ring virtio virtio_mmio virtio_blk failover net_failover virtio_net
-             virtio_console vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport"
+             virtio_console vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport
+             evdev button"
     for module in $modules; do
         found=$(find "$work/k/lib/modules" -name "$module.ko*" | head -n 1)
         if [ -n "$found" ]; then cp "$found" "$root/lib/modules/"; fi
@@ -105,16 +110,26 @@ if [ ! -s "$out/rootfs.ext4" ]; then
     mkdir -p "$rootfs"/{bin,sbin,etc,dev,proc,sys,tmp,root}
     cp "$busybox" "$rootfs/bin/busybox"
     for tool in sh mount umount ls cat echo sync poweroff reboot mkdir dd md5sum rm touch \
-            grep head sleep uname cmp tr od; do
+            grep head sleep uname cmp tr od acpid; do
         ln -s busybox "$rootfs/bin/$tool"
     done
     ln -s ../bin/busybox "$rootfs/sbin/init"
     printf 'root::0:0:root:/root:/bin/sh\n' > "$rootfs/etc/passwd"
-    # busybox init: mount what a shell needs, say so, then a shell on the console.
+    # The power button: busybox acpid reads every /dev/input/event* and maps KEY_POWER to
+    # the action PWRF/00000080, which it runs from its directory (/etc/acpi) as
+    # ./PWRF/00000080: a program if that is a file, run-parts if a directory. poweroff
+    # asks init (SIGUSR2) for its shutdown (::shutdown, then every process TERMed and
+    # KILLed) and then the kernel's power-off: the ACPI S5 write that ends the VM.
+    mkdir -p "$rootfs/etc/acpi/PWRF"
+    printf '#!/bin/sh\nexec /bin/poweroff\n' > "$rootfs/etc/acpi/PWRF/00000080"
+    chmod 755 "$rootfs/etc/acpi/PWRF/00000080"
+    # busybox init: mount what a shell needs, start acpid (a daemon; its log, one line an
+    # event, on the console: there is no /var/log), say so, then a shell on the console.
     cat > "$rootfs/etc/inittab" <<'INITTAB'
 ::sysinit:/bin/mount -t proc proc /proc
 ::sysinit:/bin/mount -t sysfs sysfs /sys
 ::sysinit:/bin/mount -t devtmpfs devtmpfs /dev
+::sysinit:/bin/acpid -l /dev/console
 ::sysinit:/bin/echo "rootfs: ready"
 ::respawn:-/bin/sh
 ::shutdown:/bin/umount -a -r

@@ -159,11 +159,22 @@ VCPU = [
 
 API = [
     rule("accept4", "Accept a QMP client on the api-channel socket the launcher bound."),
-    rule("recvfrom", "Read QMP commands."),
-    rule("sendto", "Send QMP replies and events."),
+    rule("poll", "The server's one loop waits on the listener, every client and its wake "
+         "eventfd (vmm/qmp/server.py)."),
+    rule("read", "Drain the wake eventfd that emit() writes from other threads."),
+    rule("recvmsg", "Read QMP input with the fds a client passes (getfd); the broker's "
+         "replies, with a hot-plugged backend's connection; vhost-user replies."),
+    rule("recvfrom", "vhost-user replies (GET_FEATURES, GET_CONFIG, GET_VRING_BASE) while "
+         "a hot-plugged device is set up or unplugged."),
+    rule("sendto", "Send QMP replies and events; vhost-user requests without fds."),
+    rule("sendmsg", "Requests to the launcher's broker (with a tap fd for netdev_add fds=); "
+         "vhost-user requests with fds (guest RAM, kick and call eventfds)."),
     rule("getsockname", "Python's socket object of an accepted client asks its address."),
     rule("tgkill", "stop/cont/quit kick the vCPU threads out of KVM_RUN (SIGUSR1).",
          eq(2, "SIGUSR1")),
+    ioctl("KVM_IOEVENTFD", "a slot changing hands routes QueueNotify to the new device: an "
+          "ioeventfd for a backend, an exit for an empty slot (vmm/devices/virtio/mmio.py)."),
+    ioctl("KVM_IRQ_LINE", "system_powerdown pulses the ACPI power button's interrupt."),
 ]
 
 VM = [
@@ -273,8 +284,78 @@ VSOCK = [
     rule("fcntl", "Python's mmap duplicates the memfd it maps.", eq(1, "F_DUPFD_CLOEXEC")),
 ]
 
+# The launcher alone may open files, and only without following a symlink in the last
+# component: the broker's images (an O_PATH look at the type first), /dev/net/tun for a
+# tap, and /dev/null for a forked backend's stdin (vmm/broker.py has the policy).
+OPENER = [
+    rule("openat", "Open with O_NOFOLLOW: the broker's images (O_PATH first, to read the "
+         "type without opening a device), /dev/net/tun for a hot-plugged tap, /dev/null "
+         "as a forked backend's stdin.", masked(2, ["O_NOFOLLOW"], ["O_NOFOLLOW"])),
+    rule("openat", "Any other open fails with EACCES, as in every role.",
+         masked(2, ["O_NOFOLLOW"], []), action="SCMP_ACT_ERRNO", errno="EACCES",
+         stays="what a stray open gets instead of killing the process."),
+]
+
+# What a backend does between its fork from the confined launcher and its own filter
+# (vmm/children.py, sandbox.confine): it runs under the launcher's filter until then.
+FORKED_BACKEND = [
+    rule("getppid", "A forked backend checks its parent is still the launcher after "
+         "PR_SET_PDEATHSIG."),
+    rule("set_robust_list", "glibc's fork sets up the new process's robust futex list."),
+    rule("getrandom", "Python's random module reseeds itself in a forked child "
+         "(os.register_at_fork)."),
+    rule("prlimit64", "A forked backend reads its fd limit (os.sysconf) to close every fd "
+         "above its own; reading only, no new limit (arg2 NULL).",
+         {"index": 2, "value": 0, "valueTwo": 0, "op": "SCMP_CMP_EQ"}),
+    rule("dup2", "A forked backend's stdin becomes /dev/null."),
+    rule("close_range", "A forked backend closes every fd it was not given."),
+    rule("prctl", "A forked backend names itself (vmm-blk-<id>).", eq(0, "PR_SET_NAME")),
+    rule("prctl", "A forked backend dies with the launcher.", eq(0, "PR_SET_PDEATHSIG")),
+    rule("prctl", "A forked backend sets no_new_privs before its filter.",
+         eq(0, "PR_SET_NO_NEW_PRIVS")),
+    rule("prctl", "A forked backend reads its capability bounding set, one by one.",
+         eq(0, "PR_CAPBSET_READ")),
+    rule("prctl", "A forked backend empties its capability bounding set.",
+         eq(0, "PR_CAPBSET_DROP")),
+    rule("prctl", "A forked backend clears its ambient capabilities.",
+         eq(0, "PR_CAP_AMBIENT")),
+    rule("capget capset", "A forked backend drops every capability."),
+    rule("seccomp", "A forked backend installs its own filter, stacked on this one.",
+         eq(0, "SECCOMP_SET_MODE_FILTER")),
+    rule("statx", "A forked disk backend reads its image's direct-I/O alignment "
+         "(STATX_DIOALIGN)."),
+    ioctl("BLKSSZGET", "a forked disk backend reads a block device's sector size.",
+          stays="only for an image that is a block device."),
+    ioctl("BLKGETSIZE64", "a forked disk backend reads a block device's size.",
+          stays="only for an image that is a block device."),
+    ioctl("TUNSETOFFLOAD", "a forked NIC backend probes which offloads its tap takes."),
+    ioctl("TUNSETVNETHDRSZ", "a forked NIC backend sets its tap's header size."),
+]
+
 LAUNCHER = [
     rule("poll", "Wait on the control channel and on the backends' pidfds at once."),
+    rule("clone", "Fork a hot-plugged disk's or NIC's backend (vmm/broker.py): a new "
+         "process, never a thread, never a new namespace.",
+         masked(0, ["CLONE_THREAD", "CLONE_VM"] + NAMESPACES, [])),
+    rule("pidfd_open", "Watch a hot-plugged backend's end in the same poll."),
+    rule("socketpair", "A hot-plugged backend's vhost-user connection.", eq(0, "AF_UNIX")),
+    rule("setsockopt", "A reply timeout on the vm process's end of a backend's connection "
+         "(vmm/devices/virtio/attach.py).", eq(1, "SOL_SOCKET"), eq(2, "SO_RCVTIMEO")),
+    rule("setsockopt", "A send timeout on the same.", eq(1, "SOL_SOCKET"),
+         eq(2, "SO_SNDTIMEO")),
+    rule("sendmsg", "Replies to the vm process's requests, a hot-plugged backend's "
+         "connection as SCM_RIGHTS."),
+    rule("newfstatat", "fstat of an image the broker opens (glibc's fstat is newfstatat "
+         "with AT_EMPTY_PATH): its type, its identity (st_dev, st_ino).",
+         masked(3, ["AT_EMPTY_PATH"], ["AT_EMPTY_PATH"])),
+    rule("lseek", "An opened image's size (blockdev-add's reply)."),
+    ioctl("TUNSETIFF", "attach a hot-plugged NIC's existing tap (tap.py)."),
+    ioctl("TUNGETIFF", "check a tap's flags and read its name (a tap passed with getfd)."),
+    rule("socket", "A datagram socket for the tap's ioctls by name (its MTU; glibc's "
+         "if_nametoindex).", eq(0, "AF_UNIX")),
+    ioctl("SIOCGIFMTU", "a hot-plugged NIC's tap's MTU, offered to the guest."),
+    ioctl("SIOCGIFINDEX", "if_nametoindex: does the tap exist (a missing one is refused, "
+          "never created)."),
     rule("pselect6", "select.select: wait, with a deadline, for a backend to end after the "
          "vm process."),
     rule("recvmsg", "Events from the vm process over the control channel."),
@@ -292,8 +373,10 @@ LAUNCHER = [
 ]
 
 ROLES = {
-    "launcher": ("The launcher once every child is running: supervise, reap, clean up.",
-                 LAUNCHER),
+    "launcher": ("The launcher once the vm process runs: supervise, reap, clean up, and "
+                 "broker hot-plug: open what the policy allows (vmm/broker.py) and fork "
+                 "backends, which run under this filter until they install their own.",
+                 LAUNCHER + FORKED_BACKEND),
     "vm": ("The vm process: its main thread and its helper threads (stdin pump), installed "
            "before any thread starts, so the vCPU and QMP threads inherit it and carry "
            "their own on top.", VM + THREADS),
@@ -313,7 +396,10 @@ ROLES = {
                      "guest or a host client; it may create and connect AF_UNIX sockets "
                      "(the guest's streams to <socket>_<port>).", VSOCK + THREADS),
 }
-INHERITED_BY = {"vm": ("vcpu", "api")}   # their threads start under the vm filter
+# Their threads start under the vm filter; hot-plugged backends are forked under the
+# launcher's.
+INHERITED_BY = {"vm": ("vcpu", "api"), "launcher": ("virtio-blk", "virtio-net")}
+OPENERS = ("launcher",)
 
 DEFAULT_COMMENT = (
     "Default SCMP_ACT_TRAP: a syscall outside this profile raises SIGSYS; the reporter "
@@ -324,14 +410,25 @@ DEFAULT_COMMENT = (
 
 def profile(role: str) -> dict:
     what, own = ROLES[role]
-    stacked = any(role in threads for threads in INHERITED_BY.values())
-    entries = BASE + (THREAD_END if stacked else PROCESS) + \
+    stacked = role in INHERITED_BY["vm"]          # a thread role: the process goes on
+    base = [e for e in BASE if role not in OPENERS or e["names"] != ["openat"]]
+    entries = base + (OPENER if role in OPENERS else []) + \
+        (THREAD_END if stacked else PROCESS) + \
         (GUEST_RAM if role.startswith("virtio-") else []) + own
-    for thread_role in INHERITED_BY.get(role, ()):
-        for entry in ROLES[thread_role][1]:
+    for inheritor in INHERITED_BY.get(role, ()):
+        inherited = ROLES[inheritor][1]
+        if inheritor.startswith("virtio-"):
+            inherited = GUEST_RAM + inherited
+        who = f"{inheritor} backends" if inheritor.startswith("virtio-") else \
+            f"{inheritor} threads"
+        for entry in inherited:
             if all(not _same(entry, mine) for mine in entries):
-                entries = entries + [dict(entry, comment=f"({thread_role} threads) "
-                                          + entry["comment"])]
+                comment = f"({who}) " + entry["comment"]
+                if inheritor.startswith("virtio-") and STAYS not in comment:
+                    comment += (f" {STAYS}: a hot-plugged backend runs under this filter "
+                                f"and its own, so each entry of its role ({inheritor}) is "
+                                "here too; that role's record shows its use.")
+                entries = entries + [dict(entry, comment=comment)]
     return {"comment": f"{what} {DEFAULT_COMMENT}",
             "defaultAction": TRAP,
             "architectures": ["SCMP_ARCH_X86_64"],

@@ -93,6 +93,6 @@ def _only(keep_fds: list[int], stdin: bool) -> None:
             low = fd + 1
     os.closerange(low, os.sysconf("SC_OPEN_MAX"))
     if not stdin:
-        null = os.open(os.devnull, os.O_RDONLY)
+        null = os.open(os.devnull, os.O_RDONLY | os.O_NOFOLLOW)   # the launcher's filter wants it
         os.dup2(null, 0)
         os.close(null)

@@ -2,10 +2,15 @@
 
 One message is one msgpack-encoded map in one SOCK_SEQPACKET datagram, with file
 descriptors riding along as SCM_RIGHTS. Nothing else in the project packs these bytes.
+
+The vm process sends the launcher events ({"event": ...}) and requests for the broker
+({"op": ..., "seq": n}, vmm/broker.py), each answered by {"seq": n, "ok": {...}} or
+{"seq": n, "error": "..."}; the launcher sends nothing else.
 """
 
 import os
 import socket
+import threading
 
 import msgpack
 
@@ -41,3 +46,35 @@ def receive(sock: socket.socket) -> tuple[dict, list[int]] | None:
     if not isinstance(message, dict):
         raise ControlError("control message is not a map")
     return message, fds
+
+
+class Refused(Exception):
+    """The launcher refused a request; the message is its reason."""
+
+
+class Requester:
+    """The vm process's side of the broker: one request at a time, each answered before
+    the next is sent (the launcher serves them in order)."""
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+        self._lock = threading.Lock()
+        self._seq = 0
+
+    def ask(self, op: str, fds: tuple[int, ...] = (), **fields) -> tuple[dict, list[int]]:
+        with self._lock:
+            self._seq += 1
+            send(self._sock, {"op": op, "seq": self._seq, **fields}, fds)
+            received = receive(self._sock)
+            if received is None:
+                raise ControlError("the launcher closed the control channel")
+            reply, reply_fds = received
+            if reply.get("seq") != self._seq:
+                for fd in reply_fds:
+                    os.close(fd)
+                raise ControlError(f"reply {reply.get('seq')!r} to request {self._seq}")
+            if "error" in reply:
+                for fd in reply_fds:
+                    os.close(fd)
+                raise Refused(str(reply["error"]))
+            return reply.get("ok") or {}, reply_fds

@@ -4,7 +4,9 @@ process, and cleans up on every exit path.
 It opens /dev/kvm, creates guest RAM as a sealed memfd and loads the boot image into it,
 binds the api-channel socket, writes the pidfile, puts the terminal in raw mode; then
 forks the vm process and waits for it, turning SIGTERM/SIGINT/SIGHUP into an orderly
-shutdown of the VM. Whatever happens, the sockets and pidfile it created are removed
+shutdown of the VM, and brokers what the vm process may ask for while the VM runs
+(vmm/broker.py: images and taps for hot-plug, and their backend processes).
+Whatever happens, the sockets and pidfile it created are removed
 and the terminal restored before it exits with the VM's status.
 """
 
@@ -21,6 +23,7 @@ import tty
 from pathlib import Path
 
 from . import children, control, daemon, layout, sandbox, vm_process
+from .broker import Broker
 from .boot import loader
 from .boot.kernel import BadKernel
 from .config.errors import one_line
@@ -66,6 +69,7 @@ class _Cleanup:
 
 
 def run(config: MachineConfig, notes: tuple[str, ...]) -> int:
+    inherited = _inherited_fds()
     readiness = daemon.detach() if config.daemonize else None
     # A SIGTERM or SIGHUP before _supervise() handles them must not kill the launcher
     # halfway, leaving its sockets behind: they wait, blocked, until then (children
@@ -76,7 +80,7 @@ def run(config: MachineConfig, notes: tuple[str, ...]) -> int:
         log.info("config: %s", note)
     cleanup = _Cleanup()
     try:
-        return _launch(config, cleanup, readiness)
+        return _launch(config, cleanup, readiness, inherited)
     except LaunchError as error:
         line = f"stratovirt: error: {one_line(str(error))}"
         if config.log_file:
@@ -90,7 +94,21 @@ def run(config: MachineConfig, notes: tuple[str, ...]) -> int:
         cleanup.run()
 
 
-def _launch(config: MachineConfig, cleanup: _Cleanup, readiness) -> int:
+def _inherited_fds() -> set[int]:
+    """The fds the launcher was started with beyond stdio (netdev_add may name a tap
+    among them by number: vmm/broker.py)."""
+    listed = {int(name) for name in os.listdir("/proc/self/fd")} - {0, 1, 2}
+    alive = set()
+    for fd in listed:                  # one of them was listdir's own, closed by now
+        try:
+            os.fstat(fd)
+            alive.add(fd)
+        except OSError:
+            pass
+    return alive
+
+
+def _launch(config: MachineConfig, cleanup: _Cleanup, readiness, inherited: set[int]) -> int:
     try:
         kvm_fd = open_kvm()
     except OSError as error:
@@ -128,7 +146,8 @@ def _launch(config: MachineConfig, cleanup: _Cleanup, readiness) -> int:
     for a in attached:
         a.connection.close()
     log.info("vm process %d started", vm.pid)
-    return _supervise(vm, ours, readiness, [a.backend for a in attached], config.seccomp)
+    broker = Broker(config, memory, attached, inherited)
+    return _supervise(vm, ours, readiness, broker, cleanup, config.seccomp)
 
 
 def _attach_devices(config: MachineConfig, memory: GuestMemory,
@@ -164,7 +183,9 @@ def _attach_devices(config: MachineConfig, memory: GuestMemory,
 
 
 def _bind(path: Path, cleanup: _Cleanup) -> socket.socket:
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    # Non-blocking: the QMP thread accepts from its poll loop, never waiting in accept().
+    listener = socket.socket(socket.AF_UNIX,
+                             socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
     try:
         listener.bind(str(path))
     except OSError as error:
@@ -172,7 +193,7 @@ def _bind(path: Path, cleanup: _Cleanup) -> socket.socket:
         raise LaunchError(f"-api-channel: {path}: {error.strerror}") from None
     cleanup.paths.append(path)
     os.chmod(path, 0o600)
-    listener.listen(4)
+    listener.listen(16)
     return listener
 
 
@@ -185,9 +206,11 @@ def _raw_terminal(fd: int) -> None:
     termios.tcsetattr(fd, termios.TCSADRAIN, attributes)
 
 
-def _supervise(vm: children.Child, channel: socket.socket, readiness,
-               backends: list[children.Child], seccomp: bool) -> int:
-    # Every child is forked: from here the launcher only waits, signals and cleans up.
+def _supervise(vm: children.Child, channel: socket.socket, readiness, broker: Broker,
+               cleanup: _Cleanup, seccomp: bool) -> int:
+    # From here the launcher waits, signals, cleans up, and brokers (vmm/broker.py):
+    # its filter allows no more than that and what the backends it forks need before
+    # they install their own.
     sandbox.confine("launcher", seccomp=seccomp)
     def forward(number, frame):
         log.info("signal %d: shutting the VM down", number)
@@ -202,37 +225,76 @@ def _supervise(vm: children.Child, channel: socket.socket, readiness,
 
     poller = select.poll()
     poller.register(channel, select.POLLIN)
-    watched = {backend.pidfd: backend for backend in backends}
-    for pidfd in watched:
-        poller.register(pidfd, select.POLLIN)
+    watched: dict[int, children.Child] = {}
+    grace: dict[int, float] = {}            # pid -> when a released backend is killed
+
+    def watch_new() -> None:
+        for child in broker.processes():
+            if child.status is None and child.pidfd not in watched:
+                watched[child.pidfd] = child
+                poller.register(child.pidfd, select.POLLIN)
+                if child not in cleanup.children:
+                    cleanup.children.append(child)
+
+    def reaped(child: children.Child, killed: bool = False) -> None:
+        expected = broker.ended(child)
+        grace.pop(child.pid, None)
+        if not expected and not ended:
+            # A device is not worth the VM: the guest sees a device that stops answering.
+            log.error("%s: its backend process %s; the device no longer works, the VM "
+                      "goes on", child.what, child.describe_end())
+        elif killed:
+            log.warning("%s: its backend did not stop after its device was unplugged; "
+                        "killed", child.what)
+
+    watch_new()
     error, ended = None, False
     while True:
-        ready = {fd for fd, _ in poller.poll()}
+        timeout = None
+        if grace:
+            timeout = max(0.0, min(grace.values()) - time.monotonic()) * 1000
+        ready = {fd for fd, _ in poller.poll(timeout)}
         # The channel first: a VM that ended says so before its backends see their
         # sockets close and exit, and their ends are then no news.
         if channel.fileno() in ready:
-            message = control.receive(channel)
-            if message is None:
+            received = control.receive(channel)
+            if received is None:
                 break
-            event = message[0].get("event")
-            if event == "running" and readiness:
-                readiness.ready()
-            elif event == "error":
-                error = message[0].get("message", "unknown error")
-            elif event == "shutdown":
-                ended = True
-                log.info("VM ended: %s", message[0].get("reason"))
+            message, fds = received
+            if "op" in message:
+                reply, reply_fds = broker.handle(message, fds)
+                try:
+                    control.send(channel, reply, tuple(reply_fds))
+                finally:
+                    for fd in reply_fds:
+                        os.close(fd)
+                watch_new()
+            else:
+                for fd in fds:
+                    os.close(fd)
+                event = message.get("event")
+                if event == "running" and readiness:
+                    readiness.ready()
+                elif event == "error":
+                    error = message.get("message", "unknown error")
+                elif event == "shutdown":
+                    ended = True
+                    log.info("VM ended: %s", message.get("reason"))
         for pidfd in ready & watched.keys():
-            backend = watched.pop(pidfd)
+            child = watched.pop(pidfd)
             poller.unregister(pidfd)
-            backend.reap(block=True)
-            if not ended:
-                # A device is not worth the VM: the guest sees a device that stops
-                # answering.
-                log.error("%s: its backend process %s; the device no longer works, the VM "
-                          "goes on", backend.what, backend.describe_end())
+            child.reap(block=True)
+            reaped(child)
+        for child in broker.released():
+            grace.setdefault(child.pid, time.monotonic() + BACKEND_GRACE)
+            if child.status is None and time.monotonic() >= grace[child.pid]:
+                watched.pop(child.pidfd)
+                poller.unregister(child.pidfd)
+                child.kill()
+                reaped(child, killed=True)
     vm.reap(block=True)
-    _reap_backends(backends)
+    _reap_backends(broker.processes())
+    broker.close()
     status = os.waitstatus_to_exitcode(vm.status)
     if os.WIFSIGNALED(vm.status):
         error = error or f"the vm process {vm.describe_end()}"

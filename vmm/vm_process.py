@@ -2,7 +2,8 @@
 
 Forked by the launcher with everything already open (the KVM fd, guest RAM loaded with
 the boot image, the bound api-channel socket); it tells the launcher over the control
-channel when the VM runs and how it ended, and exits with the VM's status.
+channel when the VM runs and how it ended, asks it for what hot-plug needs (it opens no
+host file itself: vmm/broker.py), and exits with the VM's status.
 """
 
 import logging
@@ -13,6 +14,7 @@ import threading
 
 from . import control, sandbox
 from .boot.loader import BootEntry
+from .hotplug import Hotplug
 from .config.model import MachineConfig
 from .devices.virtio.attach import Slot
 from .devices.virtio.mmio import DeviceError
@@ -41,6 +43,8 @@ def main(config: MachineConfig, kvm_fd: int, memory: GuestMemory, entry: BootEnt
         return 1
     for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(number, lambda *_: machine.shutdown("host-signal", guest=False))
+    hotplug = Hotplug(config, machine.slots, memory, machine.emit, control.Requester(channel))
+    qmp = QmpServer(api_listener, machine, hotplug)
     # Everything is open and registered with KVM: confine the process before any thread
     # starts, so each thread inherits this filter and stacks its own (vcpu, api) on it.
     sandbox.confine("vm", seccomp=config.seccomp)
@@ -51,7 +55,6 @@ def main(config: MachineConfig, kvm_fd: int, memory: GuestMemory, entry: BootEnt
                          name="vmm-serial-in", daemon=True).start()
     machine.start()
     # Last: a client that gets the QMP greeting finds the vCPUs running.
-    qmp = QmpServer(api_listener, machine)
     qmp.start()
     control.send(channel, {"event": "running"})
     outcome = machine.wait()

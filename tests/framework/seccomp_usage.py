@@ -14,6 +14,9 @@ Host sessions (this machine's /dev/kvm, the tiny guest), each its own strace run
 - sigterm: SIGTERM to the launcher, forwarded to the vm process.
 - stopcont: SIGSTOP and SIGCONT to every process of the VM (Ctrl-Z, fg).
 - daemon:  -daemonize -pidfile -D, ended by QMP quit.
+- hotplug: in a network namespace of its own: disks and NICs plugged and unplugged
+           through QMP (by tap name and by a getfd fd), cold-plugged ones removed,
+           refusals, queries, system_powerdown, system_reset.
 - blk-io:  disk backends forked and confined exactly as the launcher does it
            (vmm.children.spawn + serve_disk), driven with real I/O by the host-side
            virtio driver (tests/framework/virtio_driver.py): buffered, O_DIRECT and
@@ -48,7 +51,8 @@ from .guest import tiny_guest
 
 REPO = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
-HOST_SESSIONS = ("boot", "many-vcpus", "serial", "qmp", "sigterm", "stopcont", "daemon", "blk-io")
+HOST_SESSIONS = ("boot", "many-vcpus", "serial", "qmp", "sigterm", "stopcont", "daemon",
+                 "hotplug", "blk-io")
 # The roles the host sessions put to work; the other roles' profiles need their own
 # sessions (a backend driven from the host, like blk-io) before they can be judged.
 HOST_ROLES = ("launcher", "vm", "vcpu", "api", "virtio-blk")
@@ -238,6 +242,82 @@ def session_daemon(workdir: Path) -> recorder.Usage:
     return traced.finish()
 
 
+def session_hotplug(workdir: Path) -> recorder.Usage:
+    """Hot-plug through QMP, in a network namespace with taps (tests/framework/netns.py):
+    disks in and out of slots (buffered, O_DIRECT, read-only; a cold-plugged one removed
+    and its slot reused), NICs by tap name and by a tap fd passed with getfd (the
+    launcher opens, checks and forks; the QMP thread swaps slots), refusals, queries,
+    system_powerdown, system_reset."""
+    from .netns import Netns
+    from vmm.devices.virtio.net.tap import open_tap
+
+    with Netns("vmmsu") as ns:
+        for tap in ("tap0", "tap1", "tap2"):
+            ns.add_tap(tap)
+        images = {}
+        for name in ("h1", "h2", "h3"):
+            images[name] = workdir / f"{name}.img"
+            images[name].write_bytes(bytes(4 * MiB))
+        command = ns.command(*recorder.STRACE, "-o", str(workdir / "hotplug.trace"), "--",
+                             *_vm(workdir, "-D", str(workdir / "hotplug.log"),
+                                  *_disks(workdir), "-netdev", "id=n0,netdev=tap0",
+                                  append="wait"))
+        traced = Traced.__new__(Traced)
+        traced.name, traced.trace = "hotplug", workdir / "hotplug.trace"
+        traced.process = subprocess.Popen(command, cwd=workdir, stdin=subprocess.DEVNULL,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        _wait_for_api(workdir, traced)
+        tap_fd = ns.call(open_tap, "tap2")
+
+        async def steps(qmp, events):
+            def file(name, **more):
+                return {"node-name": name, "file": {"driver": "file",
+                                                    "filename": str(images[name])}, **more}
+            await qmp.execute("query-block")
+            await qmp.execute("blockdev-add", file("h1", cache={"direct": False}))
+            await qmp.execute("device_add", {"id": "h1", "driver": "virtio-blk-mmio",
+                                             "addr": "0x2"})
+            await qmp.execute("blockdev-add", file("h2", **{"read-only": True}))
+            await qmp.execute("device_add", {"id": "h2", "driver": "virtio-blk-mmio"})
+            for refused in ({"id": "h3", "driver": "virtio-blk-mmio"},
+                            {"id": "h1", "driver": "virtio-blk-mmio", "addr": "9"}):
+                try:
+                    await qmp.execute("device_add", refused)
+                except Exception:              # the error reply is the point
+                    pass
+            await qmp.execute("query-block")
+            for device in ("h1", "h2", "d1"):
+                await qmp.execute("device_del", {"id": device})
+            await qmp.execute("device_add", {"id": "h1", "driver": "virtio-blk-mmio",
+                                             "addr": "1"})
+            await qmp.execute("device_del", {"id": "h1"})
+            await qmp.execute("blockdev-del", {"node-name": "h1"})
+            await qmp.execute("blockdev-del", {"node-name": "h2"})
+            await qmp.execute("device_del", {"id": "n0"})
+            await qmp.execute("netdev_add", {"id": "tap1", "ifname": "tap1"})
+            await qmp.execute("device_add", {"id": "tap1", "driver": "virtio-net-mmio",
+                                             "addr": "0x1"})
+            qmp.send_fd_scm(tap_fd)
+            await qmp.execute("getfd", {"fdname": "tapfd"})
+            await qmp.execute("netdev_add", {"id": "n2", "fds": "tapfd"})
+            await qmp.execute("device_add", {"id": "n2", "driver": "virtio-net-mmio",
+                                             "netdev": "n2"})
+            for device in ("tap1", "n2"):
+                await qmp.execute("device_del", {"id": device})
+            await qmp.execute("netdev_del", {"id": "tap1"})
+            await qmp.execute("netdev_del", {"id": "n2"})
+            await qmp.execute("query-events")
+            await qmp.execute("system_powerdown")
+            await qmp.execute("system_reset")
+            await events.wait("SHUTDOWN")
+
+        try:
+            _qmp(workdir, steps)
+        finally:
+            os.close(tap_fd)
+        return traced.finish()
+
+
 def session_blk_io(workdir: Path) -> recorder.Usage:
     traced = Traced(workdir, "blk-io", [sys.executable, "-m", "tests.framework.seccomp_usage",
                                         "blk-io", str(workdir)],
@@ -248,7 +328,7 @@ def session_blk_io(workdir: Path) -> recorder.Usage:
 
 SESSIONS = {"boot": session_boot, "many-vcpus": session_many_vcpus, "serial": session_serial, "qmp": session_qmp,
             "sigterm": session_sigterm, "stopcont": session_stopcont, "daemon": session_daemon,
-            "blk-io": session_blk_io}
+            "hotplug": session_hotplug, "blk-io": session_blk_io}
 
 
 def record_host(keep: Path | None = None, sessions=HOST_SESSIONS) -> recorder.Usage:

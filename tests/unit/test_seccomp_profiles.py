@@ -51,14 +51,18 @@ def test_rules_every_role_shares(role):
     assert not names & {"execve", "execveat", "ptrace", "process_vm_writev", "fork",
                         "vfork", "kexec_load", "init_module", "bpf", "mount", "setns", "unshare"}
     rules = {name: [r for r in p.rules if name in r.names] for name in names}
-    # Sockets: only the vsock backend makes them (a guest's stream to <socket>_<port>),
-    # and only AF_UNIX ones.
-    assert "socketpair" not in names
-    if role == "virtio-vsock":
-        assert all(r.args == (profile.Arg(0, "SCMP_CMP_EQ", constants.value("AF_UNIX"), 0),)
-                   for r in rules["socket"])
+    # Sockets: only the vsock backend (a guest's stream to <socket>_<port>) and the
+    # launcher (a hot-plugged backend's connection; a datagram socket for a tap's ioctls)
+    # make them, and only AF_UNIX ones.
+    unix = (profile.Arg(0, "SCMP_CMP_EQ", constants.value("AF_UNIX"), 0),)
+    if role in ("virtio-vsock", "launcher"):
+        assert all(r.args == unix for r in rules["socket"])
     else:
         assert "socket" not in names
+    if role == "launcher":
+        assert all(r.args == unix for r in rules["socketpair"])
+    else:
+        assert "socketpair" not in names
     # The SIGSYS reporter's own syscalls, so its re-raise cannot trap again.
     for name in ("write", "rt_sigaction", "getpid", "gettid", "rt_sigreturn"):
         assert any(not r.args and r.action == "SCMP_ACT_ALLOW" for r in rules[name]), name
@@ -72,11 +76,28 @@ def test_rules_every_role_shares(role):
     for name in ("mmap", "mprotect"):
         assert all(a.op == "SCMP_CMP_MASKED_EQ" and a.value == constants.value("PROT_EXEC")
                    and a.value_two == 0 for r in rules[name] for a in r.args)
+    # clone: threads only; and the launcher's fork of a hot-plugged backend: no thread,
+    # no shared memory, no namespace.
+    thread, vm = constants.value("CLONE_THREAD"), constants.value("CLONE_VM")
+    new_namespace = sum(constants.value(n) for n in ("CLONE_NEWNS", "CLONE_NEWUSER",
+                                                      "CLONE_NEWPID", "CLONE_NEWNET"))
     for r in rules.get("clone", []):
-        thread = constants.value("CLONE_THREAD")
-        assert r.args[0].op == "SCMP_CMP_MASKED_EQ" and r.args[0].value & thread
-        assert r.args[0].value_two == thread
-    assert [(r.action, r.errno) for r in rules["openat"]] == [("SCMP_ACT_ERRNO", constants.value("EACCES"))]
+        (arg,) = r.args
+        assert arg.op == "SCMP_CMP_MASKED_EQ" and arg.value & thread
+        assert arg.value & new_namespace == new_namespace
+        if arg.value_two == 0:
+            assert role == "launcher" and arg.value & vm, role
+        else:
+            assert arg.value_two == thread
+    # openat: EACCES; only the launcher (the broker) opens, and never following a symlink.
+    eacces = ("SCMP_ACT_ERRNO", constants.value("EACCES"))
+    nofollow = constants.value("O_NOFOLLOW")
+    if role == "launcher":
+        assert sorted(((r.action, r.errno), r.args) for r in rules["openat"]) == sorted([
+            (("SCMP_ACT_ALLOW", None), (profile.Arg(2, "SCMP_CMP_MASKED_EQ", nofollow, nofollow),)),
+            (eacces, (profile.Arg(2, "SCMP_CMP_MASKED_EQ", nofollow, 0),))])
+    else:
+        assert [(r.action, r.errno) for r in rules["openat"]] == [eacces]
 
 
 def test_vcpu_ioctls_are_the_few_a_vcpu_thread_makes():
@@ -89,6 +110,16 @@ def test_the_vm_filter_lets_its_threads_do_what_their_own_filters_allow():
     vm = keyed(profile.load("vm"))
     for role in ("vcpu", "api"):
         assert keyed(profile.load(role)) <= vm, role
+
+
+def test_the_launcher_filter_lets_the_backends_it_forks_do_what_theirs_allow():
+    """A hot-plugged backend is forked under the launcher's filter and stacks its own:
+    every entry of its role is in the launcher's (opens aside: the backend's own
+    filter denies them all)."""
+    launcher = {key for key in keyed(profile.load("launcher")) if key[0] != "openat"}
+    for role in ("virtio-blk", "virtio-net"):
+        mine = {key for key in keyed(profile.load(role)) if key[0] != "openat"}
+        assert mine <= launcher, (role, mine - launcher)
 
 
 def test_constants_come_from_the_same_headers_as_the_kvm_module():

@@ -20,6 +20,7 @@ from ..devices.virtio import discovery
 from ..devices.virtio.attach import Slot
 from ..devices.virtio.empty import EmptyDisk, EmptyNic, Placeholder
 from ..devices.virtio.mmio import MmioTransport
+from ..devices.virtio.slots import Occupant, SlotTable
 from ..devices.virtio.vhost_user_device import VhostUserDevice
 from . import cpu
 from .bus import Bus
@@ -64,12 +65,12 @@ class Machine:
             self.serial = Serial(serial_output, lambda level: vm.irq_line(layout.SERIAL_IRQ, level))
             self.pio.register(layout.SERIAL_PORT, 8, self.serial)
         self.pio.register(layout.I8042_DATA_PORT, 5,
-                          I8042(lambda: self.shutdown("guest-reset", guest=True)))
+                          I8042(lambda: self.reset("guest-reset", guest=True)))
         self.pio.register(layout.RTC_PORT, 2, Rtc())
         self.pio.register(layout.ACPI_SLEEP_PORT, 2,
                           AcpiSleep(lambda: self.shutdown("guest-shutdown", guest=True)))
         self.power_button = PowerButton(vm.irq_line)
-        self.transports = self._virtio_slots(dict(devices))
+        self.slots = self._virtio_slots(dict(devices))
 
         supported = kvm.supported_cpuid()
         hypervisor = cpu.host_hypervisor()
@@ -90,11 +91,12 @@ class Machine:
         self.paused = False
         self.listeners: list[Callable[[str, dict], None]] = []
 
-    def _virtio_slots(self, devices: dict[Slot, socket.socket]) -> list[MmioTransport]:
+    def _virtio_slots(self, devices: dict[Slot, socket.socket]) -> SlotTable:
         """Every slot the guest is told about; those with no backend get their empty
         device (vmm/devices/virtio/empty.py)."""
         by_index = {slot.index: (slot, sock) for slot, sock in devices.items()}
         transports = []
+        occupants, fixed = {}, {}
         for index in range(discovery.slot_count(self.config.console is not None,
                                                 self.config.vsock is not None)):
             if index in by_index:
@@ -102,6 +104,10 @@ class Machine:
                 name = slot.name
                 device = VhostUserDevice(name, slot.device_id, sock, self.memory,
                                          slot.queue_sizes, slot.config_size)
+                if index < layout.BLK_SLOTS + layout.NET_SLOTS:
+                    occupants[index] = Occupant(slot.id, SlotTable.kind_of(index), None)
+                else:
+                    fixed[slot.id] = slot.name
             elif index < layout.BLK_SLOTS:
                 device, name = EmptyDisk(self.memory), f"empty disk slot {index}"
             elif index < layout.BLK_SLOTS + layout.NET_SLOTS:
@@ -112,7 +118,7 @@ class Machine:
             transport = MmioTransport(name, base, irq, device, self.vm, self.memory)
             self.mmio.register(base, layout.VIRTIO_MMIO_SIZE, transport)
             transports.append(transport)
-        return transports
+        return SlotTable(transports, self.memory, occupants, fixed)
 
     def start(self) -> None:
         for thread in self.vcpus:
@@ -120,7 +126,8 @@ class Machine:
         for thread in self.vcpus:
             thread.named.wait()
 
-    def _notify(self, event: str, data: dict) -> None:
+    def emit(self, event: str, data: dict) -> None:
+        """A QMP event (the server queues it for its clients)."""
         for listener in self.listeners:
             listener(event, data)
 
@@ -135,7 +142,7 @@ class Machine:
         for thread in self.vcpus:
             if not thread.wait_parked(PAUSE_TIMEOUT):
                 log.warning("%s did not stop within %.0f s", thread.name, PAUSE_TIMEOUT)
-        self._notify("STOP", {})
+        self.emit("STOP", {})
 
     def resume(self) -> None:
         with self._lock:
@@ -144,7 +151,7 @@ class Machine:
             self.paused = False
             for thread in self.vcpus:
                 thread.request(pause=False)
-        self._notify("RESUME", {})
+        self.emit("RESUME", {})
 
     def shutdown(self, reason: str, guest: bool, status: int = 0) -> None:
         """Ask the machine to end; the first request decides the outcome."""
@@ -163,6 +170,16 @@ class Machine:
         button, or has not bound its drivers yet, keeps running."""
         self.power_button.press()
 
+    def reset(self, reason: str, guest: bool) -> None:
+        """A reset, the guest's (i8042, ACPI reset register) or QMP's system_reset: this
+        microVM has no reboot, so it ends, as QEMU's -no-reboot does (RESET, then
+        SHUTDOWN with the same reason)."""
+        with self._lock:
+            first = self._outcome is None
+        if first:
+            self.emit("RESET", {"guest": guest, "reason": reason})
+        self.shutdown(reason, guest=guest)
+
     def fail(self, message: str, reason: str = "guest-panic") -> None:
         log.error("%s", message)
         self.shutdown(reason, guest=True, status=1)
@@ -170,7 +187,7 @@ class Machine:
     def wait(self) -> Shutdown:
         while not self._done.wait(1.0):
             pass
-        self._notify("SHUTDOWN", {"guest": self._outcome.guest, "reason": self._outcome.reason})
+        self.emit("SHUTDOWN", {"guest": self._outcome.guest, "reason": self._outcome.reason})
         for thread in self.vcpus:
             thread.request(stop=True)
         for thread in self.vcpus:

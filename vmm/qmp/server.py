@@ -1,61 +1,54 @@
-"""The api-channel server: one QMP client at a time, in a thread of the vm process.
+"""The api-channel server: QMP for up to MAX_CLIENTS clients at once, in one thread of
+the vm process (`vmm-qmp`, confined by the `api` profile).
 
-The listening socket is bound by the launcher (so the path exists before the VM runs
-and is removed by the launcher on every exit path); this thread accepts on it, greets,
-requires `qmp_capabilities` first, answers commands and forwards machine events.
+The listening socket is bound by the launcher (so the path exists before the VM runs and
+is removed by the launcher on every exit path); this thread accepts on it and serves
+every client from one poll loop, with no blocking call on any client:
+
+- Each client is greeted at once. One more than MAX_CLIENTS gets an error line and is
+  closed: never silence.
+- Input goes through json_stream (nesting and size limits, strict parsing); every bad
+  input gets an error reply and the connection goes on. A command's arguments are
+  checked against the command table (commands.py) before its handler runs; a handler's
+  unexpected exception is a GenericError reply and one log line.
+- Output (replies, events) is queued per client and written when the socket takes it.
+  A client whose queue passes SOFT_QUEUE_BYTES is not read until it drains (a flood of
+  commands waits for the flooder to read its replies); one whose queue passes
+  HARD_QUEUE_BYTES (only events can push it there) is dropped, and the others go on.
+- Events go to every client that has negotiated capabilities, from whichever thread
+  emits them (emit() only queues and wakes the loop).
 """
 
+import errno
 import json
 import logging
+import os
+import select
 import socket
 import threading
 import time
+from collections import deque
 
 import prctl
 
-from .. import __version__, sandbox
-from .commands import COMMANDS, QmpError
+from .. import sandbox
+from . import json_stream
+from .commands import COMMANDS, PACKAGE, QEMU_VERSION, Context
+from .errors import QmpError
+from .schema import SchemaError
 
 log = logging.getLogger(__name__)
-MAX_PENDING_BYTES = 1 << 20
 
-
-class JsonStream:
-    """Cuts a byte stream into top-level JSON texts by counting brackets outside
-    strings, as QEMU's JSON streamer does: clients need not end messages with newlines."""
-
-    def __init__(self):
-        self._buffer = bytearray()
-        self._depth = 0
-        self._in_string = False
-        self._escaped = False
-
-    def feed(self, data: bytes) -> list[str]:
-        texts = []
-        for byte in data:
-            self._buffer.append(byte)
-            if self._in_string:
-                if self._escaped:
-                    self._escaped = False
-                elif byte == 0x5C:          # backslash
-                    self._escaped = True
-                elif byte == 0x22:          # quote
-                    self._in_string = False
-            elif byte == 0x22:
-                self._in_string = True
-            elif byte in b"{[":
-                self._depth += 1
-            elif byte in b"}]":
-                self._depth -= 1
-            if self._depth <= 0 and not self._in_string and byte in b"}]":
-                texts.append(self._buffer.decode("utf-8", "replace"))
-                self._buffer.clear()
-                self._depth = 0
-            if len(self._buffer) > MAX_PENDING_BYTES:
-                self._buffer.clear()
-                self._depth, self._in_string, self._escaped = 0, False, False
-                raise ValueError("JSON message too large")
-        return texts
+MAX_CLIENTS = 8
+SOFT_QUEUE_BYTES = 64 << 10
+HARD_QUEUE_BYTES = 1 << 20
+RECV_BYTES = 64 << 10
+MAX_FDS_PER_MESSAGE = 8
+MAX_KEPT_FDS = 4             # passed fds a client may have pending (getfd takes them)
+CLOSE_FLUSH_SECONDS = 1.0
+_IN, _OUT = select.POLLIN, select.POLLOUT
+_GONE = select.POLLHUP | select.POLLERR | select.POLLNVAL
+_ENVELOPE = ("execute", "arguments", "id")
 
 
 def _timestamp() -> dict:
@@ -63,15 +56,71 @@ def _timestamp() -> dict:
     return {"seconds": int(now), "microseconds": int(now % 1 * 1_000_000)}
 
 
+def _line(message: dict) -> bytes:
+    return json.dumps(message).encode() + b"\r\n"
+
+
+GREETING = _line({"QMP": {"version": {"qemu": QEMU_VERSION, "package": PACKAGE},
+                          "capabilities": []}})
+
+
+class _Client:
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.stream = json_stream.JsonStream()
+        self.out = bytearray(GREETING)
+        self.negotiated = False
+        self.fds: deque[int] = deque()
+        self.closed = False
+
+    def take_fd(self) -> int | None:
+        return self.fds.popleft() if self.fds else None
+
+    def close(self) -> None:
+        self.closed = True
+        while self.fds:
+            os.close(self.fds.popleft())
+        self.sock.close()
+
+
 class QmpServer(threading.Thread):
-    def __init__(self, listener: socket.socket, machine):
+    def __init__(self, listener: socket.socket, machine, hotplug):
         super().__init__(name="vmm-qmp", daemon=True)
         self._listener = listener
         self._machine = machine
-        self._client: socket.socket | None = None
-        self._send_lock = threading.Lock()
+        self._hotplug = hotplug
+        self._clients: dict[int, _Client] = {}
+        self._lock = threading.Lock()          # the clients' output queues
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._closing = False
+        self._poller = select.poll()
         machine.listeners.append(self.emit)
+
+    # Any thread.
+
+    def emit(self, event: str, data: dict) -> None:
+        line = _line({"event": event, "data": data, "timestamp": _timestamp()})
+        with self._lock:
+            for client in self._clients.values():
+                if client.negotiated:
+                    client.out += line
+        self._kick()
+
+    def close(self) -> None:
+        """Stop serving: what is queued is written for up to CLOSE_FLUSH_SECONDS (the
+        SHUTDOWN event reaches the clients), then every client is closed."""
+        self._closing = True
+        self._kick()
+        if self.is_alive():
+            self.join(CLOSE_FLUSH_SECONDS + 1)
+
+    def _kick(self) -> None:
+        try:
+            os.eventfd_write(self._wake, 1)
+        except OSError:
+            pass
+
+    # The server's thread.
 
     def run(self) -> None:
         """Confined (the `api` profile, this thread only) before the first client."""
@@ -82,96 +131,187 @@ class QmpServer(threading.Thread):
             log.exception("the QMP thread could not be confined")
             self._machine.fail("the QMP thread could not be confined")
             return
-        while not self._closing:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            with self._send_lock:
-                self._client = client
-            try:
-                self._serve(client)
-            except OSError as error:
-                log.info("QMP client gone: %s", error)
-            finally:
-                with self._send_lock:
-                    self._client = None
+        self._poller.register(self._listener, _IN)
+        self._poller.register(self._wake, _IN)
+        try:
+            self._loop()
+        finally:
+            for client in list(self._clients.values()):
                 client.close()
+            self._listener.close()
 
-    def close(self) -> None:
-        self._closing = True
-        for sock in (self._listener, self._client):
-            if sock is not None:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def emit(self, event: str, data: dict) -> None:
-        self._send({"event": event, "data": data, "timestamp": _timestamp()})
-
-    def _send(self, message: dict, client: socket.socket | None = None) -> None:
-        with self._send_lock:
-            target = client or self._client
-            if target is None:
+    def _loop(self) -> None:
+        deadline = None
+        while True:
+            if self._closing and deadline is None:
+                deadline = time.monotonic() + CLOSE_FLUSH_SECONDS
+                self._poller.unregister(self._listener)
+            timeout = None if deadline is None else max(0, deadline - time.monotonic()) * 1000
+            for fd, events in self._poller.poll(timeout):
+                if fd == self._wake:
+                    try:
+                        os.eventfd_read(self._wake)
+                    except BlockingIOError:
+                        pass
+                elif fd == self._listener.fileno():
+                    if not self._closing:
+                        self._accept()
+                elif (client := self._clients.get(fd)) is not None:
+                    if events & _IN and not self._closing:
+                        self._read(client)
+                    elif events & _GONE:
+                        self._drop(client, None)
+            self._flush_all()
+            if deadline is not None and (time.monotonic() >= deadline or not self._pending()):
                 return
+
+    def _pending(self) -> bool:
+        with self._lock:
+            return any(client.out for client in self._clients.values())
+
+    def _accept(self) -> None:
+        try:
+            sock, _ = self._listener.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as error:
+            log.error("QMP: accept: %s", error.strerror)
+            return
+        if len(self._clients) >= MAX_CLIENTS:
+            refusal = _line({"error": {"class": "GenericError", "desc":
+                                       f"too many QMP clients: {MAX_CLIENTS} are connected, "
+                                       "the most this server takes; try again later"}})
             try:
-                target.sendall(json.dumps(message).encode() + b"\r\n")
+                sock.send(refusal, socket.MSG_DONTWAIT)
             except OSError:
                 pass
+            sock.close()
+            log.info("QMP: a client was refused: %d are connected", MAX_CLIENTS)
+            return
+        client = _Client(sock)
+        with self._lock:
+            self._clients[sock.fileno()] = client
+        self._poller.register(sock, _IN)
 
-    def _serve(self, client: socket.socket) -> None:
-        major, minor, micro = (int(p) for p in __version__.split("."))
-        self._send({"QMP": {"version": {"qemu": {"major": major, "minor": minor, "micro": micro},
-                                        "package": "stratovirt-py"},
-                            "capabilities": []}}, client)
-        negotiated = False
-        stream = JsonStream()
-        while True:
-            chunk = client.recv(65536)
-            if not chunk:
-                return
-            try:
-                texts = stream.feed(chunk)
-            except ValueError as error:
-                self._send({"error": {"class": "GenericError", "desc": str(error)}}, client)
-                continue
-            for text in texts:
-                try:
-                    request = json.loads(text)
-                except ValueError as error:
-                    self._send({"error": {"class": "GenericError",
-                                          "desc": f"JSON parse error, {error}"}}, client)
-                    continue
-                negotiated = self._dispatch(client, request, negotiated)
-
-    def _dispatch(self, client, request, negotiated: bool) -> bool:
-        reply: dict = {}
-        command = request.get("execute") if isinstance(request, dict) else None
-        args = request.get("arguments", {}) if isinstance(request, dict) else {}
+    def _read(self, client: _Client) -> None:
         try:
-            if not isinstance(command, str) or not isinstance(args, dict):
-                raise QmpError("GenericError", "QMP input must be an object with a string "
-                                               "'execute' and an object 'arguments'")
-            if command == "qmp_capabilities":
-                if negotiated:
-                    raise QmpError("CommandNotFound", "Capabilities negotiation is already "
-                                                      "complete, command ignored")
-                negotiated = True
-                result = {}
-            elif not negotiated:
-                raise QmpError("CommandNotFound", "Expecting capabilities negotiation with "
-                                                  "'qmp_capabilities'")
-            elif command in COMMANDS:
-                result = COMMANDS[command](self._machine, args)
+            data, fds, flags, _ = socket.recv_fds(
+                client.sock, RECV_BYTES, MAX_FDS_PER_MESSAGE,
+                socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as error:
+            quiet = error.errno in (errno.ECONNRESET, errno.EPIPE)
+            self._drop(client, None if quiet else error.strerror)
+            return
+        # Passed fds wait for a getfd (qemu.qmp sends one with a lone space, the command
+        # after it); the oldest go when a client keeps more than MAX_KEPT_FDS.
+        client.fds.extend(fds)
+        while len(client.fds) > MAX_KEPT_FDS:
+            os.close(client.fds.popleft())
+        if flags & socket.MSG_CTRUNC:
+            self._reply(client, QmpError("GenericError", "too many file descriptors in one "
+                                         f"message; allowed {MAX_FDS_PER_MESSAGE}").reply())
+        if not data:
+            self._drop(client, None)
+            return
+        for item in client.stream.feed(data):
+            if isinstance(item, json_stream.BadInput):
+                self._reply(client, QmpError("GenericError", item.desc).reply())
             else:
-                raise QmpError("CommandNotFound", f"The command {command} has not been found")
-            reply["return"] = result
+                self._execute(client, item.value)
+            if client.closed:
+                return
+
+    def _execute(self, client: _Client, request) -> None:
+        reply: dict
+        command = None
+        try:
+            command, args = self._check(client, request)
+            if command.name == "qmp_capabilities":
+                client.negotiated = True
+                result = {}
+            else:
+                result = command.handler(Context(self._machine, self._hotplug,
+                                                 client.take_fd), args)
+            reply = {"return": result}
         except QmpError as error:
-            reply["error"] = {"class": error.error_class, "desc": error.desc}
+            reply = error.reply()
+        except Exception as error:  # noqa: BLE001 -- a handler's bug must not end QMP
+            where = error.__traceback__
+            while where.tb_next is not None:
+                where = where.tb_next
+            name = command.name if command else "?"
+            log.error("QMP %s: unexpected %s: %s (%s:%d)", name, type(error).__name__, error,
+                      where.tb_frame.f_code.co_filename, where.tb_lineno)
+            reply = QmpError("GenericError", f"internal error in '{name}': "
+                             f"{type(error).__name__}").reply()
         if isinstance(request, dict) and "id" in request:
             reply["id"] = request["id"]
-        self._send(reply, client)
-        if command == "quit" and "return" in reply:
-            self._machine.shutdown("host-qmp-quit", guest=False)
-        return negotiated
+        self._reply(client, reply)
+        if "return" in reply and command.then is not None:
+            command.then(Context(self._machine, self._hotplug, client.take_fd))
+
+    def _check(self, client: _Client, request):
+        if not isinstance(request, dict):
+            raise QmpError("GenericError", "QMP input must be a JSON object")
+        for key in request:
+            if key not in _ENVELOPE:
+                raise QmpError("GenericError", f"QMP input member '{key}' is unexpected")
+        name = request.get("execute")
+        if not isinstance(name, str):
+            raise QmpError("GenericError", "QMP input member 'execute' must be a string"
+                           if "execute" in request else "QMP input lacks member 'execute'")
+        arguments = request.get("arguments", {})
+        if not isinstance(arguments, dict):
+            raise QmpError("GenericError", "QMP input member 'arguments' must be an object")
+        command = COMMANDS.get(name)
+        if not client.negotiated and name != "qmp_capabilities":
+            raise QmpError("CommandNotFound",
+                           "Expecting capabilities negotiation with 'qmp_capabilities'")
+        if client.negotiated and name == "qmp_capabilities":
+            raise QmpError("CommandNotFound",
+                           "Capabilities negotiation is already complete, command ignored")
+        if command is None:
+            raise QmpError("CommandNotFound", f"The command {name[:64]} has not been found")
+        try:
+            return command, command.args.check(arguments)
+        except SchemaError as error:
+            raise QmpError("GenericError", str(error)) from None
+
+    def _reply(self, client: _Client, message: dict) -> None:
+        with self._lock:
+            client.out += _line(message)
+
+    def _flush_all(self) -> None:
+        for client in list(self._clients.values()):
+            broken = False
+            with self._lock:
+                if client.out:
+                    try:
+                        sent = client.sock.send(client.out, socket.MSG_DONTWAIT)
+                        del client.out[:sent]
+                    except (BlockingIOError, InterruptedError):
+                        pass
+                    except OSError:            # it went away
+                        broken = True
+                queued = len(client.out)
+            if broken:
+                self._drop(client, None)
+            elif queued > HARD_QUEUE_BYTES:
+                self._drop(client, f"it stopped reading ({queued} bytes queued)")
+            else:
+                reading = queued < SOFT_QUEUE_BYTES and not self._closing
+                wanted = (_IN if reading else 0) | (_OUT if queued else 0)
+                self._poller.modify(client.sock, wanted)
+
+    def _drop(self, client: _Client, why: str | None) -> None:
+        fd = client.sock.fileno()
+        if fd < 0 or self._clients.get(fd) is not client:
+            return
+        if why:
+            log.warning("QMP client dropped: %s", why)
+        self._poller.unregister(fd)
+        with self._lock:
+            del self._clients[fd]
+        client.close()

@@ -22,6 +22,7 @@ def prepare() -> None:
     """Load and compile every role's filter now, while files can still be opened: a
     thread confined later (a vCPU under the vm filter, where openat fails) finds its
     filter ready. confine() of a process calls it; calling it again costs nothing."""
+    privileges.prepare()
     for role in roles():
         if role not in _filters:
             _filters[role] = _seccomp.build(load(role))

@@ -7,6 +7,7 @@ starts any other. The parent-death signal makes a child die with the launcher.
 """
 
 import ctypes
+import functools
 import signal
 
 import prctl
@@ -41,13 +42,20 @@ def drop_capabilities() -> None:
                    (every, prctl.CAP_INHERITABLE, False))
 
 
+@functools.cache
 def _last_cap() -> int:
-    """The running kernel's highest capability (it may know more than python-prctl)."""
+    """The running kernel's highest capability (it may know more than python-prctl).
+    Read once, by the launcher while it may open files (sandbox.prepare): a backend
+    forked after the launcher's filter is on could not read it."""
     try:
         with open("/proc/sys/kernel/cap_last_cap") as f:
             return int(f.read())
     except OSError:
         return prctl.CAP_LAST_CAP
+
+
+def prepare() -> None:
+    _last_cap()
 
 
 def capabilities() -> dict[str, int]:

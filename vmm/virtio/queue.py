@@ -106,6 +106,11 @@ class Virtqueue:
         filled. The caller still decides whether to interrupt (needs_interrupt)."""
         lib.vq_push(self._q, head, written)
 
+    def want_notifications(self) -> None:
+        """Clear VRING_USED_F_NO_NOTIFY: a queue taken over from another device (a slot
+        whose backend was swapped) may have been left with kicks suppressed."""
+        lib.vq_set_notify(self._q, 1)
+
     def needs_interrupt(self) -> bool:
         """Whether the guest asked to be interrupted (VRING_AVAIL_F_NO_INTERRUPT clear).
         EVENT_IDX is not offered, so this is the only suppression there is."""

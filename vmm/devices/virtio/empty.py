@@ -1,14 +1,23 @@
 """What fills a virtio-mmio slot that has no device behind it.
 
-- An empty disk slot is a virtio-blk device of capacity 0 (read-only), as StratoVirt
-  shows free disk slots, so a disk can later be hot-plugged into the slot the guest
-  already knows. It runs in the vm process: its queue sees only what a guest asks of
-  an empty disk (udev reading the serial, a flush), answered on the vCPU thread that
-  kicked, with no backend process to spend on it. Reads and writes fail with IOERR.
+- An empty disk slot is a virtio-blk device of capacity 0, as StratoVirt shows free
+  disk slots, so a disk can later be hot-plugged into the slot the guest already
+  knows. It offers what a writable disk of ours offers (a guest reads the features and
+  most of the configuration only when it probes: a slot probed read-only would stay
+  read-only after a hot-plug). It runs in the vm process: its queue sees only what a
+  guest asks of an empty disk (udev reading the serial, a flush), answered on the vCPU
+  thread that kicked, with no backend process to spend on it. Reads and writes fail
+  with IOERR.
 - An empty NIC slot is a virtio-net device whose link is down (STATUS), as the spec's
   "an empty NIC slot drops what the guest sends" asks: what the guest transmits is
   completed and dropped on the vCPU thread that kicked, its receive queue is never
-  filled. The guest keeps its ethN names when a tap is plugged later.
+  filled. It offers what every NIC backend of ours offers whatever its tap (mergeable
+  receive buffers, the checksum and TSO offloads towards the host), so a hot-plugged
+  NIC runs with them; no MAC (the guest picks one when it probes). The guest keeps its
+  ethN names when a tap is plugged later.
+
+Both take over the rings a backend leaves when it is unplugged from a live slot, and
+hand them to the next one (activate's bases, suspend): mmio.py, replace_device.
 - Any other empty slot is device ID 0, which the virtio spec (4.2.2) calls a
   placeholder: Linux's driver skips it without a message.
 """
@@ -20,18 +29,29 @@ import struct
 from ...machine.memory import GuestMemory
 from ...virtio.queue import QueueBroken, Virtqueue
 from .block.attach import QUEUE_SIZE, VIRTIO_ID_BLOCK
-from .block.device import CONFIG_SIZE as BLK_CONFIG_SIZE, VIRTIO_BLK_F_RO
+from .block.device import SECTOR, WRITABLE_FEATURES, WRITABLE_LIMITS, config_space
 from .block.request import S_IOERR, S_OK, S_UNSUPP, T_FLUSH, T_GET_ID, T_IN, T_OUT
-from .net.device import QUEUE_SIZE as NET_QUEUE_SIZE
+from .net import device as net
 from .mmio import VIRTIO_F_VERSION_1, DeviceError, Interrupt, QueueSetup, config_bytes
 
 log = logging.getLogger(__name__)
 
 VIRTIO_ID_NET = 1
-VIRTIO_NET_F_STATUS = 1 << 16
-NET_CONFIG_SIZE = 12            # mac, status (0: link down), max_virtqueue_pairs, mtu
 NET_RX, NET_TX = 0, 1
+NIC_FEATURES = (VIRTIO_F_VERSION_1 | net.VIRTIO_RING_F_INDIRECT_DESC | net.STATUS
+                | net.MRG_RXBUF | net.CSUM | net.HOST_TSO4 | net.HOST_TSO6)
 HEADER = struct.Struct("<IIQ")            # struct virtio_blk_outhdr: type, ioprio, sector
+DISCARD_ALIGNMENT = 8                     # sectors: a 4 KiB file system block
+
+
+def _queue(memory: GuestMemory, queue: QueueSetup, base: int) -> Virtqueue:
+    try:
+        ring = Virtqueue(memory.host_regions(), queue.num, queue.desc, queue.avail,
+                         queue.used, base)
+    except ValueError as error:
+        raise DeviceError(str(error)) from None
+    ring.want_notifications()
+    return ring
 
 
 class Placeholder:
@@ -43,8 +63,11 @@ class Placeholder:
     def read_config(self, offset: int, size: int) -> bytes:
         return b""
 
-    def activate(self, features, queues, kicks, interrupt) -> None:
+    def activate(self, features, queues, kicks, interrupt, bases) -> None:
         pass
+
+    def suspend(self) -> list[int]:
+        return []
 
     def reset(self) -> None:
         pass
@@ -55,33 +78,36 @@ class Placeholder:
 
 class EmptyDisk:
     device_id = VIRTIO_ID_BLOCK
-    features = VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_RO
+    features = WRITABLE_FEATURES
     queue_sizes = (QUEUE_SIZE,)
     uses_ioeventfd = False
+    config = config_space(0, SECTOR, WRITABLE_LIMITS, DISCARD_ALIGNMENT)
 
     def __init__(self, memory: GuestMemory):
         self.memory = memory
-        self.config = bytes(BLK_CONFIG_SIZE)          # capacity 0, nothing else offered
         self.queue: Virtqueue | None = None
+        self.base = 0
         self.interrupt: Interrupt | None = None
 
     def read_config(self, offset: int, size: int) -> bytes:
         return config_bytes(self.config, offset, size)
 
     def activate(self, features: int, queues: list[QueueSetup], kicks: list[int],
-                 interrupt: Interrupt) -> None:
-        queue = queues[0]
-        if not queue.ready:
-            return
-        try:
-            self.queue = Virtqueue(self.memory.host_regions(), queue.num, queue.desc,
-                                   queue.avail, queue.used)
-        except ValueError as error:
-            raise DeviceError(str(error)) from None
+                 interrupt: Interrupt, bases: list[int]) -> None:
+        self.base = bases[0]
+        if queues[0].ready:
+            self.queue = _queue(self.memory, queues[0], bases[0])
         self.interrupt = interrupt
+
+    def suspend(self) -> list[int]:
+        if self.queue is not None and not self.queue.broken:
+            self.base = self.queue.last_avail_idx
+        self.queue = None
+        return [self.base]
 
     def reset(self) -> None:
         self.queue = None
+        self.base = 0
 
     def notify(self, index: int) -> None:
         if self.queue is None:
@@ -119,14 +145,15 @@ class EmptyDisk:
 
 class EmptyNic:
     device_id = VIRTIO_ID_NET
-    features = VIRTIO_F_VERSION_1 | VIRTIO_NET_F_STATUS      # no MAC: the guest picks one
-    queue_sizes = (NET_QUEUE_SIZE, NET_QUEUE_SIZE)           # receive, transmit
+    features = NIC_FEATURES
+    queue_sizes = (net.QUEUE_SIZE, net.QUEUE_SIZE)             # receive, transmit
     uses_ioeventfd = False
+    config = net.CONFIG.pack(bytes(6), 0, 1, 0)                # link down
 
     def __init__(self, memory: GuestMemory):
         self.memory = memory
-        self.config = struct.pack("<6sHHH", bytes(6), 0, 1, 0)   # link down
         self.tx: Virtqueue | None = None
+        self.bases = [0, 0]           # receive: never consumed here, kept for the next
         self.interrupt: Interrupt | None = None
         self.dropped = 0
 
@@ -134,19 +161,21 @@ class EmptyNic:
         return config_bytes(self.config, offset, size)
 
     def activate(self, features: int, queues: list[QueueSetup], kicks: list[int],
-                 interrupt: Interrupt) -> None:
-        queue = queues[NET_TX]
-        if not queue.ready:
-            return
-        try:
-            self.tx = Virtqueue(self.memory.host_regions(), queue.num, queue.desc,
-                                queue.avail, queue.used)
-        except ValueError as error:
-            raise DeviceError(str(error)) from None
+                 interrupt: Interrupt, bases: list[int]) -> None:
+        self.bases = list(bases)
+        if queues[NET_TX].ready:
+            self.tx = _queue(self.memory, queues[NET_TX], bases[NET_TX])
         self.interrupt = interrupt
+
+    def suspend(self) -> list[int]:
+        if self.tx is not None and not self.tx.broken:
+            self.bases[NET_TX] = self.tx.last_avail_idx
+        self.tx = None
+        return list(self.bases)
 
     def reset(self) -> None:
         self.tx = None
+        self.bases = [0, 0]
 
     def notify(self, index: int) -> None:
         """Transmitted frames are completed unread; the receive queue keeps its buffers."""

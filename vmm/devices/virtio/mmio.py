@@ -14,6 +14,13 @@ bit is ours and is exact.
 
 A device that breaks (a ring the guest placed outside RAM, a backend that died) gets
 DEVICE_NEEDS_RESET and a configuration-change interrupt; the guest's driver decides.
+
+Hot-plug replaces the device behind a slot (replace_device): the guest's driver keeps
+the slot and the features it negotiated; a live slot's rings move to the new device
+where the old one stopped (each queue's next available index), kicks are routed to
+wherever the new device takes them (an ioeventfd for a backend, an exit for an empty
+slot), and a configuration-change interrupt makes the driver read the configuration
+again (a disk's capacity, a NIC's link).
 """
 
 import logging
@@ -82,7 +89,11 @@ class VirtioDevice(Protocol):
 
     def read_config(self, offset: int, size: int) -> bytes: ...
     def activate(self, features: int, queues: list[QueueSetup], kicks: list[int],
-                 interrupt: "Interrupt") -> None: ...
+                 interrupt: "Interrupt", bases: list[int]) -> None:
+        """Start the ready queues, each at its next available index in `bases`."""
+    def suspend(self) -> list[int]:
+        """Stop serving a live device's queues; each queue's next available index.
+        Every chain taken from a ring has been completed when it returns."""
     def reset(self) -> None: ...
     def notify(self, index: int) -> None: ...
 
@@ -106,10 +117,10 @@ class MmioTransport:
         self.device = device
         self.memory = memory
         self.interrupt = Interrupt(vm, gsi)
+        self.vm = vm
         self.kicks = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in device.queue_sizes]
         if device.uses_ioeventfd:
-            for index, kick in enumerate(self.kicks):
-                vm.ioeventfd(kick, base + QUEUE_NOTIFY, 4, index)
+            self._route_kicks(True)
         self._lock = threading.Lock()
         self._reset_state()
 
@@ -244,11 +255,89 @@ class MmioTransport:
             for index, queue in enumerate(self.queues):
                 if queue.ready:
                     self._check_queue(index, queue)
-            self.device.activate(self.driver_features, self.queues, self.kicks, self.interrupt)
+            self._start(self.device, [0] * len(self.queues))
         except DeviceError as error:
             self.break_device(str(error))
             return
         self.live = True
+
+    def _start(self, device: VirtioDevice, bases: list[int]) -> None:
+        """The driver's features as far as `device` has them (a hot-plugged device may
+        lack some the slot's first device offered: docs/hotplug.md)."""
+        device.activate(self.driver_features & device.features, self.queues, self.kicks,
+                        self.interrupt, bases)
+
+    def replace_device(self, device: VirtioDevice) -> VirtioDevice:
+        """Put `device` in this slot and return the one it replaces (the caller closes
+        it). DeviceError if the new device cannot take over a live slot's rings; the
+        old one then stays, serving again."""
+        with self._lock:
+            old = self.device
+            if old.queue_sizes != device.queue_sizes:
+                raise DeviceError(f"{self.name}: a device with other queues cannot replace "
+                                  "this one")
+            if not self.live:
+                self._switch(old, device)
+                return old
+            try:
+                bases = old.suspend()
+            except DeviceError as error:
+                bases = self._used_indexes()
+                log.error("%s: %s; the next device starts each ring where the guest has "
+                          "seen it completed", self.name, error)
+            self._switch(old, device)
+            try:
+                self._start(device, bases)
+            except DeviceError:
+                self._switch(device, old)
+                self._start(old, bases)
+                self._kick_ready(old)
+                raise
+            self._kick_ready(device)
+            self._config_changed()
+            return old
+
+    def _used_indexes(self) -> list[int]:
+        """Where each ring's used index stands: the next available index of a device
+        that completed in order, which is all a dead backend leaves to go by (QEMU does
+        the same when GET_VRING_BASE fails). Requests it took and never completed are
+        then taken again by the next device."""
+        indexes = []
+        for queue in self.queues:
+            try:
+                used = int.from_bytes(self.memory.read(queue.used + 2, 2), "little") \
+                    if queue.ready else 0
+            except GuestMemoryError:
+                used = 0
+            indexes.append(used)
+        return indexes
+
+    def _switch(self, old: VirtioDevice, new: VirtioDevice) -> None:
+        self.device = new
+        if old.uses_ioeventfd != new.uses_ioeventfd:
+            self._route_kicks(new.uses_ioeventfd)
+            self._drain_kicks()
+
+    def _route_kicks(self, ioeventfd: bool) -> None:
+        """QueueNotify as an ioeventfd per queue (a backend waits on it) or as an exit
+        to this process (a device served here)."""
+        for index, kick in enumerate(self.kicks):
+            self.vm.ioeventfd(kick, self.base + QUEUE_NOTIFY, 4, index, assign=ioeventfd)
+
+    def _kick_ready(self, device: VirtioDevice) -> None:
+        """A kick the driver sent while the slot changed hands went to the old device's
+        route: every ready queue is kicked once (a spurious kick costs one look)."""
+        for index, queue in enumerate(self.queues):
+            if queue.ready:
+                if device.uses_ioeventfd:
+                    os.eventfd_write(self.kicks[index], 1)
+                else:
+                    device.notify(index)
+
+    def _config_changed(self) -> None:
+        self.interrupt_status |= INT_CONFIG
+        self.config_generation += 1
+        self.interrupt.trigger()
 
     def _check_queue(self, index: int, queue: QueueSetup) -> None:
         num = queue.num
@@ -269,9 +358,7 @@ class MmioTransport:
         (or is the transport itself)."""
         log.error("%s: %s; the device needs a reset", self.name, why)
         self.status |= DEVICE_NEEDS_RESET
-        self.interrupt_status |= INT_CONFIG
-        self.config_generation += 1
-        self.interrupt.trigger()
+        self._config_changed()
 
     def _reset(self) -> None:
         if self.live or self.status:
@@ -279,12 +366,15 @@ class MmioTransport:
                 self.device.reset()
             except DeviceError as error:
                 log.error("%s: reset: %s", self.name, error)
-        for kick in self.kicks:       # kicks from before the reset mean nothing now
+        self._drain_kicks()           # kicks from before the reset mean nothing now
+        self._reset_state()
+
+    def _drain_kicks(self) -> None:
+        for kick in self.kicks:
             try:
                 os.eventfd_read(kick)
             except BlockingIOError:
                 pass
-        self._reset_state()
 
 
 def config_bytes(config: bytes, offset: int, size: int) -> bytes:

@@ -4,7 +4,9 @@ The vm process keeps only the frontend: at start-up it negotiates features, read
 configuration space and hands over guest RAM (the memfd, once); when the guest's driver
 sets DRIVER_OK it passes each ready ring with the queue's ioeventfd as kick and the
 slot's irqfd as call, so the data path runs between the guest and the backend alone;
-on a reset it takes the rings back (GET_VRING_BASE).
+on a reset it takes the rings back (GET_VRING_BASE). A device hot-plugged into a live
+slot starts each ring where the slot's previous device stopped (activate's bases), and
+one unplugged gives each ring's stopping point back (suspend).
 
 The frontend talks on the vCPU thread that wrote the status register, as QEMU does
 under its big lock: these are a handful of messages per device life cycle.
@@ -33,6 +35,7 @@ class VhostUserDevice:
         self.memory = memory
         self.frontend = Frontend(P.Connection(sock))
         self.started: list[int] = []
+        self.bases = [0] * len(queue_sizes)
         try:
             offered = self.frontend.negotiate(TRANSPORT_FEATURES)
             if not self.frontend.protocol_features & (1 << P.PROTOCOL_F_CONFIG):
@@ -51,7 +54,8 @@ class VhostUserDevice:
         return config_bytes(self.config, offset, size)
 
     def activate(self, features: int, queues: list[QueueSetup], kicks: list[int],
-                 interrupt: Interrupt) -> None:
+                 interrupt: Interrupt, bases: list[int]) -> None:
+        self.bases = list(bases)
         try:
             self.frontend.set_features(features)
             for index, queue in enumerate(queues):
@@ -59,19 +63,31 @@ class VhostUserDevice:
                     continue
                 addresses = RingAddresses(*(self.memory.translate(address, 1) for address in
                                             (queue.desc, queue.avail, queue.used)))
-                self.frontend.start_ring(index, queue.num, addresses, 0, kicks[index],
-                                         interrupt.fd)
+                self.frontend.start_ring(index, queue.num, addresses, bases[index],
+                                         kicks[index], interrupt.fd)
                 self.started.append(index)
         except (BackendError, P.ProtocolError, OSError) as error:
             raise DeviceError(f"vhost-user backend: {error}") from None
 
-    def reset(self) -> None:
+    def suspend(self) -> list[int]:
+        """GET_VRING_BASE on every started ring: the backend finishes the requests it
+        took (our backends complete a batch before they look at their stop pipe) and
+        says where the next one is."""
         started, self.started = self.started, []
         try:
             for index in started:
-                self.frontend.stop_ring(index)
+                self.bases[index] = self.frontend.stop_ring(index)
         except (BackendError, P.ProtocolError, OSError) as error:
             raise DeviceError(f"vhost-user backend: {error}") from None
+        return list(self.bases)
+
+    def reset(self) -> None:
+        self.suspend()
+        self.bases = [0] * len(self.queue_sizes)
+
+    def close(self) -> None:
+        """The backend process ends when its connection closes."""
+        self.frontend.connection.close()
 
     def notify(self, index: int) -> None:
         """Never called: QueueNotify is an ioeventfd the backend polls."""

@@ -1,5 +1,6 @@
-"""A -drive in the launcher: the image opened with the drive's flags, then its backend
-process (vmm-blk-<id>) forked with the image and nothing else of the launcher's."""
+"""A -drive (or a hot-plugged disk) in the launcher: the image opened with the drive's
+flags, then its backend process (vmm-blk-<id>) forked with the image and nothing else
+of the launcher's."""
 
 import os
 
@@ -13,14 +14,22 @@ VIRTIO_ID_BLOCK = 2
 QUEUE_SIZE = 256            # QEMU's default for virtio-blk
 
 
-def attach(drive: Drive, index: int, memory: GuestMemory, seccomp: bool) -> Attached:
-    flags = (os.O_RDONLY if drive.read_only else os.O_RDWR) | os.O_CLOEXEC | \
-        (os.O_DIRECT if drive.direct else 0)
-    try:
-        disk = os.open(drive.path, flags)
-    except OSError as error:
-        raise AttachError(f"-drive id={drive.id}: {drive.path}: {error.strerror}") from None
-    slot = Slot(index, f"disk {drive.id}", VIRTIO_ID_BLOCK, (QUEUE_SIZE,), CONFIG_SIZE)
+def open_flags(read_only: bool, direct: bool) -> int:
+    return (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC | \
+        (os.O_DIRECT if direct else 0)
+
+
+def attach(drive: Drive, index: int, memory: GuestMemory, seccomp: bool,
+           disk: int | None = None) -> Attached:
+    """`disk`: the image, already open with open_flags() (the broker's, for a hot-plug;
+    the caller keeps it); else it is opened here and closed once the backend has it."""
+    own = disk is None
+    if own:
+        try:
+            disk = os.open(drive.path, open_flags(drive.read_only, drive.direct))
+        except OSError as error:
+            raise AttachError(f"-drive id={drive.id}: {drive.path}: {error.strerror}") from None
+    slot = Slot(index, drive.id, f"disk {drive.id}", VIRTIO_ID_BLOCK, (QUEUE_SIZE,), CONFIG_SIZE)
     try:
         return spawn_backend(slot, f"vmm-blk-{drive.id}", f"blk-{drive.id}", [disk],
                              lambda sock: main.serve_disk(disk, sock, drive.read_only,
@@ -28,4 +37,5 @@ def attach(drive: Drive, index: int, memory: GuestMemory, seccomp: bool) -> Atta
                                                           seccomp),
                              memory)
     finally:
-        os.close(disk)
+        if own:
+            os.close(disk)

@@ -31,6 +31,28 @@ MAX_DWZ_SECTORS = 1 << 22         # 2 GiB per discard / write-zeroes segment
 MAX_DISCARD_ALIGNMENT = 1 << 20   # bytes: a larger st_blksize is not an allocation unit
 
 
+BASE_FEATURES = (VIRTIO_F_VERSION_1 | VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_BLK_F_SIZE_MAX
+                 | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH)
+WRITABLE_FEATURES = BASE_FEATURES | VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES
+WRITABLE_LIMITS = R.Limits(MAX_DWZ_SECTORS, R.MAX_DWZ_SEGMENTS, MAX_DWZ_SECTORS,
+                           R.MAX_DWZ_SEGMENTS, True)
+
+
+def config_space(capacity: int, block_size: int, limits: R.Limits,
+                 discard_alignment: int, num_queues: int = 1) -> bytes:
+    """struct virtio_blk_config up to write_zeroes_may_unmap (CONFIG_SIZE bytes)."""
+    config = bytearray(CONFIG_SIZE)
+    struct.pack_into("<QII", config, 0, capacity, SIZE_MAX, SEG_MAX)
+    struct.pack_into("<I", config, 20, block_size)          # blk_size
+    struct.pack_into("<H", config, 34, num_queues)
+    if limits.max_discard_seg or limits.max_write_zeroes_seg:
+        struct.pack_into("<IIIIIB", config, 36, limits.max_discard_sectors,
+                         limits.max_discard_seg, discard_alignment,
+                         limits.max_write_zeroes_sectors, limits.max_write_zeroes_seg,
+                         limits.write_zeroes_may_unmap)
+    return bytes(config)
+
+
 class BlockDevice:
     num_queues = 1
     max_queue_size = MAX_QUEUE_SIZE
@@ -46,27 +68,14 @@ class BlockDevice:
         # Discards of less than the file system's block free nothing: tell the guest.
         granule = disk.io_block if SECTOR <= disk.io_block <= MAX_DISCARD_ALIGNMENT else SECTOR
         self.discard_alignment = max(granule, disk.block_size) // SECTOR
-        self.limits = R.Limits() if read_only else R.Limits(
-            MAX_DWZ_SECTORS, R.MAX_DWZ_SEGMENTS, MAX_DWZ_SECTORS, R.MAX_DWZ_SEGMENTS, True)
-        self.features = (VIRTIO_F_VERSION_1 | VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_BLK_F_SIZE_MAX
-                         | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH
-                         | (VIRTIO_BLK_F_RO if read_only else
-                            VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES))
+        self.limits = R.Limits() if read_only else WRITABLE_LIMITS
+        self.features = (BASE_FEATURES | VIRTIO_BLK_F_RO) if read_only else WRITABLE_FEATURES
         self.requests = R.Requests(fd, self.capacity, read_only, direct, disk, self.serial,
                                    self.limits)
 
     def config(self) -> bytes:
-        config = bytearray(CONFIG_SIZE)
-        struct.pack_into("<QII", config, 0, self.capacity, SIZE_MAX, SEG_MAX)
-        struct.pack_into("<I", config, 20, self.block_size)          # blk_size
-        struct.pack_into("<H", config, 34, self.num_queues)
-        if not self.read_only:
-            limits = self.limits
-            struct.pack_into("<IIIIIB", config, 36, limits.max_discard_sectors,
-                             limits.max_discard_seg, self.discard_alignment,
-                             limits.max_write_zeroes_sectors, limits.max_write_zeroes_seg,
-                             limits.write_zeroes_may_unmap)
-        return bytes(config)
+        return config_space(self.capacity, self.block_size, self.limits,
+                            self.discard_alignment, self.num_queues)
 
     def process(self, queue: Virtqueue) -> Served:
         return self.requests.process(queue)

@@ -21,7 +21,7 @@ def attach(console: Console, index: int, memory: GuestMemory, created: list[Path
                           f"{error.strerror}") from None
     created.append(console.socket)
     name = f"console {console.id}"
-    slot = Slot(index, name, device.VIRTIO_ID_CONSOLE, (device.QUEUE_SIZE,) * 2,
+    slot = Slot(index, console.id, name, device.VIRTIO_ID_CONSOLE, (device.QUEUE_SIZE,) * 2,
                 device.CONFIG_SIZE)
     try:
         return spawn_backend(slot, f"vmm-con-{console.id}", f"con-{console.id}",

@@ -1,6 +1,6 @@
-"""A -netdev in the launcher: the tap opened here (it must exist: tap.py says why),
-then its backend process (vmm-net-<id>) forked with the tap and nothing else of the
-launcher's. NICs take slots 6 and 7 in -netdev order."""
+"""A -netdev (or a hot-plugged NIC) in the launcher: the tap opened here (it must exist:
+tap.py says why) or handed over, then its backend process (vmm-net-<id>) forked with the
+tap and nothing else of the launcher's. NICs take slots 6 and 7 in -netdev order."""
 
 import os
 
@@ -21,20 +21,29 @@ def nic_mac(nic: Nic, vm_name: str) -> bytes:
     return D.parse_mac(nic.mac) if nic.mac else D.generated_mac(vm_name, nic.id, nic.tap)
 
 
-def attach(nic: Nic, index: int, vm_name: str, memory: GuestMemory,
-           seccomp: bool) -> Attached:
+def attach(nic: Nic, index: int, vm_name: str, memory: GuestMemory, seccomp: bool,
+           tap: int | None = None) -> Attached:
+    """`tap`: the tap, already open (the broker's, for a hot-plug; the caller keeps it);
+    else `nic.tap` is opened here and closed once the backend has it."""
+    own = tap is None
+    if own:
+        try:
+            tap = T.open_tap(nic.tap)
+        except T.TapError as error:
+            raise AttachError(f"-netdev id={nic.id}: {error}") from None
     try:
-        tap = T.open_tap(nic.tap)
-    except T.TapError as error:
-        raise AttachError(f"-netdev id={nic.id}: {error}") from None
-    try:
-        mtu = T.mtu(nic.tap)
+        try:
+            mtu = T.mtu(nic.tap)
+        except OSError:
+            mtu = None          # a tap handed over from another network namespace
         mac = nic_mac(nic, vm_name)
-        slot = Slot(index, f"NIC {nic.id}", VIRTIO_ID_NET, (D.QUEUE_SIZE,) * 2, D.CONFIG_SIZE)
+        slot = Slot(index, nic.id, f"NIC {nic.id}", VIRTIO_ID_NET, (D.QUEUE_SIZE,) * 2,
+                    D.CONFIG_SIZE)
         return spawn_backend(slot, f"vmm-net-{nic.id}", f"net-{nic.id}", [tap],
                              lambda sock: main.serve_nic(tap, sock, mac, mtu, seccomp),
                              memory)
     except OSError as error:
         raise AttachError(f"-netdev id={nic.id}: tap {nic.tap}: {error.strerror}") from None
     finally:
-        os.close(tap)
+        if own:
+            os.close(tap)

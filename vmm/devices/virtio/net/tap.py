@@ -42,7 +42,7 @@ def open_tap(name: str) -> int:
         raise TapError(f"tap {name}: no such interface; create it first "
                        f"(ip tuntap add dev {name} mode tap)") from None
     try:
-        fd = os.open(TUN_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(TUN_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError as error:
         raise TapError(f"tap {name}: {TUN_PATH}: {error.strerror}") from None
     try:

@@ -22,7 +22,7 @@ def attach(vsock: Vsock, index: int, memory: GuestMemory, created: list[Path],
         raise AttachError(f"-device vsock,id={vsock.id}: {vsock.socket}: "
                           f"{error.strerror}") from None
     created.append(vsock.socket)
-    slot = Slot(index, f"vsock {vsock.id}", device.VIRTIO_ID_VSOCK, (device.QUEUE_SIZE,) * 3,
+    slot = Slot(index, vsock.id, f"vsock {vsock.id}", device.VIRTIO_ID_VSOCK, (device.QUEUE_SIZE,) * 3,
                 device.CONFIG_SIZE)
     try:
         return spawn_backend(slot, f"vmm-vsock-{vsock.id}", f"vsock-{vsock.id}",

@@ -1,0 +1,140 @@
+"""Cutting a QMP client's byte stream into JSON messages, and parsing them, with limits.
+
+Clients need not end messages with newlines (QEMU's JSON streamer does not require them
+either): a message is a top-level object or array, found by counting brackets outside
+strings. What a hostile or broken client can send is bounded here:
+
+- nesting deeper than MAX_DEPTH (QEMU's limit: 1024) and a message longer than
+  MAX_MESSAGE_BYTES are reported once, then the rest of that message is skipped by
+  counting brackets alone (nothing is buffered), and the stream goes on after it;
+- bytes outside any message that are not whitespace are reported once per run;
+- parsing is strict: UTF-8 only, no NaN or Infinity, no number that does not fit a
+  64-bit integer or a finite double.
+
+Parsing is iterative in the C parser of `json`, whose recursion the depth limit keeps
+far from Python's recursion limit.
+"""
+
+import json
+import math
+from dataclasses import dataclass
+
+MAX_DEPTH = 1024
+MAX_MESSAGE_BYTES = 1 << 20
+_OPEN, _CLOSE = b"{[", b"}]"
+_SPACE = b" \t\r\n"
+_INT_LIMIT = 1 << 64
+
+
+@dataclass(frozen=True)
+class Message:
+    value: object
+
+
+@dataclass(frozen=True)
+class BadInput:
+    desc: str
+
+
+class _Reject(ValueError):
+    pass
+
+
+def _constant(name: str):
+    raise _Reject(f"'{name}' is not a JSON number")
+
+
+def _integer(text: str) -> int:
+    if len(text.lstrip("-")) > 20 or not -_INT_LIMIT < (value := int(text)) < _INT_LIMIT:
+        raise _Reject(f"integer {text[:24]}{'...' if len(text) > 24 else ''} is out of range")
+    return value
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Reject(f"number {text[:24]} is out of range")
+    return value
+
+
+def parse(data: bytes) -> Message | BadInput:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return BadInput(f"JSON parse error, invalid UTF-8 sequence at byte {error.start}")
+    try:
+        return Message(json.loads(text, parse_constant=_constant, parse_int=_integer,
+                                  parse_float=_float))
+    except _Reject as error:
+        return BadInput(f"JSON parse error, {error}")
+    except ValueError as error:          # json.JSONDecodeError, int digit limits
+        return BadInput(f"JSON parse error, {error}")
+
+
+class JsonStream:
+    """feed(bytes) -> the Messages and BadInputs completed by those bytes, in order."""
+
+    def __init__(self, max_depth: int = MAX_DEPTH, max_bytes: int = MAX_MESSAGE_BYTES):
+        self.max_depth = max_depth
+        self.max_bytes = max_bytes
+        self._buffer = bytearray()
+        self._depth = 0
+        self._in_string = False
+        self._escaped = False
+        self._skipping = False       # the rest of a message already reported as bad
+        self._garbage = False        # inside a run of non-JSON bytes at top level
+
+    def feed(self, data: bytes) -> list[Message | BadInput]:
+        out: list[Message | BadInput] = []
+        start = 0                    # where the part of `data` not yet buffered begins
+        for i, byte in enumerate(data):
+            if self._depth == 0:
+                if byte in _OPEN:
+                    self._garbage = False
+                    start = i
+                elif byte in _SPACE:
+                    self._garbage = False
+                    continue
+                else:
+                    if not self._garbage:
+                        self._garbage = True
+                        out.append(BadInput(f"JSON parse error, unexpected byte {byte:#04x} "
+                                            "outside a message; expected '{'"))
+                    continue
+            if self._in_string:
+                if self._escaped:
+                    self._escaped = False
+                elif byte == 0x5C:
+                    self._escaped = True
+                elif byte == 0x22:
+                    self._in_string = False
+                continue
+            if byte == 0x22:
+                self._in_string = True
+            elif byte in _OPEN:
+                self._depth += 1
+                if self._depth > self.max_depth and not self._skipping:
+                    out.append(BadInput(f"JSON nesting is deeper than {self.max_depth} "
+                                        "levels; the message is ignored"))
+                    self._start_skipping()
+            elif byte in _CLOSE:
+                self._depth -= 1
+                if self._depth == 0:
+                    if self._skipping:
+                        self._skipping = False
+                    else:
+                        self._buffer += data[start:i + 1]
+                        out.append(parse(bytes(self._buffer)))
+                    self._buffer.clear()
+                    start = i + 1
+        if self._depth and not self._skipping:
+            self._buffer += data[start:]
+            if len(self._buffer) > self.max_bytes:
+                out.append(BadInput(f"a QMP message is longer than {self.max_bytes} bytes; "
+                                    "the message is ignored"))
+                self._start_skipping()
+        return out
+
+    def _start_skipping(self) -> None:
+        self._skipping = True
+        self._buffer.clear()

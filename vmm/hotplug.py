@@ -201,7 +201,8 @@ class Hotplug:
         except DeviceError as error:
             self._release(slot)
             sock.close()
-            raise _error(f"device_add: {error}") from None
+            raise _error(f"device_add: {error} (the backend did not come up; the log "
+                         "has its last words); the slot stays empty") from None
         try:
             self.slots.plug(slot, device, Occupant(device_id, kind, config))
         except DeviceError as error:

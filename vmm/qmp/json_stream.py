@@ -11,15 +11,18 @@ strings. What a hostile or broken client can send is bounded here:
 - parsing is strict: UTF-8 only, no NaN or Infinity, no number that does not fit a
   64-bit integer or a finite double.
 
-Parsing is iterative in the C parser of `json`, whose recursion the depth limit keeps
-far from Python's recursion limit.
+The C parser of `json` recurses once per level and counts against Python's recursion
+limit (1000 by default): the limit is raised so that MAX_DEPTH levels parse on any
+thread, and the depth limit keeps every parse within it.
 """
 
 import json
 import math
+import sys
 from dataclasses import dataclass
 
 MAX_DEPTH = 1024
+sys.setrecursionlimit(max(sys.getrecursionlimit(), 2 * MAX_DEPTH + 200))
 MAX_MESSAGE_BYTES = 1 << 20
 _OPEN, _CLOSE = b"{[", b"}]"
 _SPACE = b" \t\r\n"
@@ -69,6 +72,8 @@ def parse(data: bytes) -> Message | BadInput:
         return BadInput(f"JSON parse error, {error}")
     except ValueError as error:          # json.JSONDecodeError, int digit limits
         return BadInput(f"JSON parse error, {error}")
+    except RecursionError:               # not reached: the streamer bounds the depth
+        return BadInput(f"JSON nesting is deeper than {MAX_DEPTH} levels")
 
 
 class JsonStream:

@@ -147,7 +147,11 @@ class QmpServer(threading.Thread):
                 deadline = time.monotonic() + CLOSE_FLUSH_SECONDS
                 self._poller.unregister(self._listener)
             timeout = None if deadline is None else max(0, deadline - time.monotonic()) * 1000
-            for fd, events in self._poller.poll(timeout):
+            # Clients before the listener: one that went away frees its place for a
+            # client connecting in the same round.
+            ready = sorted(self._poller.poll(timeout),
+                           key=lambda event: event[0] == self._listener.fileno())
+            for fd, events in ready:
                 if fd == self._wake:
                     try:
                         os.eventfd_read(self._wake)

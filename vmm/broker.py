@@ -232,9 +232,8 @@ class Broker:
                 image = self.images.get(config)
                 if image is None:
                     raise Refused(f"no blockdev '{config}'")
-                serial = message.get("serial")
                 drive = Drive(device, image.path, image.read_only, image.direct,
-                              serial if isinstance(serial, str) else None)
+                              _serial(message.get("serial")))
                 attached = block_attach.attach(drive, slot, self.memory, self.config.seccomp,
                                                disk=image.fd)
             else:
@@ -289,6 +288,16 @@ class Broker:
             os.close(record.fd)
         self.images.clear()
         self.taps.clear()
+
+
+def _serial(serial) -> str | None:
+    """The disk's serial (GET_ID's answer): at most 20 printable ASCII bytes, as -drive's."""
+    if serial is None:
+        return None
+    if not isinstance(serial, str) or len(serial) > 20 or \
+            not all(" " <= c <= "~" for c in serial):
+        raise Refused("serial: at most 20 printable ASCII characters")
+    return serial
 
 
 def _open_image(path: str, driver, read_only: bool, direct: bool) -> int:

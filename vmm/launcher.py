@@ -193,7 +193,7 @@ def _bind(path: Path, cleanup: _Cleanup) -> socket.socket:
         raise LaunchError(f"-api-channel: {path}: {error.strerror}") from None
     cleanup.paths.append(path)
     os.chmod(path, 0o600)
-    listener.listen(16)
+    listener.listen(128)      # a burst of clients waits here, not in connect()'s EAGAIN
     return listener
 
 

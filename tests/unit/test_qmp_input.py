@@ -106,7 +106,12 @@ def check(name, arguments):
      "Invalid parameter type for 'share-rw', expected: boolean"),
     ("qmp_capabilities", {"enable": ["oob"]}, "Parameter 'enable[0]' does not accept value "
                                               "'oob'; allowed: none"),
-    ("getfd", {"fdname": "x" * 200}, "longer than 128"),
+    ("getfd", {"fdname": "x" * 200}, "longer than 64"),
+    ("device_add", {"id": "a/b", "driver": "virtio-blk-mmio"},
+     "Parameter 'id' expects an id: 1..64 characters, a letter first"),
+    ("blockdev-add", {"node-name": "9x", "file": {"driver": "file", "filename": "/x"}},
+     "Parameter 'node-name' expects an id"),
+    ("netdev_add", {"id": "n" * 65}, "Parameter 'id' expects an id"),
     ("query-status", {"x": None}, "Parameter 'x' is unexpected"),
 ])
 def test_arguments_are_checked_before_any_handler(name, arguments, desc):

@@ -26,7 +26,12 @@ class Raw:
     def __init__(self, path: Path, negotiate: bool = True, timeout: float = 10):
         self.sock = socket.socket(socket.AF_UNIX)
         self.sock.settimeout(timeout)
-        self.sock.connect(str(path))
+        for _ in range(100):          # a full backlog: retry, as Kata's client does
+            try:
+                self.sock.connect(str(path))
+                break
+            except BlockingIOError:
+                time.sleep(0.05)
         self.pending = b""
         self.greeting = self.read()
         if negotiate:

@@ -24,6 +24,7 @@ MAX_OTHER_DEVICES = 2
 
 # Device ids become QMP identifiers and process names: QEMU's rule for ids.
 ID_CHARS = (1, 64)
+ID_PATTERN = r"[A-Za-z][A-Za-z0-9._-]*"       # a letter, then letters, digits, '-', '.', '_'
 # VIRTIO_BLK_ID_BYTES: the GET_ID reply is 20 bytes, not NUL-terminated when full.
 DRIVE_SERIAL_BYTES = (1, 20)
 # IFNAMSIZ is 16 including the terminating NUL.

@@ -17,7 +17,7 @@ from .model import (BootSource, Console, Drive, MachineConfig, MachineSpec, Nic,
                     Vsock)
 from .values import show
 
-_ID = re.compile(r"[A-Za-z][A-Za-z0-9._-]*")
+_ID = re.compile(L.ID_PATTERN)
 _MAC = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}")
 _SERIAL_CHARS = set(string.printable) - set(string.whitespace) | {" "}
 

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .. import __version__
+from ..config import limits
 from .errors import QmpError
-from .schema import Bool, Enum, Int, List, Object, SchemaError, Str, Type, opt, req
+from .schema import Bool, Enum, Int, List, Object, Pattern, SchemaError, Str, Type, opt, req
 
 # The greeting's and query-version's QEMU version: clients (Kata's among them) refuse a
 # QEMU older than 5.0, and StratoVirt answers 5.0.1 for that reason.
@@ -22,7 +23,11 @@ QEMU_VERSION = {"major": 5, "minor": 0, "micro": 1}
 PACKAGE = f"stratovirt-py {__version__}"
 
 EVENTS = ("SHUTDOWN", "RESET", "STOP", "RESUME", "POWERDOWN", "DEVICE_DELETED")
-ID = Str(max_length=128)
+# Device, node and netdev ids as the configuration's (they become process names, log
+# words, QOM paths): a letter, then letters, digits, '-', '.', '_'.
+ID = Pattern(limits.ID_PATTERN, *limits.ID_CHARS,
+             f"an id: {limits.ID_CHARS[0]}..{limits.ID_CHARS[1]} characters, a letter first, "
+             "then letters, digits, '-', '.', '_'")
 
 
 class OnOff(Type):
@@ -166,6 +171,7 @@ def _reset(ctx):
     ctx.machine.reset(reason="host-qmp-system-reset", guest=False)
 
 
+FDNAME = Str(max_length=64)
 NONE = Object({})
 FILE = Object({
     "driver": req(Enum(("file", "host_device"))),
@@ -195,9 +201,9 @@ TABLE: tuple[Command, ...] = (
     Command("query-events", NONE, _query_events, "The events this server emits."),
     Command("query-block", NONE, _query_block,
             "Every disk slot: its device, image, read-only, direct, empty or not."),
-    Command("getfd", Object({"fdname": req(ID)}), _getfd,
+    Command("getfd", Object({"fdname": req(FDNAME)}), _getfd,
             "Keep the fd passed with this command (SCM_RIGHTS) under a name."),
-    Command("closefd", Object({"fdname": req(ID)}), _closefd, "Close a kept fd."),
+    Command("closefd", Object({"fdname": req(FDNAME)}), _closefd, "Close a kept fd."),
     Command("blockdev-add", Object({
         "node-name": req(ID),
         "driver": opt(Enum(("raw",))),
@@ -213,7 +219,7 @@ TABLE: tuple[Command, ...] = (
         "id": req(ID),
         "type": opt(Enum(("tap",))),
         "ifname": opt(Str(max_length=15)),
-        "fds": opt(ID),
+        "fds": opt(Str(max_length=64)),
         "vhost": opt(OnOff()),
     }), _netdev_add, "Record a NIC configuration on a tap (by name, or a getfd fd)."),
     Command("netdev_del", Object({"id": req(ID)}), _netdev_del,

@@ -2,7 +2,7 @@
 before any handler sees them (as QEMU's QAPI does).
 
 A command's arguments are an Object: each member has a type and is required unless
-declared optional. Types: Str, Bool, Int (a range), Enum (allowed strings), List,
+declared optional. Types: Str, Pattern, Bool, Int (a range), Enum (allowed strings), List,
 Object (nested members), Any. Checking an object reports, in QEMU's words,
 - a member not declared: "Parameter 'x' is unexpected",
 - a value of the wrong type: "Invalid parameter type for 'x', expected: T",
@@ -12,6 +12,7 @@ with nested members named by their path ('file.filename'). A handler gets the ch
 arguments as a plain dict, defaults filled in, and never parses JSON itself.
 """
 
+import re
 from dataclasses import dataclass, field
 
 
@@ -37,6 +38,22 @@ class Str(Type):
             raise SchemaError(f"Invalid parameter type for '{path}', expected: string")
         if len(value) > self.max_length:
             raise SchemaError(f"Parameter '{path}' is longer than {self.max_length} characters")
+        return value
+
+
+@dataclass(frozen=True)
+class Pattern(Type):
+    """A string matching `regex` whole, of min..max characters; `what` says what it is."""
+    regex: str
+    low: int
+    high: int
+    what: str
+    name = "string"
+
+    def check(self, value, path):
+        Str().check(value, path)
+        if not (self.low <= len(value) <= self.high and re.fullmatch(self.regex, value)):
+            raise SchemaError(f"Parameter '{path}' expects {self.what}")
         return value
 
 

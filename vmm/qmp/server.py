@@ -40,6 +40,7 @@ from .schema import SchemaError
 log = logging.getLogger(__name__)
 
 MAX_CLIENTS = 8
+ACCEPTS_PER_ROUND = 32
 SOFT_QUEUE_BYTES = 64 << 10
 HARD_QUEUE_BYTES = 1 << 20
 RECV_BYTES = 64 << 10
@@ -158,8 +159,9 @@ class QmpServer(threading.Thread):
                     except BlockingIOError:
                         pass
                 elif fd == self._listener.fileno():
-                    if not self._closing:
-                        self._accept()
+                    for _ in range(ACCEPTS_PER_ROUND):
+                        if self._closing or not self._accept():
+                            break
                 elif (client := self._clients.get(fd)) is not None:
                     if events & _IN and not self._closing:
                         self._read(client)
@@ -173,14 +175,17 @@ class QmpServer(threading.Thread):
         with self._lock:
             return any(client.out for client in self._clients.values())
 
-    def _accept(self) -> None:
+    def _accept(self) -> bool:
+        """Take one waiting client; False when none was waiting."""
         try:
             sock, _ = self._listener.accept()
-        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-            return
+        except (BlockingIOError, InterruptedError):
+            return False
+        except ConnectionAbortedError:
+            return True
         except OSError as error:
             log.error("QMP: accept: %s", error.strerror)
-            return
+            return False
         if len(self._clients) >= MAX_CLIENTS:
             refusal = _line({"error": {"class": "GenericError", "desc":
                                        f"too many QMP clients: {MAX_CLIENTS} are connected, "
@@ -191,11 +196,12 @@ class QmpServer(threading.Thread):
                 pass
             sock.close()
             log.info("QMP: a client was refused: %d are connected", MAX_CLIENTS)
-            return
+            return True
         client = _Client(sock)
         with self._lock:
             self._clients[sock.fileno()] = client
         self._poller.register(sock, _IN)
+        return True
 
     def _read(self, client: _Client) -> None:
         try:

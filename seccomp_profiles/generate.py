@@ -181,9 +181,8 @@ VM = [
     rule("read", "The stdin pump thread reads the host terminal into the UART."),
     rule("sendmsg", "Events to the launcher over the control channel; vhost-user requests "
          "with SCM_RIGHTS (memfds of guest RAM, eventfds) to the device backends."),
-    rule("sendto", "The main thread emits QMP events (SHUTDOWN) to the client; vhost-user "
-         "requests without fds."),
-    rule("shutdown", "Closing the api-channel listener wakes the QMP thread out of accept."),
+    rule("sendto", "vhost-user requests without fds (a vCPU thread's DRIVER_OK and reset "
+         "also go through here)."),
     rule("tgkill", "Pause and stop kick the vCPU threads out of KVM_RUN (SIGUSR1).",
          eq(2, "SIGUSR1")),
     ioctl("KVM_IRQ_LINE", "serial input raises the UART interrupt from the stdin pump "

@@ -37,18 +37,25 @@ S_OK, S_IOERR = 0, 1
 
 
 class Ring:
-    """The driver's side of one split ring with room for NUM requests at once."""
+    """The driver's side of one split ring with room for NUM requests at once; its
+    rings and buffers are `at` bytes above the usual addresses (a second slot's)."""
 
-    def __init__(self, memory):
+    def __init__(self, memory, at: int = 0):
         self.memory = memory
+        self.at = at
+        self.desc, self.avail, self.used = DESC + at, AVAIL + at, USED + at
         self.avail_idx = 0
         self.used_seen = 0
-        for address, length in ((DESC, 16 * NUM), (AVAIL, 6 + 2 * NUM), (USED, 6 + 8 * NUM)):
+        for address, length in ((self.desc, 16 * NUM), (self.avail, 6 + 2 * NUM),
+                                (self.used, 6 + 8 * NUM)):
             memory.fill(address, length)
 
-    @staticmethod
-    def _at(slot):
-        base = SLOTS_AT + slot * 0x2000
+    @property
+    def queue(self):
+        return NUM, self.desc, self.avail, self.used
+
+    def _at(self, slot):
+        base = SLOTS_AT + self.at + slot * 0x2000
         return base, base + 0x100, base + 0x1000          # header, status, data
 
     def post(self, kind, sector, slot, data=None):
@@ -62,14 +69,15 @@ class Ring:
         for i, (address, length, flags) in enumerate(chain):
             index = 3 * slot + i
             more = 1 if i < 2 else 0
-            self.memory.write(DESC + 16 * index,
+            self.memory.write(self.desc + 16 * index,
                               struct.pack("<QIHH", address, length, flags | more, index + 1))
-        self.memory.write(AVAIL + 4 + 2 * (self.avail_idx % NUM), struct.pack("<H", 3 * slot))
+        self.memory.write(self.avail + 4 + 2 * (self.avail_idx % NUM),
+                          struct.pack("<H", 3 * slot))
         self.avail_idx += 1
-        self.memory.write(AVAIL + 2, struct.pack("<H", self.avail_idx))
+        self.memory.write(self.avail + 2, struct.pack("<H", self.avail_idx))
 
     def used_idx(self) -> int:
-        return struct.unpack("<H", self.memory.read(USED + 2, 2))[0]
+        return struct.unpack("<H", self.memory.read(self.used + 2, 2))[0]
 
     def reap(self, count, timeout=10.0) -> dict[int, int]:
         """The next `count` completions: request slot -> status byte."""
@@ -80,7 +88,7 @@ class Ring:
         done = {}
         for _ in range(count):
             head, _ = struct.unpack("<II", self.memory.read(
-                USED + 4 + 8 * (self.used_seen % NUM), 8))
+                self.used + 4 + 8 * (self.used_seen % NUM), 8))
             self.used_seen += 1
             assert head % 3 == 0 and head // 3 not in done, f"head {head} completed twice"
             done[head // 3] = self.memory.read(self._at(head // 3)[1], 1)[0]
@@ -106,7 +114,7 @@ def slot(vm, memory):
     """A disk slot, empty, brought up by the driver with every feature it offers."""
     transport = M.MmioTransport("disk slot 1", 0xD000_1000, 6, EmptyDisk(memory), vm, memory)
     ring = Ring(memory)
-    assert driver_init(transport, queue=(NUM, DESC, AVAIL, USED)) & M.DRIVER_OK
+    assert driver_init(transport, queue=ring.queue) & M.DRIVER_OK
     return transport, ring
 
 
@@ -231,3 +239,44 @@ def test_a_device_that_cannot_take_the_rings_leaves_the_old_one_serving(slot, me
     ring.post(T_IN, 0, 0)
     kick(transport)
     assert ring.reap(1) == {0: S_IOERR}
+
+
+def test_plugging_one_slot_does_not_disturb_io_on_another(slot, vm, memory, tmp_path):
+    """Slot 1 changes hands ten times while slot 2's disk, on rings of its own in the same
+    guest memory, serves writes without a break."""
+    import threading
+
+    transport, _ = slot
+    other = M.MmioTransport("disk slot 2", 0xD000_2000, 7, EmptyDisk(memory), vm, memory)
+    ring2 = Ring(memory, at=0x400000)
+    assert driver_init(other, queue=ring2.queue) & M.DRIVER_OK
+    busy, busy_backend = backend_device(memory, image_file(tmp_path, "busy.img"))
+    other.replace_device(busy)
+    statuses, stop = [], threading.Event()
+
+    def io():
+        sector = 0
+        while not stop.is_set():
+            for request in range(8):
+                ring2.post(T_OUT, sector + 8 * request, request, bytes([request + 1]) * 4096)
+            kick(other)
+            statuses.extend(ring2.reap(8).values())
+            sector = (sector + 64) % 4096
+    worker = threading.Thread(target=io)
+    try:
+        worker.start()
+        for round_ in range(10):
+            device, backend = backend_device(memory, image_file(tmp_path, f"{round_}.img"))
+            try:
+                transport.replace_device(device)
+                transport.replace_device(EmptyDisk(memory)).close()
+                backend.reap(block=True)
+            finally:
+                backend.kill()
+        stop.set()
+        worker.join(30)
+        assert not worker.is_alive() and len(statuses) >= 8
+        assert set(statuses) == {S_OK}
+    finally:
+        stop.set()
+        busy_backend.kill()

@@ -332,7 +332,7 @@ def test_thirty_plug_unplug_cycles_leak_nothing(vm):
 
     def census():
         time.sleep(0.3)                      # not a measurement: the last backend ends
-        found = processes(vm)
+        found = {"launcher": vm.process.pid, **processes(vm)}
         return ({name: fds(pid) for name, pid in found.items()},
                 {name: memory_kib(pid) for name, pid in found.items()},
                 sorted(found))

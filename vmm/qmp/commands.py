@@ -15,7 +15,7 @@ from typing import Callable
 from .. import __version__
 from ..config import limits
 from .errors import QmpError
-from .schema import Bool, Enum, Int, List, Object, Pattern, SchemaError, Str, Type, opt, req
+from .schema import Bool, Enum, Int, List, Object, OnOff, Pattern, Str, opt, req
 
 # The greeting's and query-version's QEMU version: clients (Kata's among them) refuse a
 # QEMU older than 5.0, and StratoVirt answers 5.0.1 for that reason.
@@ -28,21 +28,6 @@ EVENTS = ("SHUTDOWN", "RESET", "STOP", "RESUME", "POWERDOWN", "DEVICE_DELETED")
 ID = Pattern(limits.ID_PATTERN, *limits.ID_CHARS,
              f"an id: {limits.ID_CHARS[0]}..{limits.ID_CHARS[1]} characters, a letter first, "
              "then letters, digits, '-', '.', '_'")
-
-
-class OnOff(Type):
-    """A qdev property flag: a JSON boolean, or the strings "on"/"off" QEMU's device_add
-    also takes (Kata sends "share-rw": "on")."""
-    name = "boolean"
-    WORDS = {"on": True, "off": False, "true": True, "false": False, "yes": True, "no": False}
-
-    def check(self, value, path):
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value in self.WORDS:
-            return self.WORDS[value]
-        raise SchemaError(f"Invalid parameter type for '{path}', expected: boolean "
-                          "(true, false, \"on\" or \"off\")")
 
 
 @dataclass

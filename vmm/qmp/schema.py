@@ -2,7 +2,7 @@
 before any handler sees them (as QEMU's QAPI does).
 
 A command's arguments are an Object: each member has a type and is required unless
-declared optional. Types: Str, Pattern, Bool, Int (a range), Enum (allowed strings), List,
+declared optional. Types: Str, Pattern, Bool, OnOff (a qdev flag), Int (a range), Enum (allowed strings), List,
 Object (nested members), Any. Checking an object reports, in QEMU's words,
 - a member not declared: "Parameter 'x' is unexpected",
 - a value of the wrong type: "Invalid parameter type for 'x', expected: T",
@@ -65,6 +65,21 @@ class Bool(Type):
         if not isinstance(value, bool):
             raise SchemaError(f"Invalid parameter type for '{path}', expected: boolean")
         return value
+
+
+class OnOff(Type):
+    """A qdev property flag: a JSON boolean, or the strings "on"/"off" QEMU's device_add
+    also takes (Kata sends "share-rw": "on")."""
+    name = "boolean"
+    WORDS = {"on": True, "off": False, "true": True, "false": False, "yes": True, "no": False}
+
+    def check(self, value, path):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value in self.WORDS:
+            return self.WORDS[value]
+        raise SchemaError(f"Invalid parameter type for '{path}', expected: boolean "
+                          "(true, false, \"on\" or \"off\")")
 
 
 @dataclass(frozen=True)

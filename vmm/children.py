@@ -69,6 +69,12 @@ def spawn(name: str, role: str, keep_fds: list[int], body: Callable[[], int],
         status = 1
         try:
             _only(keep_fds, stdin)
+            # Not the launcher's handlers (a backend forked for hot-plug would forward a
+            # signal to the vm process): the terminal's Ctrl-C and hangup are for the
+            # launcher, which ends the VM; a child ends with its sockets, or by SIGTERM.
+            for number in (signal.SIGINT, signal.SIGHUP):
+                signal.signal(number, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, set())   # the launcher defers some
             vmm_log.set_role(role)
             prctl.set_name(name)

@@ -350,6 +350,8 @@ LAUNCHER = [
     rule("lseek", "An opened image's size (blockdev-add's reply)."),
     ioctl("TUNSETIFF", "attach a hot-plugged NIC's existing tap (tap.py)."),
     ioctl("TUNGETIFF", "check a tap's flags and read its name (a tap passed with getfd)."),
+    ioctl("FIONBIO", "a tap passed with getfd is made non-blocking (os.set_blocking), as "
+          "its backend reads it until EAGAIN."),
     rule("socket", "A datagram socket for the tap's ioctls by name (its MTU; glibc's "
          "if_nametoindex).", eq(0, "AF_UNIX")),
     ioctl("SIOCGIFMTU", "a hot-plugged NIC's tap's MTU, offered to the guest."),

@@ -198,6 +198,10 @@ class Broker:
             raise Refused(f"fds: {error}") from None
         fd, fds[0] = fds[0], -1
         self.inherited.discard(fd)
+        # The backend reads a tap until EAGAIN: one passed blocking would stall it. (The
+        # flag is the open file's, so the client's copy becomes non-blocking too, as
+        # with QEMU.)
+        os.set_blocking(fd, False)
         return self._keep_tap(netdev, fd)
 
     def _new_netdev(self, netdev: str) -> None:

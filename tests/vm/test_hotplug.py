@@ -97,6 +97,19 @@ def fds(pid: int) -> list[str]:
     return sorted(found)
 
 
+def steady_fds(pids: dict[str, int]) -> dict[str, list[str]]:
+    """Every process's fds once two readings 0.1 s apart agree: the QMP server may not
+    have seen the last session's client go yet, a backend may be closing a stop pipe."""
+    previous = None
+    for _ in range(50):
+        current = {name: fds(pid) for name, pid in pids.items()}
+        if current == previous:
+            return current
+        previous = current
+        time.sleep(0.1)
+    return previous
+
+
 def wait_gone(pid: int, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while Path(f"/proc/{pid}").exists():
@@ -162,6 +175,7 @@ def test_kata_containers_sequence(vm):
 
 def test_nics_by_tap_name_and_by_getfd(vm, ns):
     tap = ns.call(open_tap, "tap2")
+    os.set_blocking(tap, True)          # as a client may pass it; the backend needs it not
 
     async def steps(client, events):
         await client.execute("netdev_add", {"id": "net1", "ifname": "tap1"})
@@ -171,6 +185,7 @@ def test_nics_by_tap_name_and_by_getfd(vm, ns):
         client.send_fd_scm(tap)
         await client.execute("getfd", {"fdname": "tapfd"})
         await client.execute("netdev_add", {"id": "net2", "fds": "tapfd"})
+        assert not os.get_blocking(tap)     # the open file's flag: the broker set it
         await client.execute("device_add", {"id": "eth-b", "driver": "virtio-net-mmio",
                                             "netdev": "net2", "addr": "0"})
         held = {name: fdinfo_taps(pid) for name, pid in processes(vm).items()
@@ -280,7 +295,7 @@ def refusals(vm, ns, workdir):
 
 def test_every_refusal_is_one_clear_error_and_changes_nothing(vm, ns):
     before = processes(vm)
-    fds_before = {name: len(fds(pid)) for name, pid in before.items()}
+    fds_before = steady_fds(before)
     tried = refusals(vm, ns, vm.workdir)
     results = qmp(vm, *(command for command, _ in tried), ("query-block", {}))
     for (command, words), result in zip(tried, results):
@@ -293,7 +308,7 @@ def test_every_refusal_is_one_clear_error_and_changes_nothing(vm, ns):
     block = results[-1]
     assert [entry["device"] for entry in block] == ["cold", "", "", "", "", ""]
     assert processes(vm) == before
-    assert {name: len(fds(pid)) for name, pid in before.items()} == fds_before
+    assert steady_fds(before) == fds_before
     assert "Traceback" not in (vm.workdir / "vm.log").read_text()
 
 
@@ -333,7 +348,7 @@ def test_thirty_plug_unplug_cycles_leak_nothing(vm):
     def census():
         time.sleep(0.3)                      # not a measurement: the last backend ends
         found = {"launcher": vm.process.pid, **processes(vm)}
-        return ({name: fds(pid) for name, pid in found.items()},
+        return (steady_fds(found),
                 {name: memory_kib(pid) for name, pid in found.items()},
                 sorted(found))
     for _ in range(3):                       # warm: allocator pools, import caches

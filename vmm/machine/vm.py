@@ -99,21 +99,21 @@ class Machine:
         occupants, fixed = {}, {}
         for index in range(discovery.slot_count(self.config.console is not None,
                                                 self.config.vsock is not None)):
+            name = SlotTable.label(index)
             if index in by_index:
                 slot, sock = by_index[index]
-                name = slot.name
-                device = VhostUserDevice(name, slot.device_id, sock, self.memory,
+                device = VhostUserDevice(slot.name, slot.device_id, sock, self.memory,
                                          slot.queue_sizes, slot.config_size)
                 if index < layout.BLK_SLOTS + layout.NET_SLOTS:
                     occupants[index] = Occupant(slot.id, SlotTable.kind_of(index), None)
                 else:
                     fixed[slot.id] = slot.name
             elif index < layout.BLK_SLOTS:
-                device, name = EmptyDisk(self.memory), f"empty disk slot {index}"
+                device = EmptyDisk(self.memory)
             elif index < layout.BLK_SLOTS + layout.NET_SLOTS:
-                device, name = EmptyNic(self.memory), f"empty NIC slot {index}"
+                device = EmptyNic(self.memory)
             else:
-                device, name = Placeholder(), f"empty slot {index}"
+                device = Placeholder()
             base, irq = layout.virtio_mmio_slot(index)
             transport = MmioTransport(name, base, irq, device, self.vm, self.memory)
             self.mmio.register(base, layout.VIRTIO_MMIO_SIZE, transport)

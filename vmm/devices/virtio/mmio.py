@@ -124,6 +124,12 @@ class MmioTransport:
         self._lock = threading.Lock()
         self._reset_state()
 
+    @property
+    def who(self) -> str:
+        """The slot and what is in it, for log lines: "disk slot 1 (disk hp1)"."""
+        device = getattr(self.device, "name", None)
+        return f"{self.name} ({device})" if device else self.name
+
     def _reset_state(self) -> None:
         self.status = 0
         self.device_features_sel = 0
@@ -239,7 +245,7 @@ class MmioTransport:
             wanted = self.driver_features
             if wanted & ~self.device.features or not wanted & VIRTIO_F_VERSION_1:
                 log.warning("%s: the driver asked for features %#x of %#x; FEATURES_OK refused",
-                            self.name, wanted, self.device.features)
+                            self.who, wanted, self.device.features)
                 value &= ~FEATURES_OK
         if value & ~self.status & DRIVER_OK:
             if not value & FEATURES_OK:
@@ -284,7 +290,7 @@ class MmioTransport:
             except DeviceError as error:
                 bases = self._used_indexes()
                 log.error("%s: %s; the next device starts each ring where the guest has "
-                          "seen it completed", self.name, error)
+                          "seen it completed", self.who, error)
             self._switch(old, device)
             try:
                 self._start(device, bases)
@@ -356,7 +362,7 @@ class MmioTransport:
     def break_device(self, why: str) -> None:
         """DEVICE_NEEDS_RESET and a configuration-change interrupt. Caller holds the lock
         (or is the transport itself)."""
-        log.error("%s: %s; the device needs a reset", self.name, why)
+        log.error("%s: %s; the device needs a reset", self.who, why)
         self.status |= DEVICE_NEEDS_RESET
         self._config_changed()
 
@@ -365,7 +371,7 @@ class MmioTransport:
             try:
                 self.device.reset()
             except DeviceError as error:
-                log.error("%s: reset: %s", self.name, error)
+                log.error("%s: reset: %s", self.who, error)
         self._drain_kicks()           # kicks from before the reset mean nothing now
         self._reset_state()
 

@@ -76,6 +76,14 @@ class SlotTable:
     def kind_of(slot: int) -> str:
         return DISK if slot < FIRST[NIC] else NIC
 
+    @staticmethod
+    def label(slot: int) -> str:
+        """How log lines name a slot: "disk slot 1", "NIC slot 0", "slot 8"."""
+        if slot >= FIRST[NIC] + COUNT[NIC]:
+            return f"slot {slot}"
+        kind = SlotTable.kind_of(slot)
+        return f"{kind} slot {slot - FIRST[kind]}"
+
     def find(self, device_id: str) -> int | None:
         for slot, occupant in self.occupants.items():
             if occupant.id == device_id:

@@ -12,11 +12,27 @@
  * Then it writes to isa-debug-exit (port 0x501; QEMU exits, our VMM ignores it) and
  * asks the i8042 for a reset (port 0x64, 0xfe), which ends the VM in our VMM.
  *
- * Two more modes, chosen by the command line's first word (`wait` on both paths):
+ * Three more modes, chosen by the command line's first word (`wait` and `watch` on
+ * both paths, `echo` on the 64-bit one):
  *   wait ...   halt for ever after printing (HLT with interrupts off blocks the vCPU
  *              in the kernel without using the CPU): for tests that drive QMP.
  *   echo ...   copy bytes from the UART's receiver back to its transmitter until a
  *              '.' arrives, then reset: for tests of the serial input path.
+ *   watch ...  poll disk slot 1 for ever, for hot-plug tests and bench/hotplug.py:
+ *              each turn of the loop reads the low 32 bits of the slot's virtio-blk
+ *              capacity (config space, 0xD000_1100; an empty slot reads 0) and
+ *              prints `+` when it goes from 0 to non-zero, `-` when it goes back to
+ *              0; every WATCH_TICK turns it prints `.`, a progress tick: each turn
+ *              is an MMIO exit to the VMM plus ten emulated instructions, ~15 us on
+ *              this project's PVM host with our VMM (measured), so 6-7 ticks a
+ *              second (about 10 under QEMU, whose microvm has nothing at that address:
+ *              it reads 0, ticks only). No driver: the slot is never reset nor set
+ *              DRIVER_OK, so no configuration-change interrupt is raised.
+ *              The 64-bit path starts with the VMM's page tables, which map only the
+ *              first 1 GiB (vmm/boot/longmode.py); unless the PDPT's fourth entry is
+ *              present already, it maps 3-4 GiB itself there: a PD of 2 MiB pages,
+ *              identity, uncached (pd_high below, in the image's .bss). The PVH path
+ *              runs with paging off and reads the address as it is.
  */
 #define UART        0x3f8
 #define UART_LSR    0x3fd
@@ -27,6 +43,15 @@
 #define I8042_RESET 0xfe
 #define BP_CMD_LINE_PTR   0x228
 #define PVH_CMDLINE_PADDR 24
+#define WORD_WAIT   0x74696177      /* "wait", the first 4 bytes as a little-endian dword */
+#define WORD_ECHO   0x6f686365      /* "echo" */
+#define WORD_WATC   0x63746177      /* "watc", then 'h' */
+#define SLOT1_CAPACITY 0xD0001100   /* disk slot 1's window + 0x100: config, capacity */
+#define WATCH_TICK  10000           /* polls between two '.' ticks */
+#define PTE_P_RW    0x03
+#define PTE_PWT_PCD 0x18
+#define PTE_PS      0x80
+#define HIGH_GIB    0xC0000000      /* the 1 GiB that the PDPT's entry 3 maps */
 
     .section .text
     .code64
@@ -46,10 +71,14 @@ start64:
     test %esi, %esi
     jz finish64
     mov (%rsi), %eax
-    cmp $0x74696177, %eax       /* "wait" */
+    cmp $WORD_WAIT, %eax
     je wait64
-    cmp $0x6f686365, %eax       /* "echo" */
+    cmp $WORD_ECHO, %eax
     je echo64
+    cmp $WORD_WATC, %eax
+    jne finish64
+    cmpb $'h', 4(%rsi)
+    je watch64
 finish64:
     mov $DEBUG_EXIT, %dx
     xor %al, %al
@@ -75,12 +104,59 @@ echo64:
     jne echo64
     jmp finish64
 
+watch64:
+    /* Map 3-4 GiB unless it is mapped: PDPT[3] -> pd_high, 512 identity 2 MiB pages. */
+    mov %cr3, %rax
+    mov $0x000ffffffffff000, %rcx   /* an entry's address bits */
+    and %rcx, %rax
+    mov (%rax), %rax                /* PML4[0]: the PDPT of the low 512 GiB */
+    and %rcx, %rax
+    testb $1, 24(%rax)
+    jnz 2f
+    lea pd_high(%rip), %rdi
+    mov $HIGH_GIB | PTE_PS | PTE_PWT_PCD | PTE_P_RW, %edx
+    mov $512, %ecx
+1:  mov %rdx, (%rdi)
+    add $8, %rdi
+    add $0x200000, %rdx
+    loop 1b
+    lea pd_high(%rip), %rdi
+    or $PTE_P_RW, %rdi
+    mov %rdi, 24(%rax)
+    mov %cr3, %rax                  /* flush the TLB */
+    mov %rax, %cr3
+2:  mov $SLOT1_CAPACITY, %edi
+    xor %ebx, %ebx                  /* BL: 1 while the slot's capacity is non-zero */
+3:  mov $WATCH_TICK, %ecx
+4:  mov (%rdi), %eax                /* the MMIO read: one exit to the VMM */
+    test %eax, %eax
+    setnz %al
+    cmp %bl, %al
+    je 5f
+    mov %al, %bl
+    mov $'-', %ah
+    test %al, %al
+    jz 6f
+    mov $'+', %ah
+6:  call putc64
+5:  dec %ecx
+    jnz 4b
+    mov $'.', %ah
+    call putc64
+    jmp 3b
+
 /* RSI: a NUL-terminated string; waits for THRE before each byte, as a driver does. */
 puts64:
     lodsb
     test %al, %al
     jz 2f
     mov %al, %ah
+    call putc64
+    jmp puts64
+2:  ret
+
+/* AH: one byte to send once THRE is set. Clobbers AL and DX. */
+putc64:
     mov $UART_LSR, %dx
 1:  in (%dx), %al
     test $LSR_THRE, %al
@@ -88,8 +164,7 @@ puts64:
     mov $UART, %dx
     mov %ah, %al
     out %al, (%dx)
-    jmp puts64
-2:  ret
+    ret
 
     .code32
     .globl pvh_start
@@ -107,8 +182,12 @@ pvh_start:
     mov PVH_CMDLINE_PADDR(%ebx), %esi
     test %esi, %esi
     jz 3f
-    cmpl $0x74696177, (%esi)    /* "wait" */
+    cmpl $WORD_WAIT, (%esi)
     je wait32
+    cmpl $WORD_WATC, (%esi)
+    jne 3f
+    cmpb $'h', 4(%esi)
+    je watch32
 3:  mov $DEBUG_EXIT, %dx
     xor %al, %al
     out %al, (%dx)
@@ -121,11 +200,38 @@ wait32:
     hlt
     jmp wait32
 
+/* As watch64, with paging off: the physical address is read as it is. */
+watch32:
+    mov $SLOT1_CAPACITY, %edi
+    xor %ebx, %ebx
+3:  mov $WATCH_TICK, %ecx
+4:  mov (%edi), %eax
+    test %eax, %eax
+    setnz %al
+    cmp %bl, %al
+    je 5f
+    mov %al, %bl
+    mov $'-', %ah
+    test %al, %al
+    jz 6f
+    mov $'+', %ah
+6:  call putc32
+5:  dec %ecx
+    jnz 4b
+    mov $'.', %ah
+    call putc32
+    jmp 3b
+
 puts32:
     lodsb
     test %al, %al
     jz 2f
     mov %al, %ah
+    call putc32
+    jmp puts32
+2:  ret
+
+putc32:
     mov $UART_LSR, %dx
 1:  in (%dx), %al
     test $LSR_THRE, %al
@@ -133,13 +239,17 @@ puts32:
     mov $UART, %dx
     mov %ah, %al
     out %al, (%dx)
-    jmp puts32
-2:  ret
+    ret
 
     .section .rodata
 banner64: .asciz "tiny guest: 64-bit entry, cmdline: "
 banner32: .asciz "tiny guest: PVH entry, cmdline: "
 newline:  .asciz "\n"
+
+    /* watch64's page directory for 3-4 GiB (filled before use: no zeroing needed). */
+    .section .bss, "aw", @nobits
+    .p2align 12
+pd_high: .skip 4096
 
     /* XEN_ELFNOTE_PHYS32_ENTRY: where a PVH loader starts us in 32-bit mode. */
     .section .note.pvh, "a", @note

@@ -213,17 +213,23 @@ def test_eight_mib_without_a_closing_brace(vm):
 
 
 def test_a_flood_of_twenty_thousand_commands(vm):
-    """Sent as one stream while the replies are read: each gets its reply, in order. (A
-    client that never reads its replies is not read either, once 64 KiB of them wait:
-    the flood then waits for the flooder, not the VM.)"""
+    """Sent as one stream while the replies are read: each gets its reply, in order, at
+    the server's command rate. (A client that never reads its replies is not read
+    either, once 64 KiB of them wait: the flood then waits for the flooder, not the VM.)"""
+    from vmm.qmp.server import COMMAND_BURST, COMMANDS_PER_SECOND
     client = Raw(vm.api, timeout=60)
     flood = b"".join(b'{"execute": "query-status", "id": %d}' % i for i in range(20_000))
     sender = threading.Thread(target=client.send, args=(flood,))
+    started = time.monotonic()
     sender.start()
     try:
         replies = [client.reply() for _ in range(20_000)]
         assert [r["id"] for r in replies] == list(range(20_000))
         assert all(r["return"]["status"] == "running" for r in replies)
+        # The server reads no faster than its rate (a lower bound: a slow machine only
+        # makes this longer).
+        least = (20_000 - COMMAND_BURST) / COMMANDS_PER_SECOND
+        assert time.monotonic() - started >= 0.95 * least
     finally:
         sender.join()
         client.close()

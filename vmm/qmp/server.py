@@ -17,6 +17,13 @@ every client from one poll loop, with no blocking call on any client:
   HARD_QUEUE_BYTES (only events can push it there) is dropped, and the others go on.
 - Events go to every client that has negotiated capabilities, from whichever thread
   emits them (emit() only queues and wakes the loop).
+- Input is rate-limited, all clients together, to COMMANDS_PER_SECOND messages (good or
+  bad) with a burst of COMMAND_BURST: past it the server stops reading until the bucket
+  refills, so a flood waits instead of failing (StratoVirt 2.x answers
+  OperationThrottled past 100 a second). Why: this thread and the vCPU threads share the
+  vm process's interpreter lock, and every guest exit that Python handles (MMIO, port
+  I/O) needs it; unthrottled, a client flooding cheap commands slowed the guest to a
+  seventh of its speed (bench/hotplug.py).
 """
 
 import errno
@@ -43,7 +50,9 @@ MAX_CLIENTS = 8
 ACCEPTS_PER_ROUND = 32
 SOFT_QUEUE_BYTES = 64 << 10
 HARD_QUEUE_BYTES = 1 << 20
-RECV_BYTES = 64 << 10
+RECV_BYTES = 16 << 10
+COMMANDS_PER_SECOND = 5000
+COMMAND_BURST = 500
 MAX_FDS_PER_MESSAGE = 8
 MAX_KEPT_FDS = 4             # passed fds a client may have pending (getfd takes them)
 CLOSE_FLUSH_SECONDS = 1.0
@@ -94,6 +103,9 @@ class QmpServer(threading.Thread):
         self._lock = threading.Lock()          # the clients' output queues
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._closing = False
+        self._tokens = float(COMMAND_BURST)
+        self._throttled = False
+        self._refilled = time.monotonic()
         self._poller = select.poll()
         machine.listeners.append(self.emit)
 
@@ -141,13 +153,29 @@ class QmpServer(threading.Thread):
                 client.close()
             self._listener.close()
 
+    def _refill(self) -> float | None:
+        """Tokens for the time gone by; the milliseconds until reading may go on, if the
+        bucket is empty (None: it is not)."""
+        now = time.monotonic()
+        self._tokens = min(COMMAND_BURST, self._tokens
+                           + (now - self._refilled) * COMMANDS_PER_SECOND)
+        self._refilled = now
+        if self._tokens > 0:
+            return None
+        return (1 - self._tokens) / COMMANDS_PER_SECOND * 1000
+
     def _loop(self) -> None:
         deadline = None
         while True:
             if self._closing and deadline is None:
                 deadline = time.monotonic() + CLOSE_FLUSH_SECONDS
                 self._poller.unregister(self._listener)
+            wait = self._refill()
+            self._throttled = wait is not None
+            self._flush_all()                   # reading on or off, by the bucket
             timeout = None if deadline is None else max(0, deadline - time.monotonic()) * 1000
+            if wait is not None:
+                timeout = wait if timeout is None else min(timeout, wait)
             # Clients before the listener: one that went away frees its place for a
             # client connecting in the same round.
             ready = sorted(self._poller.poll(timeout),
@@ -226,6 +254,7 @@ class QmpServer(threading.Thread):
             self._drop(client, None)
             return
         for item in client.stream.feed(data):
+            self._tokens -= 1
             if isinstance(item, json_stream.BadInput):
                 self._reply(client, QmpError("GenericError", item.desc).reply())
             else:
@@ -311,7 +340,8 @@ class QmpServer(threading.Thread):
             elif queued > HARD_QUEUE_BYTES:
                 self._drop(client, f"it stopped reading ({queued} bytes queued)")
             else:
-                reading = queued < SOFT_QUEUE_BYTES and not self._closing
+                reading = queued < SOFT_QUEUE_BYTES and not self._closing \
+                    and not self._throttled
                 wanted = (_IN if reading else 0) | (_OUT if queued else 0)
                 self._poller.modify(client.sock, wanted)
 

@@ -106,11 +106,16 @@ class Broker:
         reply_fds: list[int] = []
         try:
             if handler is None:
-                raise Refused(f"unknown request {op!r}")
+                raise Refused(f"unknown request {str(op)[:32]!r}")
             result = handler(message, fds, reply_fds)
             reply = {"seq": message.get("seq"), "ok": result}
         except Refused as error:
             reply = {"seq": message.get("seq"), "error": str(error)}
+        except (TypeError, ValueError, KeyError) as error:
+            # A request no vm process of ours sends: the less trusted side is refused,
+            # the launcher goes on.
+            log.error("broker: malformed %s request: %s", str(op)[:32], error)
+            reply = {"seq": message.get("seq"), "error": "malformed request"}
         finally:
             for fd in fds:             # whatever was passed and not kept
                 if fd >= 0:

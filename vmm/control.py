@@ -42,8 +42,15 @@ def receive(sock: socket.socket) -> tuple[dict, list[int]] | None:
         raise ControlError("truncated control message")
     if not data:
         return None
-    message = msgpack.unpackb(data, raw=False)
+    try:
+        message = msgpack.unpackb(data, raw=False)
+    except (ValueError, TypeError) as error:      # msgpack's errors are ValueErrors
+        for fd in fds:
+            os.close(fd)
+        raise ControlError(f"malformed control message: {error}") from None
     if not isinstance(message, dict):
+        for fd in fds:
+            os.close(fd)
         raise ControlError("control message is not a map")
     return message, fds
 

@@ -257,7 +257,13 @@ def _supervise(vm: children.Child, channel: socket.socket, readiness, broker: Br
         # The channel first: a VM that ended says so before its backends see their
         # sockets close and exit, and their ends are then no news.
         if channel.fileno() in ready:
-            received = control.receive(channel)
+            try:
+                received = control.receive(channel)
+            except control.ControlError as bad:
+                # The vm process is the less trusted side: its garbage is refused, and
+                # a vm process that only sends garbage gets nothing for it.
+                log.error("vm process: %s; ignored", bad)
+                continue
             if received is None:
                 break
             message, fds = received

@@ -60,12 +60,16 @@ HOST_ROLES = ("launcher", "vm", "vcpu", "api", "virtio-blk")
 
 class Traced:
     """One command under strace in `workdir`; usage() once it has ended."""
+    started: list[subprocess.Popen] = []       # record_host kills what a failed one left
 
-    def __init__(self, workdir: Path, name: str, command: list[str], **popen):
+    def __init__(self, workdir: Path, name: str, command: list[str], prefix=(), **popen):
+        """`prefix` goes before strace (e.g. `ip netns exec NAME`)."""
         self.name = name
         self.trace = workdir / f"{name}.trace"
-        self.process = subprocess.Popen([*recorder.STRACE, "-o", str(self.trace), "--",
-                                         *command], cwd=workdir, **popen)
+        self.process = subprocess.Popen([*prefix, *recorder.STRACE, "-o", str(self.trace),
+                                         "--", *command], cwd=workdir,
+                                        start_new_session=True, **popen)
+        Traced.started.append(self.process)
 
     def child(self, timeout: float = 30) -> int:
         """The traced command's pid (strace's only child)."""
@@ -258,14 +262,11 @@ def session_hotplug(workdir: Path) -> recorder.Usage:
         for name in ("h1", "h2", "h3"):
             images[name] = workdir / f"{name}.img"
             images[name].write_bytes(bytes(4 * MiB))
-        command = ns.command(*recorder.STRACE, "-o", str(workdir / "hotplug.trace"), "--",
-                             *_vm(workdir, "-D", str(workdir / "hotplug.log"),
-                                  *_disks(workdir), "-netdev", "id=n0,netdev=tap0",
-                                  append="wait"))
-        traced = Traced.__new__(Traced)
-        traced.name, traced.trace = "hotplug", workdir / "hotplug.trace"
-        traced.process = subprocess.Popen(command, cwd=workdir, stdin=subprocess.DEVNULL,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        traced = Traced(workdir, "hotplug",
+                        _vm(workdir, "-D", str(workdir / "hotplug.log"), *_disks(workdir),
+                            "-netdev", "id=n0,netdev=tap0", append="wait"),
+                        prefix=ns.command(), stdin=subprocess.DEVNULL,
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         _wait_for_api(workdir, traced)
         tap_fd = ns.call(open_tap, "tap2")
 
@@ -336,10 +337,19 @@ def record_host(keep: Path | None = None, sessions=HOST_SESSIONS) -> recorder.Us
     left with the traces, else a temporary one), merged."""
     total = recorder.Usage()
     with tempfile.TemporaryDirectory(prefix="seccomp-usage-") as tmp:
-        for name in sessions:
-            where = Path(keep or tmp) / name
-            where.mkdir(parents=True)
-            total.merge(SESSIONS[name](where))
+        try:
+            for name in sessions:
+                where = Path(keep or tmp) / name
+                where.mkdir(parents=True)
+                total.merge(SESSIONS[name](where))
+        finally:
+            # A session that failed leaves its VM running; a killed strace would only
+            # detach from it, so its whole process group goes.
+            for process in Traced.started:
+                if process.poll() is None:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+            Traced.started.clear()
     return total
 
 

@@ -13,6 +13,7 @@ tests/unit/test_slot_swap.py's.
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -140,6 +141,12 @@ def test_a_hot_plugged_disk_gets_its_own_confined_backend_and_loses_it(vm):
     held = fds(backend)
     assert image(vm, "h1") in held and image(vm, "cold") not in held
     assert not any(target in ("/dev/kvm", "/dev/net/tun") for target in held)
+    # The auditor sees it filtered, with its role, and why it carries two filters.
+    audit = subprocess.run([sys.executable, "-m", "vmm", "seccomp", "check",
+                            str(vm.process.pid)], capture_output=True, text=True)
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    [line] = [line for line in audit.stdout.splitlines() if f" {backend} " in line]
+    assert "virtio-blk" in line and "filter" in line and "hot-plugged" in line
 
     async def unplug(client, events):
         await client.execute("device_del", {"id": "h1"})

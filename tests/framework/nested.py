@@ -30,8 +30,19 @@ into stdout):
 
 Console protocol (L1's ttyS0, read on the host): the scenario's output sits between the lines
 `NESTED-SCENARIO-BEGIN` and `NESTED-SCENARIO-END status=N`; while it runs, L1's kernel
-messages are kept off the console and printed afterwards between `NESTED-KMSG-BEGIN` and
-`NESTED-KMSG-END`. A failure before the scenario prints `NESTED-SETUP-FAILED: why`.
+messages are kept off the console (all but KERN_EMERG: panics, soft lockups) and printed
+afterwards between `NESTED-KMSG-BEGIN` and `NESTED-KMSG-END`, and a `NESTED-ALIVE` line comes
+every 20 s from a shell loop. A failure before the scenario prints `NESTED-SETUP-FAILED: why`.
+
+When L1 itself breaks, the run is made once more, in a fresh L1 (host.md, "Seen in the
+nested rig"): L1's kvm-amd under QEMU's emulated SVM now and then overflows the kernel stack
+of one of our vCPU threads ("BUG: TASK stack guard page was hit", "corrupted stack end
+detected inside scheduler") or freezes L1 outright; the same happens with the tree as it
+was before hot-plug, so it is the emulator's, not ours. "L1 broke" means: QEMU exited before
+the scenario's end with a kernel panic on the console, or the console fell silent (no
+heartbeat) for STALL_SECONDS. A scenario that fails, or that runs past its timeout while L1
+is alive, is never rerun. Each rerun is printed (`nested: L1 broke ...; rerunning once`) and
+kept in `NestedResult.reruns`, so a run that needed one says so.
 """
 
 import os
@@ -51,6 +62,12 @@ BEGIN = "NESTED-SCENARIO-BEGIN"
 # last line with the marker.
 END = re.compile(r"NESTED-SCENARIO-END status=(\d+)$")
 SETUP_FAILED = "NESTED-SETUP-FAILED"
+ALIVE = "NESTED-ALIVE"
+# L1 prints a heartbeat every 20 s and boots in ~15 s; a console this long silent is a frozen
+# L1 (the checks' own waits print a CHECK-FAILED line well before their scenario's timeout).
+STALL_SECONDS = 150
+L1_BROKE = re.compile(r"Kernel panic - not syncing|BUG: .*stack guard page|"
+                      r"watchdog: BUG: soft lockup|rcu: INFO: .* stall")
 
 # PID 1 of L1 once /sbin/l1-init (in the base image) has mounted /proc, /sys, /dev, /tmp,
 # /run and the payload at /payload. It lives on the payload so changing it needs no rebuild.
@@ -66,9 +83,12 @@ export PATH=/opt/vmm/bin:$PATH PAYLOAD=/payload
 cd /payload/files
 seen=$(dmesg | wc -l)
 dmesg -n 1
+(while sleep 20; do echo NESTED-ALIVE; done) &
+alive=$!
 echo NESTED-SCENARIO-BEGIN
 sh /payload/scenario.sh </dev/null 2>&1
 echo "NESTED-SCENARIO-END status=$?"
+kill $alive
 dmesg -n 7
 echo NESTED-KMSG-BEGIN
 dmesg | tail -n +$((seen + 1))
@@ -86,6 +106,10 @@ class NestedTimeout(NestedError):
     pass
 
 
+class L1Broke(NestedError):
+    """L1's kernel panicked or L1 froze: the emulator's failure, worth one rerun."""
+
+
 @dataclass
 class NestedResult:
     status: int                 # the scenario's exit status
@@ -95,6 +119,7 @@ class NestedResult:
     boot_seconds: float         # QEMU launch to NESTED-SCENARIO-BEGIN
     scenario_seconds: float     # BEGIN to END
     total_seconds: float        # QEMU launch to QEMU exit
+    reruns: list[str] = field(default_factory=list)   # why earlier L1s of this run broke
 
     @property
     def text(self) -> str:
@@ -151,11 +176,22 @@ class NestedRig:
 
     def run(self, scenario: str, files: dict[str, pathlib.Path] | None = None,
             timeout: float = 900) -> NestedResult:
-        """Run `scenario` (shell) in a fresh L1 and return what it printed and its status."""
+        """Run `scenario` (shell) in a fresh L1 and return what it printed and its status;
+        if that L1 breaks, once more in another (see the module docstring)."""
+        try:
+            return self._run_once(scenario, files or {}, timeout)
+        except L1Broke as broke:
+            first = str(broke)
+            print(f"nested: L1 broke ({first.splitlines()[0]}); rerunning once", flush=True)
+        result = self._run_once(scenario, files or {}, timeout)
+        result.reruns.append(first)
+        return result
+
+    def _run_once(self, scenario, files, timeout) -> NestedResult:
         base, wheel = self.base(), self.wheel()
         run_dir = pathlib.Path(tempfile.mkdtemp(prefix="run-", dir=self._tmpdir()))
         try:
-            payload = self._payload(run_dir, scenario, wheel, files or {})
+            payload = self._payload(run_dir, scenario, wheel, files)
             return self._boot(base, payload, timeout)
         finally:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -169,7 +205,12 @@ class NestedRig:
         tree = run_dir / "payload"
         for sub in ("wheels", "files", "l2"):
             (tree / sub).mkdir(parents=True)
-        (tree / "init.sh").write_text(INIT)
+        init = INIT
+        if os.environ.get("NESTED_KMSG"):
+            # Debugging: L1's kernel messages stay on the console while the scenario runs
+            # (a soft lockup's backtrace, say), interleaved with its output.
+            init = init.replace("dmesg -n 1\n", "dmesg -n 8\n")
+        (tree / "init.sh").write_text(init)
         (tree / "scenario.sh").write_text(scenario if scenario.endswith("\n") else scenario + "\n")
         _place(wheel, tree / "wheels" / wheel.name)
         for name, path in files.items():
@@ -209,10 +250,7 @@ class NestedRig:
         reader = threading.Thread(target=self._read, args=(qemu.stdout, lines, start))
         reader.start()
         try:
-            qemu.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise NestedTimeout(f"L1 did not finish within {timeout:.0f} s"
-                                + _tail(lines)) from None
+            self._wait(qemu, lines, start, timeout)
         finally:
             if qemu.poll() is None:
                 qemu.kill()
@@ -222,15 +260,33 @@ class NestedRig:
         total = time.monotonic() - start
         return _parse(lines, total, qemu.returncode)
 
+    @staticmethod
+    def _wait(qemu, lines, start, timeout):
+        """Until QEMU exits; raises on the overall timeout or on a silent console."""
+        while True:
+            try:
+                qemu.wait(5)
+                return
+            except subprocess.TimeoutExpired:
+                pass
+            now = time.monotonic() - start
+            if now > timeout:
+                raise NestedTimeout(f"L1 did not finish within {timeout:.0f} s" + _tail(lines))
+            last = lines[-1][0] if lines else 0.0
+            if now - last > STALL_SECONDS:
+                raise L1Broke(f"L1's console silent for {now - last:.0f} s (frozen)"
+                              + _tail(lines))
+
     def _read(self, stream, lines, start):
         for raw in stream:
             line = raw.decode(errors="replace").rstrip("\r\n")
             lines.append((time.monotonic() - start, line))
-            if self.echo:
+            if self.echo and line != ALIVE:
                 print(f"[L1 {lines[-1][0]:7.2f}s] {line}", flush=True)
 
 
 def _parse(lines, total, qemu_status) -> NestedResult:
+    lines = [(when, text) for when, text in lines if text != ALIVE]
     texts = [text for _, text in lines]
     failed = [text for text in texts if text.startswith(SETUP_FAILED)]
     if failed:
@@ -239,6 +295,9 @@ def _parse(lines, total, qemu_status) -> NestedResult:
         begin = texts.index(BEGIN)
         end = next(i for i in range(begin + 1, len(texts)) if END.search(texts[i]))
     except (ValueError, StopIteration):
+        if any(L1_BROKE.search(text) for text in texts):
+            raise L1Broke(f"L1's kernel failed (QEMU exit status {qemu_status})"
+                          + _tail(lines)) from None
         raise NestedError(f"the scenario did not run to its end (QEMU exit status "
                           f"{qemu_status})" + _tail(lines)) from None
     marker = END.search(texts[end])

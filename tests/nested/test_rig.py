@@ -34,7 +34,9 @@ def test_stratovirt_is_installed_and_checks_the_l2_kernel(rig):
 def test_files_arrive_and_the_exit_status_comes_back(rig, tmp_path):
     note = tmp_path / "note.txt"
     note.write_text("from the host\n")
+    # the sleep lets L1's 20 s heartbeat come, which must not reach the output
     scenario = """
+sleep 25
 cat note.txt
 cat /payload/files/note.txt >&2
 test -s /l2/rootfs.ext4 || exit 1
@@ -44,3 +46,4 @@ exit 7
     result = rig.run(scenario, files={"note.txt": note}, timeout=300)
     assert result.status == 7, result.console
     assert result.output == ["from the host", "from the host", "no newline at the end"]
+    assert result.scenario_seconds >= 25     # so a heartbeat came, and was kept out

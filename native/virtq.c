@@ -36,6 +36,15 @@
  *   added before the queue broke (a store to used->idx, inside the ring vq_setup
  *   checked). The backend is expected to report DEVICE_NEEDS_RESET.
  *
+ * Inflight tracking (vq_inflight_start, vhost-user's inflight region): a pop records
+ * the head (counter, then inflight = 1) before the backend acts on it; a completion adds
+ * the head to the batch list (next, last_batch_head) with its used element, and once
+ * used->idx is published the batch's entries are cleared, then the region's used_idx is
+ * set: a backend that dies anywhere in between leaves a region from which the next one
+ * knows exactly what was not completed. The region is not guest memory but is shared
+ * with the frontend, so it gets the same treatment: each value read once, every index
+ * checked against num before it is used, work bounded by num.
+ *
  * Not supported yet: VIRTIO_F_EVENT_IDX (used_event/avail_event are never read or
  * written; interrupts follow VRING_AVAIL_F_NO_INTERRUPT only), VIRTIO_F_IN_ORDER,
  * packed rings. No allocation anywhere; the caller owns struct vq and struct vq_chain.
@@ -64,6 +73,10 @@ static uint16_t load16(const uint8_t *p)
 {
     return __atomic_load_n((const uint16_t *)p, __ATOMIC_RELAXED);
 }
+
+#define LOAD(field) __atomic_load_n(&(field), __ATOMIC_RELAXED)
+#define STORE(field, value) __atomic_store_n(&(field), (value), __ATOMIC_RELAXED)
+#define RELEASE() __atomic_thread_fence(__ATOMIC_RELEASE)
 
 /* One read of a descriptor. After the barrier the compiler must assume guest memory
  * changed, so it cannot re-read p in place of the local copy. */
@@ -140,6 +153,8 @@ int vq_setup(struct vq *q, const struct vq_region *regions, int nregions, uint32
     q->broken = 1;
     q->num = 0;
     q->desc = q->avail = q->used = NULL;
+    q->inflight = NULL;
+    q->nbatch = q->nresubmit = q->resubmitted = 0;
     if (vq_mem_init(&q->mem, regions, nregions))
         return -EINVAL;
     if (num == 0 || num > VQ_MAX_QUEUE_SIZE || (num & (num - 1)))
@@ -230,13 +245,45 @@ static int add_indirect(const struct vq *q, struct vq_chain *c, const struct des
     }
 }
 
+/* The chain starting at descriptor `head` (< num) into *c; -1 if it is malformed. */
+static int walk_chain(const struct vq *q, struct vq_chain *c, uint16_t head)
+{
+    uint32_t i = head, steps = 0;
+
+    c->head = head;
+    c->nsegs = c->nreadable = 0;
+    c->readable_bytes = c->writable_bytes = 0;
+    for (;;) {
+        struct desc d;
+
+        if (++steps > q->num)
+            return -1;
+        d = read_desc(q->desc + (size_t)DESC_SIZE * i);
+        if (d.flags & VQ_DESC_F_INDIRECT)
+            return add_indirect(q, c, &d);
+        if (add_segment(q, c, &d))
+            return -1;
+        if (!(d.flags & VQ_DESC_F_NEXT))
+            return 0;
+        i = d.next;
+        if (i >= q->num)
+            return -1;
+    }
+}
+
 int vq_pop(struct vq *q, struct vq_chain *c)
 {
     uint16_t avail_idx, pending, head;
-    uint32_t i, steps = 0;
 
     if (q->broken)
         return -EINVAL;
+    if (q->resubmitted < q->nresubmit) {
+        /* Still in flight (inflight = 1, its counter) from the previous backend. */
+        if (walk_chain(q, c, q->resubmit[q->resubmitted].head))
+            return broken(q);
+        q->resubmitted++;
+        return 1;
+    }
     avail_idx = load16(q->avail + 2);
     pending = (uint16_t)(avail_idx - q->last_avail_idx);
     if (pending == 0)
@@ -245,31 +292,14 @@ int vq_pop(struct vq *q, struct vq_chain *c)
         return broken(q);
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
     head = load16(q->avail + 4 + 2 * (size_t)(q->last_avail_idx & (q->num - 1)));
-    if (head >= q->num)
+    if (head >= q->num || walk_chain(q, c, head))
         return broken(q);
+    if (q->inflight) {
+        struct vq_inflight_desc *e = &q->inflight->desc[head];
 
-    c->head = head;
-    c->nsegs = c->nreadable = 0;
-    c->readable_bytes = c->writable_bytes = 0;
-    i = head;
-    for (;;) {
-        struct desc d;
-
-        if (++steps > q->num)
-            return broken(q);
-        d = read_desc(q->desc + (size_t)DESC_SIZE * i);
-        if (d.flags & VQ_DESC_F_INDIRECT) {
-            if (add_indirect(q, c, &d))
-                return broken(q);
-            break;
-        }
-        if (add_segment(q, c, &d))
-            return broken(q);
-        if (!(d.flags & VQ_DESC_F_NEXT))
-            break;
-        i = d.next;
-        if (i >= q->num)
-            return broken(q);
+        STORE(e->counter, q->counter++);
+        RELEASE();
+        STORE(e->inflight, 1);
     }
     q->last_avail_idx++;
     return 1;
@@ -281,6 +311,16 @@ void vq_add_used(struct vq *q, uint16_t head, uint32_t written)
 
     if (q->broken)
         return;
+    if (q->inflight && head < q->num) {
+        /* The batch list can hold every head once; a batch that large has every
+         * pending chain in it, so publishing it first changes nothing for the driver. */
+        if (q->nbatch == q->num)
+            vq_publish_used(q);
+        STORE(q->inflight->desc[head].next, q->last_batch_head);
+        STORE(q->inflight->last_batch_head, head);
+        q->last_batch_head = head;
+        q->batch[q->nbatch++] = head;
+    }
     elem = q->used + 4 + 8 * (size_t)(q->used_idx & (q->num - 1));
     __atomic_store_n((uint32_t *)elem, (uint32_t)head, __ATOMIC_RELAXED);
     __atomic_store_n((uint32_t *)(elem + 4), written, __ATOMIC_RELAXED);
@@ -289,11 +329,23 @@ void vq_add_used(struct vq *q, uint16_t head, uint32_t written)
 
 void vq_publish_used(struct vq *q)
 {
+    uint32_t i;
+
     /* num is 0 until vq_setup succeeded, and then q->used is a checked ring. */
     if (q->num == 0)
         return;
-    /* Release: the elements are visible before the index that covers them. */
+    /* Release: the elements (and the batch list) are visible before the index that
+     * covers them. */
     __atomic_store_n((uint16_t *)(q->used + 2), q->used_idx, __ATOMIC_RELEASE);
+    if (!q->inflight)
+        return;
+    /* Then the batch is no longer in flight, then the region says so. */
+    RELEASE();
+    for (i = 0; i < q->nbatch; i++)
+        STORE(q->inflight->desc[q->batch[i]].inflight, 0);
+    RELEASE();
+    STORE(q->inflight->used_idx, q->used_idx);
+    q->nbatch = 0;
 }
 
 void vq_push(struct vq *q, uint16_t head, uint32_t written)
@@ -323,6 +375,105 @@ int vq_needs_interrupt(struct vq *q)
      * used_event here instead; it is not negotiated yet. */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     return !(load16(q->avail) & VQ_AVAIL_F_NO_INTERRUPT);
+}
+
+uint64_t vq_inflight_queue_bytes(uint32_t queue_size)
+{
+    return ((uint64_t)sizeof(struct vq_inflight_desc) * queue_size + 2 + 63) & ~UINT64_C(63);
+}
+
+/* a before b in resubmission order: the older counter first (ties: the lower head, so
+ * the order does not depend on the sort). */
+static int before(const struct vq_resubmit *a, const struct vq_resubmit *b)
+{
+    return a->counter < b->counter || (a->counter == b->counter && a->head < b->head);
+}
+
+static void sift_down(struct vq_resubmit *v, uint32_t i, uint32_t n)
+{
+    for (;;) {
+        uint32_t last = i, left = 2 * i + 1, right = left + 1;
+        struct vq_resubmit t;
+
+        if (left < n && before(&v[last], &v[left]))
+            last = left;
+        if (right < n && before(&v[last], &v[right]))
+            last = right;
+        if (last == i)
+            return;
+        t = v[i];
+        v[i] = v[last];
+        v[last] = t;
+        i = last;
+    }
+}
+
+/* Heapsort: no allocation, n log n whatever the counters (they are copies, so the
+ * comparison is consistent even if the region changes meanwhile). */
+static void sort_oldest_first(struct vq_resubmit *v, uint32_t n)
+{
+    uint32_t i;
+
+    for (i = n / 2; i-- > 0;)
+        sift_down(v, i, n);
+    for (i = n; i-- > 1;) {
+        struct vq_resubmit t = v[0];
+
+        v[0] = v[i];
+        v[i] = t;
+        sift_down(v, 0, i);
+    }
+}
+
+int vq_inflight_start(struct vq *q, uint8_t *region, uint32_t queue_size)
+{
+    struct vq_inflight *r = (struct vq_inflight *)region;
+    uint16_t version, recorded, used = q->used_idx;
+    uint32_t i, n = 0;
+
+    q->inflight = NULL;
+    q->nbatch = q->nresubmit = q->resubmitted = 0;
+    if (q->broken || q->num == 0 || !region || (uintptr_t)region % 8 ||
+        queue_size > VQ_INFLIGHT_MAX_QUEUE || q->num > queue_size)
+        return -EINVAL;
+    version = LOAD(r->version);
+    if (version != 0 && version != VQ_INFLIGHT_VERSION)
+        return -EINVAL;
+    STORE(r->desc_num, (uint16_t)queue_size);
+    q->last_batch_head = 0;
+    q->counter = 0;
+    if (version == 0) {
+        STORE(r->used_idx, used);
+        RELEASE();
+        STORE(r->version, (uint16_t)VQ_INFLIGHT_VERSION);
+        q->inflight = r;
+        return 0;
+    }
+    recorded = LOAD(r->used_idx);
+    if (recorded != used) {
+        /* Published, not yet cleared: the batch list, one entry per element published. */
+        uint16_t head = LOAD(r->last_batch_head), count = (uint16_t)(used - recorded);
+
+        for (i = 0; i < count && i < q->num && head < q->num; i++) {
+            STORE(r->desc[head].inflight, 0);
+            head = LOAD(r->desc[head].next);
+        }
+        RELEASE();
+        STORE(r->used_idx, used);
+    }
+    for (i = 0; i < q->num; i++) {
+        if (LOAD(r->desc[i].inflight) != 1)
+            continue;
+        q->resubmit[n].counter = LOAD(r->desc[i].counter);
+        q->resubmit[n].head = (uint16_t)i;
+        n++;
+    }
+    sort_oldest_first(q->resubmit, n);
+    q->nresubmit = n;
+    q->counter = n ? q->resubmit[n - 1].counter + 1 : 0;
+    q->last_avail_idx = (uint16_t)(used + n);
+    q->inflight = r;
+    return (int)n;
 }
 
 uint16_t vq_get_last_avail_idx(const struct vq *q)

@@ -47,6 +47,37 @@ struct vq_chain {
     struct vq_seg segs[VQ_MAX_SEGS];
 };
 
+/* vhost-user inflight I/O tracking (QEMU's docs/interop/vhost-user.rst, "Inflight I/O
+ * tracking", split rings): a shared region the frontend keeps across backend restarts,
+ * one part per queue, in which the backend records which chains it popped and has not
+ * completed yet, so a backend started after a crash resubmits them. */
+#define VQ_INFLIGHT_VERSION   1
+#define VQ_INFLIGHT_MAX_QUEUE 1024    /* tracked queues are at most this big (QEMU's
+                                         VIRTQUEUE_MAX_SIZE) */
+
+/* One descriptor head's entry. */
+struct vq_inflight_desc {
+    uint8_t inflight;         /* 1: popped, its completion not yet published */
+    uint8_t padding[5];
+    uint16_t next;            /* the previous head of the same batch of completions */
+    uint64_t counter;         /* pop order */
+};
+
+/* One queue's part of the region (QueueRegionSplit). */
+struct vq_inflight {
+    uint64_t features;        /* 0 */
+    uint16_t version;         /* 0: fresh, VQ_INFLIGHT_VERSION: in use */
+    uint16_t desc_num;        /* the queue size the region was made for */
+    uint16_t last_batch_head; /* the last head of the latest batch of completions */
+    uint16_t used_idx;        /* used->idx once that batch's entries were cleared */
+    struct vq_inflight_desc desc[];
+};
+
+struct vq_resubmit {
+    uint64_t counter;
+    uint16_t head;
+};
+
 struct vq {
     struct vq_mem mem;
     uint32_t num;
@@ -56,6 +87,14 @@ struct vq {
     uint16_t last_avail_idx;  /* next avail ring entry to consume */
     uint16_t used_idx;        /* our copy of used->idx: never read back from the guest */
     int broken;
+    /* Inflight tracking (vq_inflight_start); none while inflight is NULL. */
+    struct vq_inflight *inflight;
+    uint64_t counter;                        /* the next pop's counter */
+    uint16_t last_batch_head;                /* what we last wrote there */
+    uint32_t nbatch;                         /* heads added since the last publish */
+    uint32_t nresubmit, resubmitted;         /* resubmit[resubmitted .. nresubmit) to go */
+    uint16_t batch[VQ_INFLIGHT_MAX_QUEUE];
+    struct vq_resubmit resubmit[VQ_INFLIGHT_MAX_QUEUE];   /* oldest first */
 };
 
 /* Validates and copies a region table: 1..VQ_MAX_REGIONS regions, each non-empty, not
@@ -76,7 +115,9 @@ int vq_setup(struct vq *q, const struct vq_region *regions, int nregions, uint32
 
 /* 1 and *chain filled when the guest made a chain available, 0 when not, -EINVAL when
  * the guest broke the protocol: the queue is then broken for good (until vq_setup), and
- * every later call returns -EINVAL without touching guest memory. */
+ * every later call returns -EINVAL without touching guest memory. With inflight
+ * tracking, chains a previous backend left in flight come first, and each new chain is
+ * recorded in the region before it is returned. */
 int vq_pop(struct vq *q, struct vq_chain *chain);
 
 /* Hands chain `head` back with `written` bytes written, and publishes used->idx.
@@ -88,7 +129,8 @@ void vq_push(struct vq *q, uint16_t head, uint32_t written);
  * broken queue), vq_publish_used makes every element added so far visible. Publishing
  * still works after the queue broke, so completions made before a later vq_pop found
  * the ring malformed are not lost; it writes only used->idx, in the ring vq_setup
- * validated, and does nothing on a queue that was never set up. */
+ * validated (and, with inflight tracking, clears the batch's entries in the region),
+ * and does nothing on a queue that was never set up. */
 void vq_add_used(struct vq *q, uint16_t head, uint32_t written);
 void vq_publish_used(struct vq *q);
 
@@ -101,6 +143,30 @@ void vq_set_notify(struct vq *q, int enable);
 
 /* Whether the guest wants an interrupt now (call after vq_push). 0 on a broken queue. */
 int vq_needs_interrupt(struct vq *q);
+
+/* Bytes of one queue's part of the inflight region for queue_size descriptors:
+ * ALIGN_UP(16 * queue_size + 2, 64), as libvhost-user sizes it (which always leaves room
+ * for the 16-byte header); part i starts at i times this. */
+uint64_t vq_inflight_queue_bytes(uint32_t queue_size);
+
+/* Tracks q's chains in `region` from now on, and takes over what a previous backend left
+ * there. region: vq_inflight_queue_bytes(queue_size) bytes, 8-aligned, mapped for as
+ * long as q is used; q: set up, its num at most queue_size and VQ_INFLIGHT_MAX_QUEUE.
+ * Every value read from the region is checked before it is used: whoever else maps it
+ * (the frontend, a previous backend a guest may have taken over) may write anything.
+ *
+ * - version 0: a fresh region; it is initialised (version 1, used_idx = used->idx).
+ * - version 1: if its used_idx differs from used->idx, the previous backend published
+ *   a batch but died before clearing its entries: they are cleared (the batch list from
+ *   last_batch_head, as many entries as used->idx moved, heads < num only). Then every
+ *   head < num still in flight is queued for resubmission, oldest counter first: vq_pop
+ *   hands them out (re-read from the descriptor table and checked like any chain)
+ *   before new ones, and last_avail_idx becomes used->idx plus their number, whatever
+ *   SET_VRING_BASE said (as libvhost-user does). The caller should then serve the queue
+ *   as if kicked (the driver will not kick again for these).
+ * The number of chains to resubmit, or -EINVAL (q not set up or broken, num too big for
+ * the region, a misaligned region, any other version): q then tracks nothing. */
+int vq_inflight_start(struct vq *q, uint8_t *region, uint32_t queue_size);
 
 /* vhost-user GET_VRING_BASE / SET_VRING_BASE. */
 uint16_t vq_get_last_avail_idx(const struct vq *q);

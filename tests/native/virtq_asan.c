@@ -7,7 +7,10 @@
  * number of iterations): well-formed rings with a few corrupted bytes, and rings of
  * random bytes, with the rings themselves placed at random (some flush against a
  * block's end). Every chain handed out is checked against the region table and has
- * every byte touched. Exit status 0 when all is well; ASan/UBSan abort otherwise.
+ * every byte touched. Half of the random rings also get a vhost-user inflight region
+ * (a malloc'ed block of exactly the size its queue size needs, so ASan sees any access
+ * past it) that is fresh, plausible, or random bytes, as a dead backend or a hostile
+ * frontend could leave it. Exit status 0 when all is well; ASan/UBSan abort otherwise.
  *
  * `virtq_asan overflow` reads one byte past guest RAM on purpose: the test uses it to
  * show that this build would catch an overflow.
@@ -32,6 +35,7 @@ static struct vq_region regions[2];
 static struct vq q;
 static struct vq_chain chain;
 static unsigned long chains, brokens, empties, setups_refused;
+static unsigned long regions_taken, regions_refused, resubmitted;
 
 #define CHECK(cond) do { if (!(cond)) { \
     fprintf(stderr, "virtq_asan: %s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
@@ -203,6 +207,52 @@ static void fixed_cases(void)
     CHECK(vq_pop(&q, &chain) == -EINVAL);    /* a refused setup leaves the queue broken */
 }
 
+/* A resubmission order and a half-cleared batch, checked exactly. */
+static void inflight_cases(void)
+{
+    const uint64_t D = 0, A = 0x80000, U = 0x90000;
+    uint64_t size = vq_inflight_queue_bytes(8);
+    struct vq_inflight *r = calloc(1, size);
+    static const uint16_t heads[] = { 5, 2, 7, 0 };
+    uint32_t i;
+
+    CHECK(r && size == 192);
+    memset(ram0, 0, 0xC0000);
+    for (i = 0; i < 8; i++)
+        put_desc(D, i, BUF_GPA, 16, VQ_DESC_F_WRITE, 0);
+    for (i = 0; i < 4; i++)
+        put16(A + 4 + 2 * i, heads[i]);
+    put16(A + 2, 4);
+    put16(U + 2, 1);                          /* head 5 was published */
+    r->version = VQ_INFLIGHT_VERSION;
+    r->used_idx = 0;                          /* ... but not cleared */
+    r->last_batch_head = 5;
+    r->desc[5] = (struct vq_inflight_desc){ 1, {0}, 7, 0 };
+    r->desc[2] = (struct vq_inflight_desc){ 1, {0}, 0, 9 };
+    r->desc[7] = (struct vq_inflight_desc){ 1, {0}, 0, 3 };
+    r->desc[6] = (struct vq_inflight_desc){ 2, {0}, 0, 1 };   /* not exactly 1: ignored */
+    CHECK(setup(8, D, A, U, 1) == 0);
+    CHECK(vq_inflight_start(&q, (uint8_t *)r, 8) == 2);
+    CHECK(r->desc[5].inflight == 0 && r->desc[7].inflight == 1 && r->used_idx == 1);
+    CHECK(vq_pop(&q, &chain) == 1 && chain.head == 7);      /* counter 3 */
+    CHECK(vq_pop(&q, &chain) == 1 && chain.head == 2);      /* counter 9 */
+    CHECK(vq_pop(&q, &chain) == 1 && chain.head == 0);      /* avail 3: used + 2 */
+    CHECK(r->desc[0].inflight == 1 && r->desc[0].counter == 10);
+    CHECK(vq_pop(&q, &chain) == 0);
+    vq_add_used(&q, 7, 1);
+    vq_add_used(&q, 0, 1);
+    CHECK(r->desc[7].inflight == 1 && r->last_batch_head == 0 && r->desc[0].next == 7);
+    vq_publish_used(&q);
+    CHECK(r->desc[7].inflight == 0 && r->desc[0].inflight == 0 && r->desc[2].inflight == 1);
+    CHECK(r->used_idx == 3);
+    /* A ring bigger than the region, and unknown versions, are refused. */
+    CHECK(setup(16, D, A, U, 0) == 0 && vq_inflight_start(&q, (uint8_t *)r, 8) == -EINVAL);
+    r->version = 2;
+    CHECK(setup(8, D, A, U, 0) == 0 && vq_inflight_start(&q, (uint8_t *)r, 8) == -EINVAL);
+    CHECK(q.inflight == NULL);
+    free(r);
+}
+
 /* ---- random rings ----------------------------------------------------------------- */
 
 static uint64_t random_addr(void)
@@ -268,6 +318,43 @@ static int random_setup(uint32_t num, uint64_t *desc, uint64_t *avail, uint16_t 
     return rc;
 }
 
+/* Gives the queue just set up a region (fresh, plausible or random), drains it. */
+static void random_region(uint32_t num)
+{
+    uint32_t queue_size = below(8) ? num + (uint32_t)below(VQ_INFLIGHT_MAX_QUEUE - num + 1)
+                                   : (uint32_t)below(VQ_INFLIGHT_MAX_QUEUE + 1);
+    uint64_t size = vq_inflight_queue_bytes(queue_size), i;
+    uint8_t *region = malloc(size ? size : 1);
+    struct vq_inflight *r = (struct vq_inflight *)region;
+    int rc, kind = (int)below(3);
+
+    CHECK(region && size >= 16 + 16ull * queue_size);
+    for (i = 0; i < size; i++)
+        region[i] = kind == 0 ? 0 : (uint8_t)rnd();
+    if (kind == 1) {                  /* plausible: version 1, flags 0 or 1, some links */
+        r->version = VQ_INFLIGHT_VERSION;
+        r->used_idx = (uint16_t)(q.used_idx - below(4));
+        r->last_batch_head = (uint16_t)(below(4) ? below(queue_size + 1) : rnd());
+        for (i = 0; i < queue_size; i++) {
+            r->desc[i].inflight = (uint8_t)(below(4) == 0);
+            r->desc[i].next = (uint16_t)(below(4) ? below(queue_size + 1) : rnd());
+        }
+    } else if (kind == 2 && below(2)) {
+        r->version = VQ_INFLIGHT_VERSION;
+    }
+    rc = vq_inflight_start(&q, region, queue_size);
+    if (rc < 0) {
+        regions_refused++;
+        CHECK(rc == -EINVAL && q.inflight == NULL);
+    } else {
+        regions_taken++;
+        resubmitted += (unsigned long)rc;
+        CHECK((uint32_t)rc <= num && q.inflight == r);
+    }
+    drain();
+    free(region);
+}
+
 static void random_ring(void)
 {
     uint32_t num = 1u << below(11), i, nheads = 0;
@@ -328,6 +415,10 @@ static void random_ring(void)
     for (i = 0; i < nheads; i++)
         put16(avail + 4 + 2ull * ((uint16_t)(last + i) & (num - 1)), heads[i]);
     put16(avail + 2, (uint16_t)(below(8) ? last + nheads : rnd()));
+    if (below(2)) {
+        random_region(num);
+        return;
+    }
     drain();
 }
 
@@ -350,10 +441,13 @@ int main(int argc, char **argv)
     }
 
     fixed_cases();
+    inflight_cases();
     for (i = 0; i < ITERATIONS; i++)
         random_ring();
-    printf("virtq_asan: %d iterations, %lu chains, %lu broken, %lu empty, %lu setups refused\n",
-           ITERATIONS, chains, brokens, empties, setups_refused);
+    printf("virtq_asan: %d iterations, %lu chains, %lu broken, %lu empty, %lu setups refused, "
+           "%lu regions_taken, %lu regions_refused, %lu resubmitted\n",
+           ITERATIONS, chains, brokens, empties, setups_refused, regions_taken,
+           regions_refused, resubmitted);
     free(ram0);
     free(ram1);
     return 0;

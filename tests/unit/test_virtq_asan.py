@@ -59,6 +59,8 @@ def test_hostile_and_random_rings_under_asan_and_ubsan(driver):
     assert "100000 iterations" in output, output
     counts = {name: int(count) for count, name in re.findall(r"(\d+) (\w+)", output)}
     assert all(counts[name] > 1000 for name in ("chains", "broken", "empty")), output
+    assert all(counts[name] > 1000
+               for name in ("regions_taken", "regions_refused", "resubmitted")), output
 
 
 def test_this_build_catches_an_overflow(driver):

@@ -26,6 +26,12 @@ from .._virtq import ffi, lib
 
 MAX_QUEUE_SIZE = lib.VQ_MAX_QUEUE_SIZE
 MAX_SEGMENTS = lib.VQ_MAX_SEGS
+INFLIGHT_MAX_QUEUE = lib.VQ_INFLIGHT_MAX_QUEUE
+
+
+def inflight_queue_bytes(queue_size: int) -> int:
+    """One queue's part of a vhost-user inflight region (native/virtq.h)."""
+    return lib.vq_inflight_queue_bytes(queue_size)
 
 
 class QueueBroken(Exception):
@@ -115,6 +121,18 @@ class Virtqueue:
         """Whether the guest asked to be interrupted (VRING_AVAIL_F_NO_INTERRUPT clear).
         EVENT_IDX is not offered, so this is the only suppression there is."""
         return bool(lib.vq_needs_interrupt(self._q))
+
+    def track_inflight(self, address: int, queue_size: int) -> int:
+        """Record this queue's chains in the inflight region part at `address`
+        (inflight_queue_bytes(queue_size) bytes, mapped while the queue lives) and take
+        over what a previous backend left there (vq_inflight_start): the number of
+        chains pop() hands out again first. ValueError if the region is unusable (a
+        version we do not know, a ring bigger than the region)."""
+        count = lib.vq_inflight_start(self._q, ffi.cast("uint8_t *", address), queue_size)
+        if count < 0:
+            raise ValueError(f"inflight region refused: made for rings of {queue_size}, "
+                             f"this one has {self.num}, or its version is not one we know")
+        return count
 
     @property
     def num(self) -> int:

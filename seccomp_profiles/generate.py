@@ -218,6 +218,18 @@ BLK = [
           stays="only for a disk that is a block device (the recorded sessions use a loop "
           "device when run as root)."),
     rule("fcntl", "Python's mmap duplicates the memfd it maps.", eq(1, "F_DUPFD_CLOEXEC")),
+    # The inflight region (vhost-user INFLIGHT_SHMFD, vmm/vhost_user/backend.py).
+    rule("memfd_create", "GET_INFLIGHT_FD: the inflight region is a new memfd, "
+         "close-on-exec and sealable, nothing else (no huge pages, no exec).",
+         eq(1, "MFD_CLOEXEC|MFD_ALLOW_SEALING")),
+    rule("ftruncate", "GET_INFLIGHT_FD: the new region's size (a new memfd reads as "
+         "zeroes, so every queue's part starts fresh)."),
+    rule("fcntl", "GET_INFLIGHT_FD: the region is sealed so it can never shrink under a "
+         "mapping, grow, or take other seals.", eq(1, "F_ADD_SEALS")),
+    rule("fcntl", "SET_INFLIGHT_FD: a region handed back is mapped only if it is sealed "
+         "against shrinking (a file that shrank under the mapping would fault us).",
+         eq(1, "F_GET_SEALS")),
+    rule("sendmsg", "GET_INFLIGHT_FD's reply carries the region's memfd (SCM_RIGHTS)."),
 ]
 
 NET = [

@@ -21,7 +21,8 @@ Host sessions (this machine's /dev/kvm, the tiny guest), each its own strace run
            (vmm.children.spawn + serve_disk), driven with real I/O by the host-side
            virtio driver (tests/framework/virtio_driver.py): buffered, O_DIRECT and
            read-only image files, and (as root) a loop device; reads, writes, flush, GET_ID, discard, write-zeroes, bad
-           requests, a ring stopped and restarted, a malformed ring.
+           requests, a ring stopped and restarted, a malformed ring; each with the
+           inflight region (GET/SET_INFLIGHT_FD).
 
 Nested session (record_nested): inside L1, the nested suite's own L1 scripts
 (tests/nested/l1/boot_checks.py and disk_checks.py: Debian's kernel as L2 with disks
@@ -411,7 +412,8 @@ def _blk_io(workdir: Path) -> None:
         os.close(fd)
         driver = Driver(Connection(ours), mem_size=64 * MiB, num=256)
         driver.backend = child
-        driver.start(features | (VIRTIO_BLK_F_RO if read_only else 0))
+        # With the inflight region, as the vm process and QEMU use a disk backend.
+        driver.start(features | (VIRTIO_BLK_F_RO if read_only else 0), inflight=True)
         return child, driver, ours
 
     def workload(driver, read_only):

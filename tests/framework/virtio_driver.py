@@ -5,6 +5,10 @@ Tests use it to drive a backend with well-formed and hostile requests; it is als
 a frontend benchmark needs (no guest involved): chains written once (write_chain), many
 made available with one index update and one kick (post), completions reaped in
 batches (reap), all through a mapping of its own with no per-access lookups.
+
+With start(..., inflight=True) it keeps the backend's inflight region, as our vm
+process and QEMU do, and reconnect() hands it, guest RAM and the ring as they stand to
+a new backend after the first one died: the restart a frontend does.
 """
 
 import mmap
@@ -19,6 +23,10 @@ from vmm.vhost_user.frontend import Frontend, RingAddresses
 
 DESC = struct.Struct("<QIHH")
 USED = struct.Struct("<II")
+# vhost-user's inflight region, one queue's part (QueueRegionSplit, DescStateSplit):
+# written out here rather than taken from native/virtq.h, so tests check the layout.
+REGION_HEADER = struct.Struct("<QHHHH")      # features, version, desc_num, last_batch_head, used_idx
+REGION_ENTRY = struct.Struct("<B5xHQ")       # inflight, padding, next, counter
 F_NEXT, F_WRITE = 1, 2
 RING_GPA = 0x10_0000          # desc table, then avail, then used, page-aligned
 DATA_GPA = 0x20_0000          # where tests put buffers
@@ -37,6 +45,8 @@ class Driver:
         self.kick = os.eventfd(0, os.EFD_CLOEXEC)
         self.call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.frontend = Frontend(connection)
+        self.inflight: P.Inflight | None = None
+        self._region: mmap.mmap | None = None
         self._map = mmap.mmap(self.memory.fd, mem_size, mmap.MAP_SHARED,
                               mmap.PROT_READ | mmap.PROT_WRITE)
         self.view = memoryview(self._map)         # the memfd, by file offset
@@ -57,16 +67,58 @@ class Driver:
         region = next(r for r in self.memory.regions if r.contains(gpa, 1))
         return self.memory.host_address() + region.file_offset + gpa - region.guest_address
 
-    def start(self, features: int) -> int:
+    def start(self, features: int, inflight: bool = False) -> int:
+        """Set the backend up and start the ring; inflight: get the backend's inflight
+        region (it must offer INFLIGHT_SHMFD) and give it back, as a frontend that
+        restarts backends does."""
+        negotiated = self._negotiate(features)
+        if inflight:
+            self.inflight = self.frontend.get_inflight_fd(1, self.num)
+        self._start(0)
+        return negotiated
+
+    def reconnect(self, connection: P.Connection, features: int, base: int | None = None) -> int:
+        """The same set-up with a new backend, guest RAM, ring and inflight region as
+        they stand. base: SET_VRING_BASE (default used->idx, all a frontend knows once
+        GET_VRING_BASE cannot be asked; a backend given the region ignores it)."""
+        self.frontend = Frontend(connection)
+        negotiated = self._negotiate(features)
+        self._start(self.used_idx() if base is None else base)
+        return negotiated
+
+    def _negotiate(self, features: int) -> int:
         negotiated = self.frontend.negotiate(features)
         self.frontend.set_features(negotiated)
         regions = [P.MemoryRegion(r.guest_address, r.size, self.user_address(r.guest_address),
                                   r.file_offset) for r in self.memory.regions]
         self.frontend.set_mem_table(regions, [self.memory.fd] * len(regions))
+        return negotiated
+
+    def _start(self, base: int) -> None:
+        if self.inflight is not None:
+            self.frontend.set_inflight_fd(self.inflight)
         addresses = RingAddresses(*(self.user_address(a) for a in (self.desc, self.avail,
                                                                    self.used)))
-        self.frontend.start_ring(0, self.num, addresses, 0, self.kick, self.call)
-        return negotiated
+        self.frontend.start_ring(0, self.num, addresses, base, self.kick, self.call)
+
+    def used_idx(self) -> int:
+        return self._u16[self._used // 2 + 1]
+
+    def region(self) -> mmap.mmap:
+        """The inflight region as the backend writes it (a mapping of our own, as QEMU
+        has): ring 0's part is at its start (REGION_HEADER, then REGION_ENTRY each head)."""
+        if self._region is None:
+            self._region = mmap.mmap(self.inflight.fd, self.inflight.mmap_size, mmap.MAP_SHARED,
+                                     mmap.PROT_READ | mmap.PROT_WRITE,
+                                     offset=self.inflight.mmap_offset)
+        return self._region
+
+    def in_flight(self) -> dict[int, int]:
+        """Heads the region says are in flight, and their counters."""
+        region = self.region()
+        entries = (REGION_ENTRY.unpack_from(region, REGION_HEADER.size + REGION_ENTRY.size * head)
+                   for head in range(self.num))
+        return {head: counter for head, (flag, _, counter) in enumerate(entries) if flag == 1}
 
     def restart_ring(self, base: int) -> None:
         """Start ring 0 again (after frontend.stop_ring), the backend resuming at `base`."""
@@ -151,6 +203,10 @@ class Driver:
         self._u16.release()
         self.view.release()
         self._map.close()
+        if self._region is not None:
+            self._region.close()
+        if self.inflight is not None:
+            self.inflight.close()
         for fd in (self.kick, self.call):
             os.close(fd)
         self.memory.close()

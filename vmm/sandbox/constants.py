@@ -25,6 +25,7 @@ _ARG_FAMILIES = {
     ("socket", 0): ("AF_",),
     ("socketpair", 0): ("AF_",),
     ("newfstatat", 3): ("AT_",),
+    ("memfd_create", 1): ("MFD_",),
 }
 
 
@@ -47,7 +48,7 @@ def names_for(syscall: str, index: int, number: int) -> str | None:
     exact = sorted(name for name, v in family.items() if v == number)
     if exact:
         return exact[0]
-    if prefixes in (("PROT_",), ("CLONE_",), ("FALLOC_FL_",)) and number:
+    if prefixes in (("PROT_",), ("CLONE_",), ("FALLOC_FL_",), ("MFD_",)) and number:
         bits = [name for name, v in sorted(family.items(), key=lambda kv: kv[1])
                 if v and v & (v - 1) == 0 and number & v]
         if sum(family[b] for b in bits) == number:

@@ -48,7 +48,7 @@ PR_SET_NAME, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 15, 22, 2
 CLONE_THREAD = 0x10000
 # The argument a profile conditions on, shown by name next to the syscall.
 _DETAIL = {"ioctl": 1, "fcntl": 1, "prctl": 0, "seccomp": 0, "kill": 1, "tgkill": 2,
-           "socket": 0, "socketpair": 0, "fallocate": 1}
+           "socket": 0, "socketpair": 0, "fallocate": 1, "memfd_create": 1}
 _CREATES = ("clone", "clone3", "fork", "vfork")
 _SAMPLES = 5                             # arguments kept per call denied by an errno entry
 

@@ -24,21 +24,34 @@ the ring's worker waits on it as on the kick and then calls process() again.
 A device that must know the driver's features (virtio-net: the header size, the
 tap's offloads) has `set_features(features)`, called at SET_FEATURES, before the
 rings start.
+
+A device whose requests must survive its backend's death (virtio-blk: a write the
+guest is waiting for) sets `tracks_inflight = True`: the backend then offers
+INFLIGHT_SHMFD, makes the region at GET_INFLIGHT_FD and, once the frontend hands it
+back with SET_INFLIGHT_FD, has the ring walker record every chain it pops until its
+completion is published (native/virtq.h, vq_inflight_start). A ring started with a
+region a previous backend used resubmits what that one left in flight, oldest first,
+before anything new. The devices that complete in Python, in order, as they pop (net,
+console, vsock) do not track.
 """
 
+import fcntl
 import logging
+import mmap
 import os
 import select
 import threading
 from typing import Protocol
 
-from ..virtio.queue import QueueBroken, Served, Virtqueue
+from .._virtq import ffi
+from ..virtio.queue import INFLIGHT_MAX_QUEUE, QueueBroken, Served, Virtqueue, inflight_queue_bytes
 from . import protocol as P
 from .memory import GuestRam
 
 log = logging.getLogger(__name__)
 
 PROTOCOL_FEATURES = (1 << P.PROTOCOL_F_MQ) | (1 << P.PROTOCOL_F_REPLY_ACK) | (1 << P.PROTOCOL_F_CONFIG)
+INFLIGHT_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
 class Device(Protocol):
@@ -61,6 +74,7 @@ class Vring:
         self.kick = -1
         self.call = -1
         self.enabled = False
+        self.inflight: tuple[int, int] | None = None   # its part of the region: address, queue size
         self.queue: Virtqueue | None = None
         self._thread: threading.Thread | None = None
         self._stop_read, self._stop_write = -1, -1
@@ -73,8 +87,14 @@ class Vring:
 
     def start(self, device: Device, ram: GuestRam) -> None:
         desc, avail, used = (ram.guest_address(a) for a in self.addresses)
-        self.queue = Virtqueue(ram.table(), self.num, desc, avail, used, self.base)
-        self.queue.index = self.index
+        queue = Virtqueue(ram.table(), self.num, desc, avail, used, self.base)
+        queue.index = self.index
+        if self.inflight is not None:
+            resubmitted = queue.track_inflight(*self.inflight)
+            if resubmitted:
+                log.info("ring %d: %d requests a previous backend left in flight are "
+                         "resubmitted", self.index, resubmitted)
+        self.queue = queue
         self._stop_read, self._stop_write = os.pipe()
         self._thread = threading.Thread(target=self._run, args=(device,),
                                         name=f"vring{self.index}", daemon=True)
@@ -142,6 +162,10 @@ class Backend:
         self.protocol_features = 0
         self.ram: GuestRam | None = None
         self.vrings = [Vring(i) for i in range(device.num_queues)]
+        self.tracks_inflight = bool(getattr(device, "tracks_inflight", False))
+        self.offered_protocol_features = PROTOCOL_FEATURES | \
+            ((1 << P.PROTOCOL_F_INFLIGHT_SHMFD) if self.tracks_inflight else 0)
+        self.inflight: mmap.mmap | None = None
 
     def serve(self) -> None:
         """Until the frontend disconnects."""
@@ -153,7 +177,12 @@ class Backend:
                 except P.ProtocolError as error:
                     log.error("%s: %s", message.name, error)
                     answer, failed = None, True
-                if answer is not None:
+                if isinstance(answer, tuple):           # a reply that carries fds
+                    try:
+                        self.connection.reply(message, *answer)
+                    finally:
+                        P._close(answer[1])
+                elif answer is not None:
                     self.connection.reply(message, answer)
                 elif message.flags & P.FLAG_NEED_REPLY and self._acked():
                     self.connection.reply(message, P.U64.pack(1 if failed else 0))
@@ -164,6 +193,8 @@ class Backend:
                 vring.close()
             if self.ram:
                 self.ram.close()
+            if self.inflight:
+                self.inflight.close()
 
     def _acked(self) -> bool:
         return bool(self.protocol_features & (1 << P.PROTOCOL_F_REPLY_ACK))
@@ -173,10 +204,13 @@ class Backend:
             raise P.ProtocolError(f"no ring {index}")
         return self.vrings[index]
 
-    def _handle(self, m: P.Message) -> bytes | None:
-        """The reply payload for requests that have one, else None."""
+    def _handle(self, m: P.Message) -> bytes | tuple[bytes, tuple[int, ...]] | None:
+        """The reply payload for requests that have one (with the fds it carries, which
+        are closed once sent), else None."""
         r = m.request
-        if r not in (P.SET_MEM_TABLE, P.SET_VRING_KICK, P.SET_VRING_CALL, P.SET_VRING_ERR):
+        keeps_fds = (P.SET_MEM_TABLE, P.SET_VRING_KICK, P.SET_VRING_CALL, P.SET_VRING_ERR) + \
+            ((P.SET_INFLIGHT_FD,) if self.tracks_inflight else ())
+        if r not in keeps_fds:
             P._close(m.fds)
         if r == P.GET_FEATURES:
             return P.U64.pack(self.device.features | P.F_PROTOCOL_FEATURES)
@@ -189,9 +223,9 @@ class Backend:
                 except OSError as error:
                     raise P.ProtocolError(f"the device refused the features: {error}") from None
         elif r == P.GET_PROTOCOL_FEATURES:
-            return P.U64.pack(PROTOCOL_FEATURES)
+            return P.U64.pack(self.offered_protocol_features)
         elif r == P.SET_PROTOCOL_FEATURES:
-            self.protocol_features = m.u64() & PROTOCOL_FEATURES
+            self.protocol_features = m.u64() & self.offered_protocol_features
         elif r == P.GET_QUEUE_NUM:
             return P.U64.pack(self.device.num_queues)
         elif r in (P.SET_OWNER, P.RESET_OWNER):
@@ -259,9 +293,81 @@ class Backend:
             pass    # the block device's configuration is read-only (no CONFIG_WCE)
         elif r == P.GET_MAX_MEM_SLOTS:
             return P.U64.pack(P.MAX_FDS)
+        elif r == P.GET_INFLIGHT_FD and self.tracks_inflight:
+            return self._new_inflight_region(m)
+        elif r == P.SET_INFLIGHT_FD and self.tracks_inflight:
+            self._set_inflight_region(m)
         else:
             raise P.ProtocolError(f"unsupported request {m.name}")
         return None
+
+    def _inflight_bytes(self, region: P.Inflight) -> int:
+        """What a region for these queues needs; ProtocolError for sizes we do not serve."""
+        if not 1 <= region.num_queues <= len(self.vrings):
+            raise P.ProtocolError(f"{region.num_queues} queues; the device has {len(self.vrings)}")
+        largest = min(self.device.max_queue_size, INFLIGHT_MAX_QUEUE)
+        if not 1 <= region.queue_size <= largest:
+            raise P.ProtocolError(f"queue size {region.queue_size}; allowed 1..{largest}")
+        return region.num_queues * inflight_queue_bytes(region.queue_size)
+
+    def _new_inflight_region(self, m: P.Message) -> tuple[bytes, tuple[int, ...]]:
+        """GET_INFLIGHT_FD: a new memfd for the queues' parts (zeroes: every part is
+        fresh), sealed so that it can neither shrink under a mapping nor grow, and
+        handed to the frontend, which keeps it. We map it when it comes back with
+        SET_INFLIGHT_FD. A request we cannot serve gets a region of size 0 and no fd,
+        which QEMU takes as "no inflight tracking"."""
+        try:
+            asked = m.inflight()
+            size = self._inflight_bytes(asked)
+            fd = os.memfd_create("vhost-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            try:
+                os.ftruncate(fd, size)
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, INFLIGHT_SEALS)
+            except OSError:
+                os.close(fd)
+                raise
+        except (P.ProtocolError, OSError) as error:
+            log.error("GET_INFLIGHT_FD: no region: %s", error)
+            return P.Inflight(-1, 0, 0, 0, 0).pack(), ()
+        return P.Inflight(fd, size, 0, asked.num_queues, asked.queue_size).pack(), (fd,)
+
+    def _set_inflight_region(self, m: P.Message) -> None:
+        """SET_INFLIGHT_FD: map the region the frontend kept and give each ring its part
+        from its next start on (running rings stop and start again). Checked before it
+        is mapped: the sizes against what the parts need, and the memfd sealed against
+        shrinking and large enough, since a file that shrank under the mapping would
+        fault us on the next access."""
+        try:
+            if len(m.fds) != 1:
+                raise P.ProtocolError(f"{len(m.fds)} fds, 1 expected")
+            region = m.inflight()
+            size = self._inflight_bytes(region)
+            if region.mmap_size < size:
+                raise P.ProtocolError(f"a region of {region.mmap_size} bytes; "
+                                      f"{region.num_queues} queues of {region.queue_size} "
+                                      f"need {size}")
+            fd = m.fds[0]
+            if not fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK:
+                raise P.ProtocolError("the region is not sealed against shrinking")
+            if os.fstat(fd).st_size < region.mmap_offset + size:
+                raise P.ProtocolError("the region's file is smaller than the region")
+            mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                                offset=region.mmap_offset)
+        except (OSError, ValueError, OverflowError) as error:
+            raise P.ProtocolError(f"cannot map the region: {error}") from None
+        finally:
+            P._close(m.fds)
+        for vring in self.vrings:
+            vring.stop()
+        if self.inflight:
+            self.inflight.close()
+        self.inflight = mapping
+        base = int(ffi.cast("uintptr_t", ffi.from_buffer(mapping)))
+        part = inflight_queue_bytes(region.queue_size)
+        for vring in self.vrings:
+            vring.inflight = (base + vring.index * part, region.queue_size) \
+                if vring.index < region.num_queues else None
+        self._start_ready()
 
     def _start_ready(self) -> None:
         for vring in self.vrings:

@@ -24,6 +24,7 @@ SET_VRING_NUM, SET_VRING_ADDR, SET_VRING_BASE, GET_VRING_BASE = 8, 9, 10, 11
 SET_VRING_KICK, SET_VRING_CALL, SET_VRING_ERR = 12, 13, 14
 GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES, GET_QUEUE_NUM, SET_VRING_ENABLE = 15, 16, 17, 18
 GET_CONFIG, SET_CONFIG = 24, 25
+GET_INFLIGHT_FD, SET_INFLIGHT_FD = 31, 32
 GET_MAX_MEM_SLOTS = 36
 
 NAMES = {number: name for name, number in (
@@ -33,12 +34,13 @@ NAMES = {number: name for name, number in (
     ("SET_VRING_KICK", 12), ("SET_VRING_CALL", 13), ("SET_VRING_ERR", 14),
     ("GET_PROTOCOL_FEATURES", 15), ("SET_PROTOCOL_FEATURES", 16), ("GET_QUEUE_NUM", 17),
     ("SET_VRING_ENABLE", 18), ("GET_CONFIG", 24), ("SET_CONFIG", 25),
-    ("GET_MAX_MEM_SLOTS", 36))}
+    ("GET_INFLIGHT_FD", 31), ("SET_INFLIGHT_FD", 32), ("GET_MAX_MEM_SLOTS", 36))}
 
 # Protocol feature bits (GET/SET_PROTOCOL_FEATURES).
 PROTOCOL_F_MQ = 0
 PROTOCOL_F_REPLY_ACK = 3
 PROTOCOL_F_CONFIG = 9
+PROTOCOL_F_INFLIGHT_SHMFD = 12
 
 # Virtio feature bit 30 in GET_FEATURES: the backend speaks protocol features.
 F_PROTOCOL_FEATURES = 1 << 30
@@ -49,6 +51,8 @@ VRING_ADDR = struct.Struct("<IIQQQQ")              # index, flags, desc, used, a
 MEM_TABLE_HEADER = struct.Struct("<II")            # num_regions, padding
 MEM_REGION = struct.Struct("<QQQQ")                # gpa, size, userspace address, mmap offset
 CONFIG_HEADER = struct.Struct("<III")              # offset, size, flags
+INFLIGHT = struct.Struct("<QQHH")                  # mmap size, mmap offset, queues, queue size
+INFLIGHT_PAYLOAD = 24                              # QEMU's sizeof(VhostUserInflight): padded
 VRING_INDEX_MASK = 0xFF
 VRING_NOFD = 1 << 8
 
@@ -74,6 +78,14 @@ class Message:
     def vring_state(self) -> tuple[int, int]:
         return self._unpack(VRING_STATE)
 
+    def inflight(self) -> "Inflight":
+        """GET/SET_INFLIGHT_FD's payload; the fd (SET's, or a reply's) is not in it.
+        QEMU sends and expects 24 bytes (the struct's padding); 20 are enough."""
+        if not INFLIGHT.size <= len(self.payload) <= INFLIGHT_PAYLOAD:
+            raise ProtocolError(f"{self.name}: payload of {len(self.payload)} bytes, "
+                                f"{INFLIGHT.size}..{INFLIGHT_PAYLOAD} expected")
+        return Inflight(-1, *INFLIGHT.unpack_from(self.payload))
+
     def _unpack(self, layout: struct.Struct) -> tuple:
         if len(self.payload) < layout.size:
             raise ProtocolError(f"{self.name}: payload of {len(self.payload)} bytes, "
@@ -87,6 +99,28 @@ class MemoryRegion:
     size: int
     user_address: int
     mmap_offset: int
+
+
+@dataclass
+class Inflight:
+    """An inflight region (vhost-user's "Inflight I/O tracking"): the memfd the backend
+    made at GET_INFLIGHT_FD and where the queues' parts are in it. Whoever holds one owns
+    the fd (close() it when dropping the region); the frontend hands it back with
+    SET_INFLIGHT_FD to every backend it starts for the same device."""
+    fd: int
+    mmap_size: int
+    mmap_offset: int
+    num_queues: int
+    queue_size: int
+
+    def pack(self) -> bytes:
+        return INFLIGHT.pack(self.mmap_size, self.mmap_offset, self.num_queues,
+                             self.queue_size).ljust(INFLIGHT_PAYLOAD, b"\0")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def parse_mem_table(payload: bytes) -> list[MemoryRegion]:
@@ -139,8 +173,8 @@ class Connection:
         else:
             self.sock.sendall(data)
 
-    def reply(self, message: Message, payload: bytes) -> None:
-        self.send(message.request, payload, flags=FLAG_REPLY)
+    def reply(self, message: Message, payload: bytes, fds: tuple[int, ...] = ()) -> None:
+        self.send(message.request, payload, fds, flags=FLAG_REPLY)
 
     def close(self) -> None:
         self.sock.close()

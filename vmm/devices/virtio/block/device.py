@@ -56,6 +56,7 @@ def config_space(capacity: int, block_size: int, limits: R.Limits,
 class BlockDevice:
     num_queues = 1
     max_queue_size = MAX_QUEUE_SIZE
+    tracks_inflight = True       # a write the guest waits for outlives a backend's death
 
     def __init__(self, fd: int, read_only: bool, direct: bool, serial: str | None):
         self.fd = fd

@@ -1,6 +1,6 @@
 """The nested rig's reading of L1's console (tests/framework/nested.py): which endings are
-L1 breaking (worth its one rerun) and which are the scenario's own, and the heartbeat kept
-out of the output. Pure parsing: the rig's runs themselves are tests/nested/test_rig.py."""
+L1 breaking (worth its one rerun: L1 gone before the scenario's end, whatever it said)
+and which are the scenario's own, and the heartbeat kept out of the output. Pure parsing: the rig's runs themselves are tests/nested/test_rig.py."""
 
 import pytest
 
@@ -28,10 +28,14 @@ def test_an_l1_kernel_failure_before_the_end_is_l1_breaking(panic):
         _parse(lines("NESTED-SCENARIO-BEGIN", "a", panic, "Rebooting in 1 seconds.."), 9.0, 0)
 
 
-def test_a_scenario_cut_short_without_a_kernel_failure_is_not_rerun():
-    with pytest.raises(NestedError) as caught:
-        _parse(lines("NESTED-SCENARIO-BEGIN", "a"), 9.0, 1)
-    assert not isinstance(caught.value, L1Broke)
+def test_an_l1_that_resets_without_a_word_is_l1_breaking():
+    with pytest.raises(L1Broke):
+        _parse(lines("NESTED-SCENARIO-BEGIN", "a"), 9.0, 0)
+
+
+def test_an_l1_that_never_reached_the_scenario_is_l1_breaking():
+    with pytest.raises(L1Broke):
+        _parse(lines("nested: L1 up after 3.1 s"), 9.0, 0)
 
 
 def test_a_failed_setup_is_not_rerun():

@@ -333,6 +333,8 @@ FORKED_BACKEND = [
     rule("capget capset", "A forked backend drops every capability."),
     rule("seccomp", "A forked backend installs its own filter, stacked on this one.",
          eq(0, "SECCOMP_SET_MODE_FILTER")),
+    rule("eventfd2", "A restarted console or vsock backend makes its wake eventfds "
+         "(one per queue) before its own filter."),
     rule("statx", "A forked disk backend reads its image's direct-I/O alignment "
          "(STATX_DIOALIGN)."),
     ioctl("BLKSSZGET", "a forked disk backend reads a block device's sector size.",
@@ -409,9 +411,10 @@ ROLES = {
                      "guest or a host client; it may create and connect AF_UNIX sockets "
                      "(the guest's streams to <socket>_<port>).", VSOCK + THREADS),
 }
-# Their threads start under the vm filter; hot-plugged backends are forked under the
-# launcher's.
-INHERITED_BY = {"vm": ("vcpu", "api"), "launcher": ("virtio-blk", "virtio-net")}
+# Their threads start under the vm filter; hot-plugged backends (disks, NICs) and
+# restarted ones (every kind: vmm/restart.py) are forked under the launcher's.
+INHERITED_BY = {"vm": ("vcpu", "api"),
+                "launcher": ("virtio-blk", "virtio-net", "virtio-console", "virtio-vsock")}
 OPENERS = ("launcher",)
 
 DEFAULT_COMMENT = (
@@ -438,9 +441,10 @@ def profile(role: str) -> dict:
             if all(not _same(entry, mine) for mine in entries):
                 comment = f"({who}) " + entry["comment"]
                 if inheritor.startswith("virtio-") and STAYS not in comment:
-                    comment += (f" {STAYS}: a hot-plugged backend runs under this filter "
-                                f"and its own, so each entry of its role ({inheritor}) is "
-                                "here too; that role's record shows its use.")
+                    comment += (f" {STAYS}: a hot-plugged or restarted backend runs under "
+                                f"this filter and its own, so each entry of its role "
+                                f"({inheritor}) is here too; that role's record shows its "
+                                "use.")
                 entries = entries + [dict(entry, comment=comment)]
     return {"comment": f"{what} {DEFAULT_COMMENT}",
             "defaultAction": TRAP,

@@ -21,6 +21,9 @@ for:
 - a backend: one per replaceable slot (disks 0..5, NICs 6..7), made from a disk or tap
   recorded here; its process is forked from the launcher like a cold-plugged one, so
   it holds that image or tap, its vhost-user socket and nothing else.
+- a backend again, for a device whose backend died: never on request. The launcher's
+  restart policy (vmm/restart.py) decides, and respawn() forks it from the recipe kept
+  since the device was plugged (the same image, tap or socket; attach.py).
 
 At most MAX_RECORDS images and taps are kept open at once. Requests and replies are
 control.py messages: {"op", "seq", ...} -> {"seq", "ok": {...}} or {"seq", "error"}.
@@ -70,8 +73,12 @@ class Tap:
 class Backend:
     slot: int
     device: str
-    child: children.Child
+    attached: Attached                 # the latest backend, and the recipe for another
     image: tuple[tuple[int, int], bool] | None = None    # key, read_only (cold disks)
+
+    @property
+    def child(self) -> children.Child:
+        return self.attached.backend
 
 
 class Broker:
@@ -92,7 +99,7 @@ class Broker:
             if slot.id in drives and slot.index < layout.BLK_SLOTS:
                 st = os.stat(drives[slot.id].path)
                 image = ((st.st_dev, st.st_ino), drives[slot.id].read_only)
-            self.backends[slot.index] = Backend(slot.index, slot.id, attached.backend, image)
+            self.backends[slot.index] = Backend(slot.index, slot.id, attached, image)
 
     # The control channel's requests.
 
@@ -257,7 +264,7 @@ class Broker:
             raise Refused(str(error)) from None
         except (OSError, ValueError) as error:
             raise Refused(f"the backend could not start: {error}") from None
-        self.backends[slot] = Backend(slot, device, attached.backend)
+        self.backends[slot] = Backend(slot, device, attached)
         reply_fds.append(attached.connection.detach())
         log.info("broker: %s: backend %d in slot %d", attached.slot.name,
                  attached.backend.pid, slot)
@@ -270,11 +277,28 @@ class Broker:
         if backend is None:
             raise Refused("no backend in that slot")
         del self.backends[slot]
+        backend.attached.forget()
         if backend.child.status is None:
             self.leaving.append(backend)   # it ends when its socket closes
         return {}
 
     # The supervisor's questions.
+
+    def slot_of(self, child: children.Child) -> Backend | None:
+        """The plugged device whose current backend `child` is."""
+        for backend in self.backends.values():
+            if backend.child is child:
+                return backend
+        return None
+
+    def respawn(self, slot: int, restarts: int) -> Attached | None:
+        """A fresh backend for the device in `slot` whose backend died (None: the slot
+        was emptied meanwhile). AttachError or OSError if it cannot be forked."""
+        backend = self.backends.get(slot)
+        if backend is None or backend.child.status is None:
+            return None
+        backend.attached = backend.attached.respawn(restarts)
+        return backend.attached
 
     def processes(self) -> list[children.Child]:
         return [b.child for b in [*self.backends.values(), *self.leaving]]
@@ -293,6 +317,8 @@ class Broker:
         return False
 
     def close(self) -> None:
+        for backend in self.backends.values():
+            backend.attached.forget()
         for record in [*self.images.values(), *self.taps.values()]:
             os.close(record.fd)
         self.images.clear()

@@ -21,6 +21,7 @@ import re
 import socket
 from dataclasses import dataclass
 
+from . import layout
 from .config.model import MachineConfig
 from .control import ControlError, Refused, Requester
 from .devices.virtio.mmio import DeviceError
@@ -68,6 +69,7 @@ class Hotplug:
         # Cold-plugged disks, as query-block shows them, until they are unplugged.
         self.cold = {drive.id: Blockdev(drive.id, str(drive.path), drive.read_only,
                                         drive.direct, -1) for drive in config.drives}
+        self.restarts: dict[str, int] = {}      # device id -> its backend's restarts
 
     def _ask(self, what: str, op: str, fds=(), **fields) -> tuple[dict, list[int]]:
         try:
@@ -236,6 +238,53 @@ class Hotplug:
         except (Refused, ControlError, OSError) as error:
             log.error("slot %d: the launcher did not take the backend back: %s", slot, error)
 
+    # The launcher's news about backends (vmm/restart.py)
+
+    def backend_events(self) -> None:
+        """A backend that died was restarted (its socket comes along) or given up on.
+        Called on the QMP thread, which also makes every slot change, so the slot the
+        news is about cannot change meanwhile."""
+        try:
+            events = self.broker.events()
+        except ControlError as error:
+            log.error("launcher: %s; ignored", error)
+            return
+        for message, fds in events:
+            try:
+                self._backend_event(message, fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+    def _backend_event(self, message: dict, fds: list[int]) -> None:
+        event, slot, device_id = message.get("event"), message.get("slot"), message.get("device")
+        if not isinstance(slot, int) or not 0 <= slot < len(self.slots.transports):
+            log.error("launcher: event %r about slot %r; ignored", event, slot)
+            return
+        occupant = self.slots.occupants.get(slot)
+        if slot < layout.BLK_SLOTS + layout.NET_SLOTS and \
+                (occupant is None or occupant.id != device_id):
+            return                # unplugged meanwhile: its backend goes with the fd
+        transport = self.slots.transport(slot)
+        reason = str(message.get("reason"))
+        if event == "restarted" and len(fds) == 1:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=fds.pop())
+            try:
+                transport.backend_restarted(sock)
+            except DeviceError as error:
+                log.error("%s: the restarted backend: %s", transport.who, error)
+                return
+            count = message.get("count")
+            self.restarts[device_id] = count
+            log.info("%s: reconnected to its restarted backend (restart %s; the last one "
+                     "%s)", transport.who, count, reason)
+            self.emit("BACKEND_RESTARTED", {"device": device_id, "count": count,
+                                            "reason": reason})
+        elif event == "backend-failed":
+            self.emit("BACKEND_FAILED", {"device": device_id, "reason": reason})
+        else:
+            log.error("launcher: unknown event %r; ignored", event)
+
     # query-block
 
     def query_block(self) -> list[dict]:
@@ -255,6 +304,7 @@ class Hotplug:
                     "drv": "raw", "encrypted": False, "backing_file_depth": 0,
                     "detect_zeroes": "off",
                     "cache": {"direct": disk.direct, "writeback": True, "no-flush": False}}
+                entry["restarts"] = self.restarts.get(occupant.id, 0)
             entries.append(entry)
         return entries
 

@@ -5,7 +5,9 @@ It opens /dev/kvm, creates guest RAM as a sealed memfd and loads the boot image 
 binds the api-channel socket, writes the pidfile, puts the terminal in raw mode; then
 forks the vm process and waits for it, turning SIGTERM/SIGINT/SIGHUP into an orderly
 shutdown of the VM, and brokers what the vm process may ask for while the VM runs
-(vmm/broker.py: images and taps for hot-plug, and their backend processes).
+(vmm/broker.py: images and taps for hot-plug, and their backend processes). A backend
+that dies is forked again as the restart policy says (vmm/restart.py), and the vm
+process gets its new socket with a "restarted" event.
 Whatever happens, the sockets and pidfile it created are removed
 and the terminal restored before it exits with the VM's status.
 """
@@ -24,6 +26,7 @@ from pathlib import Path
 
 from . import children, control, daemon, layout, sandbox, vm_process
 from .broker import Broker
+from .restart import RestartPolicy
 from .boot import loader
 from .boot.kernel import BadKernel
 from .config.errors import one_line
@@ -147,7 +150,8 @@ def _launch(config: MachineConfig, cleanup: _Cleanup, readiness, inherited: set[
         a.connection.close()
     log.info("vm process %d started", vm.pid)
     broker = Broker(config, memory, attached, inherited)
-    return _supervise(vm, ours, readiness, broker, cleanup, config.seccomp)
+    return _supervise(vm, ours, readiness, broker, cleanup, config.seccomp,
+                      RestartPolicy(config.backend_restart))
 
 
 def _attach_devices(config: MachineConfig, memory: GuestMemory,
@@ -207,7 +211,7 @@ def _raw_terminal(fd: int) -> None:
 
 
 def _supervise(vm: children.Child, channel: socket.socket, readiness, broker: Broker,
-               cleanup: _Cleanup, seccomp: bool) -> int:
+               cleanup: _Cleanup, seccomp: bool, policy: RestartPolicy) -> int:
     # From here the launcher waits, signals, cleans up, and brokers (vmm/broker.py):
     # its filter allows no more than that and what the backends it forks need before
     # they install their own.
@@ -227,6 +231,7 @@ def _supervise(vm: children.Child, channel: socket.socket, readiness, broker: Br
     poller.register(channel, select.POLLIN)
     watched: dict[int, children.Child] = {}
     grace: dict[int, float] = {}            # pid -> when a released backend is killed
+    restarts: dict[int, tuple[float, str]] = {}     # slot -> when to restart it, and why
 
     def watch_new() -> None:
         for child in broker.processes():
@@ -239,20 +244,59 @@ def _supervise(vm: children.Child, channel: socket.socket, readiness, broker: Br
     def reaped(child: children.Child, killed: bool = False) -> None:
         expected = broker.ended(child)
         grace.pop(child.pid, None)
-        if not expected and not ended:
+        backend = None if expected or ended else broker.slot_of(child)
+        if backend is not None:
+            why = child.describe_end()
+            delay = policy.died(backend.slot, time.monotonic())
+            if delay is not None:
+                log.warning("%s: its backend process %s; restarting it%s", child.what, why,
+                            f" in {delay:.1f} s" if delay else "")
+                restarts[backend.slot] = (time.monotonic() + delay, why)
+                return
             # A device is not worth the VM: the guest sees a device that stops answering.
+            log.error("%s: its backend process %s%s; the device no longer works, the "
+                      "VM goes on", child.what, why, policy.describe())
+            tell({"event": "backend-failed", "slot": backend.slot, "device": backend.device,
+                  "reason": why})
+        elif not expected and not ended:
             log.error("%s: its backend process %s; the device no longer works, the VM "
                       "goes on", child.what, child.describe_end())
         elif killed:
             log.warning("%s: its backend did not stop after its device was unplugged; "
                         "killed", child.what)
 
+    def tell(event: dict, fds: tuple[int, ...] = ()) -> None:
+        try:
+            control.send(channel, event, fds)
+        except OSError as failed:         # the vm process is ending; its end is news enough
+            log.warning("vm process: %s not delivered: %s", event["event"], failed)
+
+    def restart(slot: int, why: str) -> None:
+        try:
+            attached = broker.respawn(slot, policy.restarts(slot))
+        except (AttachError, OSError) as failed:
+            log.error("slot %d: its backend could not be restarted: %s; the device no "
+                      "longer works, the VM goes on", slot, failed)
+            return
+        if attached is None:
+            return                              # unplugged meanwhile
+        watch_new()
+        fd = attached.connection.detach()
+        try:
+            tell({"event": "restarted", "slot": slot, "device": attached.slot.id,
+                  "count": policy.restarts(slot), "reason": why}, (fd,))
+        finally:
+            os.close(fd)
+        log.info("%s: backend %d started (restart %d)", attached.slot.name,
+                 attached.backend.pid, policy.restarts(slot))
+
     watch_new()
     error, ended = None, False
     while True:
+        deadlines = [*grace.values(), *(when for when, _ in restarts.values())]
         timeout = None
-        if grace:
-            timeout = max(0.0, min(grace.values()) - time.monotonic()) * 1000
+        if deadlines:
+            timeout = max(0.0, min(deadlines) - time.monotonic()) * 1000
         ready = {fd for fd, _ in poller.poll(timeout)}
         # The channel first: a VM that ended says so before its backends see their
         # sockets close and exit, and their ends are then no news.
@@ -274,6 +318,9 @@ def _supervise(vm: children.Child, channel: socket.socket, readiness, broker: Br
                 finally:
                     for fd in reply_fds:
                         os.close(fd)
+                if message["op"] == "unplug" and "ok" in reply:
+                    policy.forget(message["slot"])     # the slot's next device starts afresh
+                    restarts.pop(message["slot"], None)
                 watch_new()
             else:
                 for fd in fds:
@@ -291,6 +338,12 @@ def _supervise(vm: children.Child, channel: socket.socket, readiness, broker: Br
             poller.unregister(pidfd)
             child.reap(block=True)
             reaped(child)
+        for slot, (when, why) in list(restarts.items()):
+            if ended:
+                restarts.clear()
+            elif time.monotonic() >= when:
+                del restarts[slot]
+                restart(slot, why)
         for child in broker.released():
             grace.setdefault(child.pid, time.monotonic() + BACKEND_GRACE)
             if child.status is None and time.monotonic() >= grace[child.pid]:

@@ -17,6 +17,9 @@ Host sessions (this machine's /dev/kvm, the tiny guest), each its own strace run
 - hotplug: in a network namespace of its own: disks and NICs plugged and unplugged
            through QMP (by tap name and by a getfd fd), cold-plugged ones removed,
            refusals, queries, system_powerdown, system_reset.
+- restart: every kind of backend (disk, NIC, console, vsock) killed under the running
+           VM and restarted by the launcher (vmm/restart.py), the disk's also by SIGSYS;
+           a console client on the restarted console.
 - blk-io:  disk backends forked and confined exactly as the launcher does it
            (vmm.children.spawn + serve_disk), driven with real I/O by the host-side
            virtio driver (tests/framework/virtio_driver.py): buffered, O_DIRECT and
@@ -53,7 +56,7 @@ from .guest import tiny_guest
 REPO = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
 HOST_SESSIONS = ("boot", "many-vcpus", "serial", "qmp", "sigterm", "stopcont", "daemon",
-                 "hotplug", "blk-io")
+                 "hotplug", "restart", "blk-io")
 # The roles the host sessions put to work; the other roles' profiles need their own
 # sessions (a backend driven from the host, like blk-io) before they can be judged.
 HOST_ROLES = ("launcher", "vm", "vcpu", "api", "virtio-blk")
@@ -320,6 +323,53 @@ def session_hotplug(workdir: Path) -> recorder.Usage:
         return traced.finish()
 
 
+def session_restart(workdir: Path) -> recorder.Usage:
+    """Backends killed and restarted: each kind forked again by the confined launcher
+    (under its filter until its own is on) and reconnected by the QMP thread."""
+    from .netns import Netns
+
+    with Netns("vmmsr") as ns:
+        ns.add_tap("tap0")
+        console = workdir / "con.sock"
+        traced = Traced(workdir, "restart",
+                        _vm(workdir, "-D", str(workdir / "restart.log"), *_disks(workdir),
+                            "-netdev", "id=n0,netdev=tap0", "-chardev",
+                            f"id=c0,path={console}", "-device", "vsock,id=v0,guest-cid=3",
+                            append="wait"),
+                        prefix=ns.command(), stdin=subprocess.DEVNULL,
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        _wait_for_api(workdir, traced)
+
+        async def steps(qmp, events):
+            for name, number in (("vmm-blk-d0", signal.SIGKILL), ("vmm-blk-d0", signal.SIGSYS),
+                                 ("vmm-net-n0", signal.SIGKILL), ("vmm-con-c0", signal.SIGKILL),
+                                 ("vmm-vsock-v0", signal.SIGKILL)):
+                events.seen.clear()
+                os.kill(_backend(traced, name), number)
+                await events.wait("BACKEND_RESTARTED", timeout=60)
+            with socket.socket(socket.AF_UNIX) as client:
+                client.connect(str(console))
+            await qmp.execute("query-block")
+            await qmp.execute("quit")
+
+        _qmp(workdir, steps)
+        return traced.finish()
+
+
+def _backend(traced: Traced, name: str) -> int:
+    """The pid of the launcher's child `name`, waiting for a restarted one to be named."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for pid in _children(traced.child()):
+            try:
+                if Path(f"/proc/{pid}/comm").read_text().strip() == name:
+                    return pid
+            except OSError:
+                pass
+        time.sleep(0.02)
+    raise AssertionError(f"no process {name}")
+
+
 def session_blk_io(workdir: Path) -> recorder.Usage:
     traced = Traced(workdir, "blk-io", [sys.executable, "-m", "tests.framework.seccomp_usage",
                                         "blk-io", str(workdir)],
@@ -330,7 +380,7 @@ def session_blk_io(workdir: Path) -> recorder.Usage:
 
 SESSIONS = {"boot": session_boot, "many-vcpus": session_many_vcpus, "serial": session_serial, "qmp": session_qmp,
             "sigterm": session_sigterm, "stopcont": session_stopcont, "daemon": session_daemon,
-            "hotplug": session_hotplug, "blk-io": session_blk_io}
+            "hotplug": session_hotplug, "restart": session_restart, "blk-io": session_blk_io}
 
 
 def record_host(keep: Path | None = None, sessions=HOST_SESSIONS) -> recorder.Usage:

@@ -113,11 +113,11 @@ def test_the_vm_filter_lets_its_threads_do_what_their_own_filters_allow():
 
 
 def test_the_launcher_filter_lets_the_backends_it_forks_do_what_theirs_allow():
-    """A hot-plugged backend is forked under the launcher's filter and stacks its own:
-    every entry of its role is in the launcher's (opens aside: the backend's own
-    filter denies them all)."""
+    """A hot-plugged or restarted backend is forked under the launcher's filter and
+    stacks its own: every entry of its role is in the launcher's (opens aside: the
+    backend's own filter denies them all)."""
     launcher = {key for key in keyed(profile.load("launcher")) if key[0] != "openat"}
-    for role in ("virtio-blk", "virtio-net"):
+    for role in ("virtio-blk", "virtio-net", "virtio-console", "virtio-vsock"):
         mine = {key for key in keyed(profile.load(role)) if key[0] != "openat"}
         assert mine <= launcher, (role, mine - launcher)
 

@@ -87,6 +87,13 @@ _VALUE_OPTIONS = {
     "-serial": ("stdio", "ttyS0 on the VMM's stdin/stdout."),
     "-D": ("PATH", "Log file (appended to; created if missing)."),
     "-pidfile": ("PATH", "PID file, only with -daemonize; must not exist yet."),
+    "-backend-restart": ("restarts=N[,window=SECONDS]",
+                         "A device backend that dies is restarted, at most N times in any "
+                         f"window (N {L.BACKEND_RESTARTS[0]}..{L.BACKEND_RESTARTS[1]}, default "
+                         f"{L.DEFAULT_BACKEND_RESTARTS}; 0: never; window "
+                         f"{L.BACKEND_RESTART_WINDOW[0]}..{L.BACKEND_RESTART_WINDOW[1]} s, "
+                         f"default {L.DEFAULT_BACKEND_RESTART_WINDOW}); the next death fails "
+                         "the device."),
 }
 _REPEATABLE = ("-drive", "-netdev", "-chardev", "-device")
 _FLAGS = {
@@ -207,6 +214,9 @@ def draft_from_options(values: dict) -> Draft:
     one("-serial", "serial_stdio", _parse_serial)
     one("-D", "log_file")
     one("-pidfile", "pidfile")
+    for text in values.get("backend_restart") or ():
+        item = _item("restart", "-backend-restart", text, _RESTART)
+        scalars.update((name, item.fields[name]) for name in item.fields)
     for flag, name in (("-daemonize", "daemonize"), ("-disable-seccomp", "disable_seccomp"),
                        ("-omit_vm_memory", "omit_vm_memory")):
         if values.get(_dest(flag)):
@@ -236,6 +246,8 @@ _DRIVE = {"id": ("id", None, True), "file": ("path", None, True),
 _NETDEV = {"id": ("id", None, True), "netdev": ("tap", None, True), "mac": ("mac", None, False)}
 _CHARDEV = {"id": ("id", None, True), "path": ("socket", None, True)}
 _VSOCK = {"id": ("id", None, True), "guest-cid": ("guest_cid", parse_int, True)}
+_RESTART = {"restarts": ("backend_restarts", parse_int, True),
+            "window": ("backend_restart_window", parse_int, False)}
 
 
 def _item(kind: str, where: str, text: str, table: dict) -> Item:

@@ -40,6 +40,13 @@ SOCKET_PATH_BYTES = 107
 VSOCK_SUFFIX = ".vsock"
 VSOCK_PORT_SUFFIX_BYTES = len("_4294967295")
 
+# -backend-restart: a device's backend is restarted at most RESTARTS times in any WINDOW
+# seconds; the death after that fails the device (vmm/restart.py).
+BACKEND_RESTARTS = (0, 100)
+BACKEND_RESTART_WINDOW = (1, 3600)
+DEFAULT_BACKEND_RESTARTS = 5
+DEFAULT_BACKEND_RESTART_WINDOW = 60
+
 DEFAULT_NAME = "stratovirt"
 DEFAULT_VCPUS = 1
 DEFAULT_MEM_SIZE = 256 * MiB

@@ -53,6 +53,14 @@ class Vsock:
 
 
 @dataclass(frozen=True)
+class BackendRestart:
+    """-backend-restart: at most `restarts` restarts of one device's backend in any
+    `window` seconds (vmm/restart.py)."""
+    restarts: int
+    window: int
+
+
+@dataclass(frozen=True)
 class MachineConfig:
     boot: BootSource
     machine: MachineSpec
@@ -66,3 +74,4 @@ class MachineConfig:
     pidfile: Path | None
     daemonize: bool
     seccomp: bool
+    backend_restart: BackendRestart

@@ -13,7 +13,7 @@ from . import limits as L
 from . import paths
 from .draft import Draft, Item, Setting
 from .errors import ConfigError
-from .model import (BootSource, Console, Drive, MachineConfig, MachineSpec, Nic,
+from .model import (BackendRestart, BootSource, Console, Drive, MachineConfig, MachineSpec, Nic,
                     Vsock)
 from .values import show
 
@@ -71,6 +71,10 @@ def _check_scalars(s: dict[str, Setting]) -> None:
         _check_range(s["vcpus"], *L.VCPUS, "vCPUs")
     if "mem_size" in s:
         _check_memory(s["mem_size"])
+    if "backend_restarts" in s:
+        _check_range(s["backend_restarts"], *L.BACKEND_RESTARTS, "restarts")
+    if "backend_restart_window" in s:
+        _check_range(s["backend_restart_window"], *L.BACKEND_RESTART_WINDOW, "seconds")
     if "boot_args" in s:
         args = s["boot_args"]
         size = len(args.value.encode("utf-8", "surrogateescape"))
@@ -282,4 +286,7 @@ def _with_host_checks(s: dict[str, Setting], devices: dict[str, list[Item]]) -> 
         pidfile=pidfile,
         daemonize=_value(s, "daemonize", False),
         seccomp=not _value(s, "disable_seccomp", False),
+        backend_restart=BackendRestart(
+            _value(s, "backend_restarts", L.DEFAULT_BACKEND_RESTARTS),
+            _value(s, "backend_restart_window", L.DEFAULT_BACKEND_RESTART_WINDOW)),
     )

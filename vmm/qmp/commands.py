@@ -22,7 +22,8 @@ from .schema import Bool, Enum, Int, List, Object, OnOff, Pattern, Str, opt, req
 QEMU_VERSION = {"major": 5, "minor": 0, "micro": 1}
 PACKAGE = f"stratovirt-py {__version__}"
 
-EVENTS = ("SHUTDOWN", "RESET", "STOP", "RESUME", "POWERDOWN", "DEVICE_DELETED")
+EVENTS = ("SHUTDOWN", "RESET", "STOP", "RESUME", "POWERDOWN", "DEVICE_DELETED",
+          "BACKEND_RESTARTED", "BACKEND_FAILED")
 # Device, node and netdev ids as the configuration's (they become process names, log
 # words, QOM paths): a letter, then letters, digits, '-', '.', '_'.
 ID = Pattern(limits.ID_PATTERN, *limits.ID_CHARS,

@@ -146,6 +146,7 @@ class QmpServer(threading.Thread):
             return
         self._poller.register(self._listener, _IN)
         self._poller.register(self._wake, _IN)
+        self._poller.register(self._hotplug.broker.fileno(), _IN)
         try:
             self._loop()
         finally:
@@ -190,11 +191,19 @@ class QmpServer(threading.Thread):
                     for _ in range(ACCEPTS_PER_ROUND):
                         if self._closing or not self._accept():
                             break
+                elif fd == self._hotplug.broker.fileno():
+                    if events & _GONE:         # the launcher is gone; the VM ends with it
+                        self._poller.unregister(fd)
                 elif (client := self._clients.get(fd)) is not None:
                     if events & _IN and not self._closing:
                         self._read(client)
                     elif events & _GONE:
                         self._drop(client, None)
+            # The launcher's news about backends, read here or set aside by a request's
+            # wait for its reply; handled between commands, as every slot change is.
+            if self._hotplug.broker.has_events or any(
+                    fd == self._hotplug.broker.fileno() and events & _IN for fd, events in ready):
+                self._hotplug.backend_events()
             self._flush_all()
             if deadline is not None and (time.monotonic() >= deadline or not self._pending()):
                 return

@@ -31,11 +31,12 @@ EXIT_DIFFERENT = EXIT_UNFILTERED = 1
 EXIT_ERROR = 2
 _MODES = {0: "disabled", 1: "strict", 2: "filter"}
 # How many filters each role's threads carry when installed as docs/seccomp.md says: a
-# backend hot-plugged while the VM runs was forked under the launcher's filter and
-# stacks its own on it.
+# backend hot-plugged or restarted while the VM runs was forked under the launcher's
+# filter and stacks its own on it.
 EXPECTED_FILTERS = {"launcher": (1,), "vm": (1,), "vcpu": (2,), "api": (2,),
-                    "virtio-blk": (1, 2), "virtio-net": (1, 2)}
-HOT_PLUGGED = "  (hot-plugged: its own on the launcher's)"
+                    "virtio-blk": (1, 2), "virtio-net": (1, 2), "virtio-console": (1, 2),
+                    "virtio-vsock": (1, 2)}
+HOT_PLUGGED = "  (hot-plugged or restarted: its own on the launcher's)"
 # KVM's own worker threads (kvm-nx-lpage-recovery) sit in the vm process's thread group
 # but never run user code: a filter means nothing to them.
 KERNEL_WORKER = "kvm-worker"

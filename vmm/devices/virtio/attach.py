@@ -2,11 +2,17 @@
 a tap, a socket), fork its backend process with that and one end of a socket pair, and
 describe the slot for the vm process, which holds the other end as its vhost-user
 connection. Each device kind has an `attach` in its package (e.g. block/attach.py)
-built on spawn_backend()."""
+built on spawn_backend().
 
+The launcher keeps its own copy of what it gave the backend (Attached.respawn), so a
+backend that dies can be forked again with the same image, tap or listening socket
+(vmm/restart.py): the recipe is the same, only the socket pair is new.
+"""
+
+import os
 import socket
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from ... import children
@@ -31,17 +37,47 @@ class Slot:
     config_size: int            # bytes of configuration space to read (GET_CONFIG)
 
 
+# serve(sock, fds, restarts) runs in the backend process: its end of the socket pair, the
+# fds it was given (the kept copies' numbers) and how many backends of this device died.
+Serve = Callable[[socket.socket, list[int], int], int]
+
+
 @dataclass
 class Attached:
     slot: Slot
     connection: socket.socket   # the vm process's end
     backend: children.Child
+    _recipe: tuple = field(default=(), repr=False)
+    _kept: list[int] = field(default_factory=list, repr=False)
+
+    def respawn(self, restarts: int) -> "Attached":
+        """A fresh backend for the same device, from the same kept fds; the new socket
+        pair's vm end is in the result."""
+        return _fork(self.slot, *self._recipe, self._kept, restarts)
+
+    def forget(self) -> None:
+        """The device is gone for good: the kept fds are closed."""
+        for fd in self._kept:
+            os.close(fd)
+        self._kept.clear()
 
 
 def spawn_backend(slot: Slot, process_name: str, role: str, fds: list[int],
-                  serve: Callable[[socket.socket], int], memory: GuestMemory) -> Attached:
-    """Fork the backend holding `fds` and its end of a new socket pair; serve(sock)
-    runs in it. The caller closes its copies of `fds` afterwards."""
+                  serve: Serve, memory: GuestMemory) -> Attached:
+    """Fork the backend holding copies of `fds` and its end of a new socket pair; serve
+    runs in it. The caller closes its own `fds` afterwards; the copies are kept for a
+    restart until forget()."""
+    kept = [os.dup(fd) for fd in fds]
+    try:
+        return _fork(slot, process_name, role, serve, memory, kept, 0)
+    except BaseException:
+        for fd in kept:
+            os.close(fd)
+        raise
+
+
+def _fork(slot: Slot, process_name: str, role: str, serve: Serve, memory: GuestMemory,
+          kept: list[int], restarts: int) -> Attached:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     # The vm process waits for the backend's replies on a vCPU or the QMP thread: a
     # backend that stops answering fails the request after REPLY_TIMEOUT instead of
@@ -52,14 +88,14 @@ def spawn_backend(slot: Slot, process_name: str, role: str, fds: list[int],
 
     def backend() -> int:
         memory.close()      # guest RAM comes again from the vm process, over vhost-user
-        return serve(theirs)
+        return serve(theirs, kept, restarts)
 
     try:
-        child = children.spawn(process_name[:15], role, [*fds, theirs.fileno()], backend)
+        child = children.spawn(process_name[:15], role, [*kept, theirs.fileno()], backend)
     except BaseException:
         ours.close()
         raise
     finally:
         theirs.close()
     child.what = slot.name
-    return Attached(slot, ours, child)
+    return Attached(slot, ours, child, (process_name, role, serve, memory), kept)

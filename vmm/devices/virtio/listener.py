@@ -12,6 +12,7 @@ import errno
 import os
 import secrets
 import socket
+import stat
 
 SUN_PATH_MAX = 107
 
@@ -46,6 +47,40 @@ def listen_unix(path: str, backlog: int = 16, private: bool = False) -> socket.s
     return listener
 
 
+def remove_stale(path: str) -> None:
+    """A socket file that no one listens on any more (its program was killed: connect()
+    is refused) is removed, so that a restarted program can listen on the same path.
+    OSError for a path that is there and must stay: a socket someone listens on
+    (EADDRINUSE), or anything that is not a socket (EEXIST)."""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise OSError(errno.EEXIST, "it exists and is not a socket", path)
+    except FileNotFoundError:
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK |
+                          socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+        return
+    except FileNotFoundError:
+        return
+    except BlockingIOError:
+        pass                                  # listening, its backlog full
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, "a program is listening on it", path)
+
+
 def bind_private(path: str, backlog: int = 16) -> socket.socket:
     """The console's and the vsock device's host sockets: only their owner may connect."""
     return listen_unix(path, backlog, private=True)
+
+
+def adopt(fd: int) -> socket.socket:
+    """A listening socket handed to a backend process by number (the launcher's kept
+    copy, the same in a first and in a restarted backend). Family and type are given:
+    left out, Python asks the kernel (getsockopt), which a restarted backend, still
+    under the launcher's filter, may not."""
+    return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=fd)

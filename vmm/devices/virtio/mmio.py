@@ -303,6 +303,20 @@ class MmioTransport:
             self._config_changed()
             return old
 
+    def backend_restarted(self, connection) -> None:
+        """The device's backend process died and the launcher forked another
+        (vmm/restart.py): the device takes the new connection, and a live slot's rings
+        start again where the guest has seen them completed (a backend that keeps the
+        in-flight region resubmits what was in flight itself). Each ready queue is
+        kicked once and the interrupt raised once, for a kick or an interrupt the dead
+        backend swallowed: both are harmless when spurious. The guest is not told."""
+        with self._lock:
+            self.device.reconnect(connection)
+            if self.live:
+                self._start(self.device, self._used_indexes())
+                self._kick_ready(self.device)
+                self.interrupt.trigger()
+
     def _used_indexes(self) -> list[int]:
         """Where each ring's used index stands: the next available index of a device
         that completed in order, which is all a dead backend leaves to go by (QEMU does

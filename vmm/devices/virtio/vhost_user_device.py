@@ -8,11 +8,20 @@ on a reset it takes the rings back (GET_VRING_BASE). A device hot-plugged into a
 slot starts each ring where the slot's previous device stopped (activate's bases), and
 one unplugged gives each ring's stopping point back (suspend).
 
+A backend that dies is replaced by the launcher (vmm/restart.py) and the device
+reconnects to the new one: the same handshake, then the transport starts the rings again.
+What must survive the backend is the in-flight region (vhost-user's INFLIGHT_SHMFD):
+the backend creates it at the first start (GET_INFLIGHT_FD), this process keeps the fd
+and hands it to every later backend (SET_INFLIGHT_FD), which resubmits what its
+predecessor had taken and not completed. A guest's reset drops it: the next start gets
+a fresh one.
+
 The frontend talks on the vCPU thread that wrote the status register, as QEMU does
 under its big lock: these are a handful of messages per device life cycle.
 """
 
 import logging
+import os
 import socket
 
 from ...machine.memory import GuestMemory
@@ -33,22 +42,40 @@ class VhostUserDevice:
         self.device_id = device_id
         self.queue_sizes = queue_sizes
         self.memory = memory
-        self.frontend = Frontend(P.Connection(sock))
+        self.config_size = config_size
         self.started: list[int] = []
         self.bases = [0] * len(queue_sizes)
+        self.inflight = None                 # the in-flight region, once a backend made it
+        self.frontend = Frontend(P.Connection(sock))
+        self.features, self.config = self._handshake()
+        if not self.features & VIRTIO_F_VERSION_1:
+            raise DeviceError(f"{name}: the backend does not offer VIRTIO_F_VERSION_1")
+
+    def _handshake(self) -> tuple[int, bytes]:
+        """Features, configuration space and guest RAM, with the current connection."""
         try:
             offered = self.frontend.negotiate(TRANSPORT_FEATURES)
             if not self.frontend.protocol_features & (1 << P.PROTOCOL_F_CONFIG):
                 raise DeviceError("the backend does not offer its configuration space (CONFIG)")
-            self.config = self.frontend.get_config(config_size)
+            config = self.frontend.get_config(self.config_size)
+            memory = self.memory
             regions = [P.MemoryRegion(gpa, size, host, offset) for (gpa, size, host), offset in
                        zip(memory.host_regions(), (r.file_offset for r in memory.regions))]
             self.frontend.set_mem_table(regions, [memory.fd] * len(regions))
         except (BackendError, P.ProtocolError, OSError) as error:
-            raise DeviceError(f"{name}: vhost-user backend: {error}") from None
-        self.features = offered & ~P.F_PROTOCOL_FEATURES
-        if not self.features & VIRTIO_F_VERSION_1:
-            raise DeviceError(f"{name}: the backend does not offer VIRTIO_F_VERSION_1")
+            raise DeviceError(f"{self.name}: vhost-user backend: {error}") from None
+        return offered & ~P.F_PROTOCOL_FEATURES, config
+
+    def reconnect(self, sock: socket.socket) -> None:
+        """Take a restarted backend's connection; the transport starts the rings after.
+        DeviceError if the new backend is not the same device (other features)."""
+        self.frontend.connection.close()
+        self.frontend = Frontend(P.Connection(sock))
+        self.started = []
+        features, self.config = self._handshake()
+        if features != self.features:
+            raise DeviceError(f"{self.name}: the restarted backend offers features "
+                              f"{features:#x}, not {self.features:#x}")
 
     def read_config(self, offset: int, size: int) -> bytes:
         return config_bytes(self.config, offset, size)
@@ -58,6 +85,11 @@ class VhostUserDevice:
         self.bases = list(bases)
         try:
             self.frontend.set_features(features)
+            if self.frontend.supports_inflight:
+                if self.inflight is None:
+                    self.inflight = self.frontend.get_inflight_fd(len(self.queue_sizes),
+                                                                  max(self.queue_sizes))
+                self.frontend.set_inflight_fd(self.inflight)
             for index, queue in enumerate(queues):
                 if not queue.ready:
                     continue
@@ -82,12 +114,19 @@ class VhostUserDevice:
         return list(self.bases)
 
     def reset(self) -> None:
+        self._drop_inflight()
         self.suspend()
         self.bases = [0] * len(self.queue_sizes)
 
     def close(self) -> None:
         """The backend process ends when its connection closes."""
+        self._drop_inflight()
         self.frontend.connection.close()
+
+    def _drop_inflight(self) -> None:
+        if self.inflight is not None:
+            os.close(self.inflight.fd)
+            self.inflight = None
 
     def notify(self, index: int) -> None:
         """Never called: QueueNotify is an ioeventfd the backend polls."""

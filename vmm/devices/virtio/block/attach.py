@@ -32,9 +32,9 @@ def attach(drive: Drive, index: int, memory: GuestMemory, seccomp: bool,
     slot = Slot(index, drive.id, f"disk {drive.id}", VIRTIO_ID_BLOCK, (QUEUE_SIZE,), CONFIG_SIZE)
     try:
         return spawn_backend(slot, f"vmm-blk-{drive.id}", f"blk-{drive.id}", [disk],
-                             lambda sock: main.serve_disk(disk, sock, drive.read_only,
-                                                          drive.direct, drive.serial,
-                                                          seccomp),
+                             lambda sock, fds, _: main.serve_disk(fds[0], sock, drive.read_only,
+                                                                  drive.direct, drive.serial,
+                                                                  seccomp),
                              memory)
     finally:
         if own:

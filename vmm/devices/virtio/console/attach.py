@@ -7,7 +7,7 @@ from pathlib import Path
 from ....config.model import Console
 from ....machine.memory import GuestMemory
 from ..attach import Attached, AttachError, Slot, spawn_backend
-from ..listener import bind_private
+from ..listener import adopt, bind_private
 from . import device, main
 
 
@@ -26,7 +26,8 @@ def attach(console: Console, index: int, memory: GuestMemory, created: list[Path
     try:
         return spawn_backend(slot, f"vmm-con-{console.id}", f"con-{console.id}",
                              [listener.fileno()],
-                             lambda sock: main.serve_console(listener, sock, name, seccomp),
+                             lambda sock, fds, _: main.serve_console(
+                                 adopt(fds[0]), sock, name, seccomp),
                              memory)
     finally:
         listener.close()

@@ -40,7 +40,7 @@ def attach(nic: Nic, index: int, vm_name: str, memory: GuestMemory, seccomp: boo
         slot = Slot(index, nic.id, f"NIC {nic.id}", VIRTIO_ID_NET, (D.QUEUE_SIZE,) * 2,
                     D.CONFIG_SIZE)
         return spawn_backend(slot, f"vmm-net-{nic.id}", f"net-{nic.id}", [tap],
-                             lambda sock: main.serve_nic(tap, sock, mac, mtu, seccomp),
+                             lambda sock, fds, _: main.serve_nic(fds[0], sock, mac, mtu, seccomp),
                              memory)
     except OSError as error:
         raise AttachError(f"-netdev id={nic.id}: tap {nic.tap}: {error.strerror}") from None

@@ -9,7 +9,7 @@ from pathlib import Path
 from ....config.model import Vsock
 from ....machine.memory import GuestMemory
 from ..attach import Attached, AttachError, Slot, spawn_backend
-from ..listener import bind_private
+from ..listener import adopt, bind_private
 from . import device, main
 
 
@@ -27,8 +27,9 @@ def attach(vsock: Vsock, index: int, memory: GuestMemory, created: list[Path],
     try:
         return spawn_backend(slot, f"vmm-vsock-{vsock.id}", f"vsock-{vsock.id}",
                              [listener.fileno()],
-                             lambda sock: main.serve_vsock(vsock.guest_cid, listener,
-                                                           str(vsock.socket), sock, seccomp),
+                             lambda sock, fds, restarts: main.serve_vsock(
+                                 vsock.guest_cid, adopt(fds[0]), str(vsock.socket), sock,
+                                 seccomp, restarted=restarts > 0),
                              memory)
     finally:
         listener.close()

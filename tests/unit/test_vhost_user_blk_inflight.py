@@ -34,6 +34,7 @@ from tests.framework.virtio_driver import (DATA_GPA, DESC, F_NEXT, REGION_ENTRY,
 FEATURES = VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH
 NUM = 256
 SLOT = 0x10000                     # guest RAM per request, by head
+PART = inflight_queue_bytes(1024)  # a queue's part: for the device's largest ring
 MiB = 1 << 20
 
 
@@ -131,14 +132,15 @@ def alive(child, driver) -> bool:
     return child.reap() is False
 
 
-def sealed_region(num_queues=1, queue_size=NUM, size=None, seals=INFLIGHT_SEALS) -> P.Inflight:
-    """A region made the way a backend makes one, to fill by hand."""
-    needed = num_queues * inflight_queue_bytes(queue_size)
+def sealed_region(num_queues=1, size=None, seals=INFLIGHT_SEALS) -> P.Inflight:
+    """A region made the way a backend makes one (parts for the largest ring), to fill
+    by hand."""
+    needed = num_queues * PART
     fd = os.memfd_create("test-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, needed if size is None else size)
     if seals:
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
-    return P.Inflight(fd, needed, 0, num_queues, queue_size)
+    return P.Inflight(fd, needed, 0, num_queues, NUM)
 
 
 def write_region(driver, version=1, used_idx=0, last_batch_head=0, entries=()):
@@ -171,15 +173,21 @@ def publish_used(driver, heads):
 
 # -- a real death with requests in flight ---------------------------------------------
 
-@pytest.mark.needs_root
-def test_requests_in_flight_at_a_kill_are_resubmitted_oldest_first(tmp_path, backends, driver):
+@pytest.fixture
+def holdable(tmp_path):
+    """Requested before `backends`, so that it goes after them (they hold files on it)."""
     fs = disk_backend.HoldableFs(tmp_path)
-    started = []
+    yield fs
+    fs.close()
+
+
+@pytest.mark.needs_root
+def test_requests_in_flight_at_a_kill_are_resubmitted_oldest_first(holdable, backends, driver):
+    fs = holdable
     try:
         image = fs.root / "disk.img"
         image.write_bytes(bytes(4 * MiB))
         first, connection = backends(image, serial="inflight-1")
-        started.append(first)
         d = driver(connection)
         d.start(FEATURES, inflight=True)
         assert d.frontend.supports_inflight and header(d)[1] == 1     # version 1: in use
@@ -213,7 +221,6 @@ def test_requests_in_flight_at_a_kill_are_resubmitted_oldest_first(tmp_path, bac
         # (here: past everything, which without the region would lose all five), the
         # region is what counts.
         second, connection = backends(image, serial="inflight-1")
-        started.append(second)
         d.reconnect(connection, FEATURES, base=d.avail_idx)
         assert reap(d, 5) == [40, 10, 25, 0, 33]
         assert used_ring(d) == [200, 40, 10, 25, 0, 33]                # each once
@@ -228,9 +235,6 @@ def test_requests_in_flight_at_a_kill_are_resubmitted_oldest_first(tmp_path, bac
         assert alive(second, d)
     finally:
         fs.release()
-        for child in started:            # they hold the image open: they go first
-            child.kill()
-        fs.close()
 
 
 def trap_fdatasync(stderr_fd):
@@ -316,7 +320,7 @@ def test_a_fresh_region_is_initialised_where_the_ring_stands(image, backends, dr
     publish_used(d, [0, 3, 6])
     d.reconnect(connection, FEATURES, base=3)
     wait_for(lambda: header(d)[1] == 1, "the region to be taken")
-    assert header(d) == (0, 1, NUM, 0, 3) and d.in_flight() == {}
+    assert header(d) == (0, 1, 1024, 0, 3) and d.in_flight() == {}
     request(d, 9, R.T_FLUSH)
     d.post([9])
     assert reap(d, 1) == [9] and header(d)[4] == 4
@@ -384,22 +388,41 @@ def test_get_inflight_fd_refuses_sizes_it_does_not_serve(image, backends, driver
     for queues, size in ((0, NUM), (2, NUM), (1, 0), (1, 1025)):
         with pytest.raises(BackendError, match="no region"):
             d.frontend.get_inflight_fd(queues, size)
-    region = d.frontend.get_inflight_fd(1, 1024)
-    assert fcntl.fcntl(region.fd, fcntl.F_GET_SEALS) == INFLIGHT_SEALS
-    assert region.mmap_size == os.fstat(region.fd).st_size == 16448      # ALIGN_UP(16*1024+2, 64)
-    region.close()
+    for size in (128, 1024):
+        region = d.frontend.get_inflight_fd(1, size)
+        assert fcntl.fcntl(region.fd, fcntl.F_GET_SEALS) == INFLIGHT_SEALS
+        # For the largest ring whatever the queue size asked: ALIGN_UP(16 * 1024 + 2, 64).
+        assert region.mmap_size == os.fstat(region.fd).st_size == 16448
+        assert (region.num_queues, region.queue_size) == (1, size)
+        region.close()
     assert alive(child, d)
 
 
-@pytest.mark.parametrize("version, queue_size", [(2, NUM), (0xFFFF, NUM), (1, NUM // 2)])
-def test_a_region_it_does_not_know_keeps_the_ring_from_starting(image, backends, driver,
-                                                                version, queue_size):
-    """An unknown version, or a region made for smaller rings: the ring is refused (it
-    never serves) rather than half-tracked; the backend lives on."""
+def test_rings_larger_than_the_queue_size_named_are_tracked(image, backends, driver):
+    """QEMU's virtio-mmio offers the driver rings of 1024 whatever its queue-size (128):
+    the ring the guest picks is still covered."""
     child, connection = backends(image)
     d = driver(connection)
-    d.inflight = sealed_region(queue_size=queue_size)
-    REGION_HEADER.pack_into(d.region(), 0, 0, version, queue_size, 0, 0)
+    d._negotiate(FEATURES)
+    d.inflight = d.frontend.get_inflight_fd(1, 128)
+    d._start(0)
+    for head in (200, 250):
+        request(d, head, R.T_FLUSH)
+    d.post([200, 250])
+    assert reap(d, 2) == [200, 250]
+    assert header(d)[1:] == (1, 1024, 250, 2)
+    assert alive(child, d)
+
+
+@pytest.mark.parametrize("version", [2, 0xFFFF])
+def test_a_region_it_does_not_know_keeps_the_ring_from_starting(image, backends, driver,
+                                                                version):
+    """An unknown version: the ring is refused (it never serves) rather than tracked in
+    a layout we may not have; the backend lives on."""
+    child, connection = backends(image)
+    d = driver(connection)
+    d.inflight = sealed_region()
+    REGION_HEADER.pack_into(d.region(), 0, 0, version, NUM, 0, 0)
     request(d, 0, R.T_FLUSH)
     publish_avail(d, [0])
     d.reconnect(connection, FEATURES, base=0)

@@ -166,6 +166,7 @@ class Backend:
         self.offered_protocol_features = PROTOCOL_FEATURES | \
             ((1 << P.PROTOCOL_F_INFLIGHT_SHMFD) if self.tracks_inflight else 0)
         self.inflight: mmap.mmap | None = None
+        self._inflight_entries = min(device.max_queue_size, INFLIGHT_MAX_QUEUE)
 
     def serve(self) -> None:
         """Until the frontend disconnects."""
@@ -302,17 +303,21 @@ class Backend:
         return None
 
     def _inflight_bytes(self, region: P.Inflight) -> int:
-        """What a region for these queues needs; ProtocolError for sizes we do not serve."""
+        """What a region for these queues needs; ProtocolError for sizes we do not serve.
+        Each queue's part has an entry for every descriptor of the device's largest ring,
+        whatever queue size the frontend names: QEMU's virtio-mmio lets the driver pick
+        rings of up to 1024 descriptors whatever its queue-size (128 by default), and a
+        ring the part cannot cover could not be tracked."""
         if not 1 <= region.num_queues <= len(self.vrings):
             raise P.ProtocolError(f"{region.num_queues} queues; the device has {len(self.vrings)}")
-        largest = min(self.device.max_queue_size, INFLIGHT_MAX_QUEUE)
-        if not 1 <= region.queue_size <= largest:
-            raise P.ProtocolError(f"queue size {region.queue_size}; allowed 1..{largest}")
-        return region.num_queues * inflight_queue_bytes(region.queue_size)
+        if not 1 <= region.queue_size <= self._inflight_entries:
+            raise P.ProtocolError(f"queue size {region.queue_size}; allowed "
+                                  f"1..{self._inflight_entries}")
+        return region.num_queues * inflight_queue_bytes(self._inflight_entries)
 
     def _new_inflight_region(self, m: P.Message) -> tuple[bytes, tuple[int, ...]]:
         """GET_INFLIGHT_FD: a new memfd for the queues' parts (zeroes: every part is
-        fresh), sealed so that it can neither shrink under a mapping nor grow, and
+        fresh; sized as _inflight_bytes says), sealed so that it can neither shrink under a mapping nor grow, and
         handed to the frontend, which keeps it. We map it when it comes back with
         SET_INFLIGHT_FD. A request we cannot serve gets a region of size 0 and no fd,
         which QEMU takes as "no inflight tracking"."""
@@ -344,8 +349,7 @@ class Backend:
             size = self._inflight_bytes(region)
             if region.mmap_size < size:
                 raise P.ProtocolError(f"a region of {region.mmap_size} bytes; "
-                                      f"{region.num_queues} queues of {region.queue_size} "
-                                      f"need {size}")
+                                      f"{region.num_queues} queues need {size}")
             fd = m.fds[0]
             if not fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK:
                 raise P.ProtocolError("the region is not sealed against shrinking")
@@ -363,9 +367,9 @@ class Backend:
             self.inflight.close()
         self.inflight = mapping
         base = int(ffi.cast("uintptr_t", ffi.from_buffer(mapping)))
-        part = inflight_queue_bytes(region.queue_size)
+        part = inflight_queue_bytes(self._inflight_entries)
         for vring in self.vrings:
-            vring.inflight = (base + vring.index * part, region.queue_size) \
+            vring.inflight = (base + vring.index * part, self._inflight_entries) \
                 if vring.index < region.num_queues else None
         self._start_ready()
 

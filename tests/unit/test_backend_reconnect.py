@@ -115,3 +115,17 @@ def test_the_guests_reset_drops_the_region(disk):
     transport.write(M.STATUS, 4, 0)
     assert transport.device.inflight is None
     assert NUM // 3 >= REQUESTS
+
+
+def test_garbage_in_the_ring_breaks_it_and_kills_nothing(disk):
+    """A hostile driver's ring makes the backend stop serving it (a broken device), not
+    die: there is no death, so nothing for the launcher to restart, and no loop."""
+    transport, ring, _, state = disk
+    ring.post(T_OUT, 0, 0, pattern(0, 3))
+    # Request 0's data descriptor now points far outside guest RAM.
+    ring.memory.write(ring.desc + 16 * 1, (1 << 46).to_bytes(8, "little"))
+    kick(transport)
+    time.sleep(0.3)
+    backend = state["attached"].backend
+    assert not backend.reap(), backend.describe_end()
+    assert ring.used_idx() == ring.used_seen             # nothing completed from it

@@ -3,7 +3,9 @@ exists, by the vhost-user backend conventions (QEMU's vhost-user.rst): serve an
 inherited connected socket (--fd) until it closes, or listen on --socket-path for one
 frontend at a time (it may reconnect), removing the socket when SIGTERM ends us. The
 socket file appears once it listens (listener.py), so a frontend may connect as soon as
-it sees the file."""
+it sees the file. A program killed outright leaves its socket file behind: started
+again on the same path, it replaces that stale file (QEMU's `reconnect=` then finds it),
+but never a socket someone listens on or a file that is not a socket."""
 
 import logging
 import os
@@ -16,7 +18,7 @@ import click
 
 from ...vhost_user.backend import Backend, Device
 from ...vhost_user.protocol import Connection, ProtocolError
-from .listener import listen_unix
+from .listener import listen_unix, remove_stale
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ def serve(device: Device, socket_path: str | None, fd: int | None,
         serve_connection(device, socket.socket(fileno=fd))
         return
     try:
+        remove_stale(socket_path)
         listener = listen_unix(socket_path, 1)
     except OSError as error:
         raise click.ClickException(f"--socket-path: {socket_path}: {error.strerror}") from None

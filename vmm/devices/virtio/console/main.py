@@ -23,7 +23,8 @@ from .port import Port
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--socket-path", type=click.Path(dir_okay=False),
-              help="vhost-user: listen on this unix socket (created; must not exist).")
+              help="vhost-user: listen on this unix socket (created; a stale one "
+                   "left by a killed backend is replaced).")
 @click.option("--fd", type=int, help="vhost-user: serve this inherited, connected socket.")
 @click.option("--print-capabilities", is_flag=True, help="Print the backend's capabilities.")
 @click.option("--console-socket", type=click.Path(dir_okay=False),

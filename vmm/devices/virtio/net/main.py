@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--socket-path", type=click.Path(dir_okay=False),
-              help="Listen on this unix socket (created; must not exist).")
+              help="Listen on this unix socket (created; a stale one left by a killed "
+                   "backend is replaced).")
 @click.option("--fd", type=int, help="Serve this inherited, connected unix socket.")
 @click.option("--print-capabilities", is_flag=True, help="Print the backend's capabilities.")
 @click.option("--tap", "tap_name", help="The existing tap interface to use.")

@@ -76,3 +76,11 @@ def remove_stale(path: str) -> None:
 def bind_private(path: str, backlog: int = 16) -> socket.socket:
     """The console's and the vsock device's host sockets: only their owner may connect."""
     return listen_unix(path, backlog, private=True)
+
+
+def adopt(fd: int) -> socket.socket:
+    """A listening socket handed to a backend process by number (the launcher's kept
+    copy, the same in a first and in a restarted backend). Family and type are given:
+    left out, Python asks the kernel (getsockopt), which a restarted backend, still
+    under the launcher's filter, may not."""
+    return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=fd)

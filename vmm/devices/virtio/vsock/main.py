@@ -60,7 +60,7 @@ def main(socket_path, fd, print_capabilities, guest_cid, uds_path):
 
 
 def serve_vsock(guest_cid: int, listener: socket.socket, uds_path: str,
-                sock: socket.socket, seccomp: bool) -> int:
+                sock: socket.socket, seccomp: bool, restarted: bool = False) -> int:
     """The launcher's entry into the vsock backend process (forked, see vmm/children.py):
     the host socket is bound by the launcher, which removes it. The process is confined
     (the virtio-vsock profile, which alone may create and connect AF_UNIX sockets: the
@@ -68,7 +68,7 @@ def serve_vsock(guest_cid: int, listener: socket.socket, uds_path: str,
     reads a byte from the vm process, the guest or a host client."""
     program.exit_on_sigterm()
     muxer = Muxer(guest_cid, listener, uds_path)
-    device = VsockDevice(muxer)
+    device = VsockDevice(muxer, restarted)
     sandbox.confine("virtio-vsock", seccomp=seccomp)
     muxer.start()
     program.serve_connection(device, sock)

@@ -25,7 +25,8 @@ DESC = struct.Struct("<QIHH")
 USED = struct.Struct("<II")
 # vhost-user's inflight region, one queue's part (QueueRegionSplit, DescStateSplit):
 # written out here rather than taken from native/virtq.h, so tests check the layout.
-REGION_HEADER = struct.Struct("<QHHHH")      # features, version, desc_num, last_batch_head, used_idx
+REGION_HEADER = struct.Struct("<QHHHH")      # features, version, desc_num, last_batch_head,
+                                             # used_idx
 REGION_ENTRY = struct.Struct("<B5xHQ")       # inflight, padding, next, counter
 F_NEXT, F_WRITE = 1, 2
 RING_GPA = 0x10_0000          # desc table, then avail, then used, page-aligned

@@ -77,7 +77,8 @@ def qemu_guest(socket_path, reconnect: bool = False, smp: int = 1) -> Vm:
                "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
                "-kernel", str(assets / "vmlinuz"), "-initrd", str(assets / "initrd.img"),
                "-append", f"console=ttyS0 quiet panic=-1 tsc_early_khz={host_tsc_khz()}",
-               "-chardev", f"socket,id=c0,path={socket_path}" + (",reconnect=1" if reconnect else ""),
+               "-chardev", f"socket,id=c0,path={socket_path}"
+                           + (",reconnect=1" if reconnect else ""),
                "-device", "vhost-user-blk,chardev=c0", "-no-reboot"], timeout=300)
 
 
@@ -186,7 +187,7 @@ while [ ! -e /stop ]; do
         dd if=/t$id of=/dev/vda bs=64k seek=$seek oflag=direct 2>/dev/null
     else
         dd if=/t$id of=/dev/vda bs=64k seek=$seek conv=fsync 2>/dev/null
-    fi || echo "ERROR worker $id round $i: write"
+    fi || echo "ERROR worker $id round $i: write" >> /log$id
     r=$(dd if=/dev/vda bs=64k skip=$seek count=16 iflag=direct 2>/dev/null | md5sum)
     echo "$i $slot ${w%% *} ${r%% *}" >> /log$id
     i=$((i + 1))
@@ -200,7 +201,8 @@ def threads_in(pid) -> list[str]:
     states = []
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            states.append(Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[0])
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            states.append(stat.rsplit(")", 1)[1].split()[0])
         except FileNotFoundError:
             pass
     return states
@@ -283,11 +285,12 @@ def test_guest_io_survives_a_backend_killed_again_and_again(tmp_path, holdable):
 
     assert "ERROR" not in "".join(records.values())
     assert bad == 0, errors
-    last = {}
+    last, counts = {}, {}
     for n, text in records.items():
         rounds = [line.split() for line in text.splitlines() if re.fullmatch(
             r"\d+ \d+ [0-9a-f]{32} [0-9a-f]{32}", line.strip())]
         assert rounds, f"worker {n} did nothing: {text!r}"
+        counts[n] = len(rounds)
         for i, slot, written, read in rounds:
             assert written == read, f"worker {n} round {i}: read back {read}, wrote {written}"
             last[n, int(slot)] = written
@@ -298,5 +301,4 @@ def test_guest_io_survives_a_backend_killed_again_and_again(tmp_path, holdable):
     resubmitted = [int(m) for m in re.findall(r"(\d+) requests a previous backend left", output)]
     assert held >= KILLS // 2 - 1 and resubmitted, (held, output)
     print(f"{KILLS} kills, {held} with a write held in the backend; requests resubmitted "
-          f"by the next backend: {resubmitted}; rounds: "
-          f"{ {n: len(t.splitlines()) for n, t in records.items()} }")
+          f"by the next backend: {resubmitted}; rounds per worker: {counts}")

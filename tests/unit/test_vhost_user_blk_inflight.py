@@ -448,9 +448,9 @@ def test_garbage_regions_do_not_take_the_backend_out_of_bounds(image, backends, 
                                     rng.choice([NUM, 300, 65535, rng.getrandbits(16)]),
                                     rng.getrandbits(16))
         for i in range(NUM):
+            flags = rng.getrandbits(16) & ~F_NEXT | F_NEXT * (i % 3 == 0)
             DESC.pack_into(d.view, d.offset(d.desc + 16 * i, 16), rng.getrandbits(64),
-                           rng.getrandbits(32), rng.getrandbits(16) & ~F_NEXT | F_NEXT * (i % 3 == 0),
-                           rng.getrandbits(16))
+                           rng.getrandbits(32), flags, rng.getrandbits(16))
         publish_avail(d, [rng.randrange(NUM) for _ in range(rng.randrange(8))])
         d.reconnect(connection, FEATURES, base=rng.getrandbits(16))
         time.sleep(0.05)

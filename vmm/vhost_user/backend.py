@@ -317,8 +317,8 @@ class Backend:
 
     def _new_inflight_region(self, m: P.Message) -> tuple[bytes, tuple[int, ...]]:
         """GET_INFLIGHT_FD: a new memfd for the queues' parts (zeroes: every part is
-        fresh; sized as _inflight_bytes says), sealed so that it can neither shrink under a mapping nor grow, and
-        handed to the frontend, which keeps it. We map it when it comes back with
+        fresh; sized as _inflight_bytes says), sealed so that it can neither shrink under
+        a mapping nor grow, and handed to the frontend, which keeps it. We map it when it comes back with
         SET_INFLIGHT_FD. A request we cannot serve gets a region of size 0 and no fd,
         which QEMU takes as "no inflight tracking"."""
         try:

@@ -75,6 +75,9 @@ class Backend:
     device: str
     attached: Attached                 # the latest backend, and the recipe for another
     image: tuple[tuple[int, int], bool] | None = None    # key, read_only (cold disks)
+    # The vm process has set the device up with it (cold ones: before the VM ran). A
+    # hot-plugged backend that dies before is a failed device_add, not one to restart.
+    up: bool = True
 
     @property
     def child(self) -> children.Child:
@@ -109,7 +112,7 @@ class Broker:
         handler = {"open-disk": self._open_disk, "close-disk": self._close_disk,
                    "open-tap": self._open_tap, "adopt-tap": self._adopt_tap,
                    "close-tap": self._close_tap, "plug": self._plug,
-                   "unplug": self._unplug}.get(op)
+                   "plugged": self._plugged, "unplug": self._unplug}.get(op)
         reply_fds: list[int] = []
         try:
             if handler is None:
@@ -264,11 +267,20 @@ class Broker:
             raise Refused(str(error)) from None
         except (OSError, ValueError) as error:
             raise Refused(f"the backend could not start: {error}") from None
-        self.backends[slot] = Backend(slot, device, attached)
+        self.backends[slot] = Backend(slot, device, attached, up=False)
         reply_fds.append(attached.connection.detach())
         log.info("broker: %s: backend %d in slot %d", attached.slot.name,
                  attached.backend.pid, slot)
         return asdict(attached.slot) | {"pid": attached.backend.pid}
+
+    def _plugged(self, message, fds, reply_fds) -> dict:
+        """The vm process set up the device of a plug: from now on a death is restarted."""
+        slot = message.get("slot")
+        backend = self.backends.get(slot) if isinstance(slot, int) else None
+        if backend is None:
+            raise Refused("no backend in that slot")
+        backend.up = True
+        return {}
 
     def _unplug(self, message, fds, reply_fds) -> dict:
         slot = message.get("slot")

@@ -211,6 +211,10 @@ class Hotplug:
             self._release(slot)
             device.close()
             raise _error(f"device_add: {error}") from None
+        try:
+            self.broker.ask("plugged", slot=slot)       # a death is now worth a restart
+        except (Refused, ControlError, OSError) as error:
+            log.error("slot %d: the launcher did not take the plug: %s", slot, error)
         log.info("hot-plug: %s in %s slot %d (backend %s)", reply["name"], kind,
                  self.slots.index_in_kind(slot), reply.get("pid"))
 

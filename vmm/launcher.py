@@ -245,7 +245,10 @@ def _supervise(vm: children.Child, channel: socket.socket, readiness, broker: Br
         expected = broker.ended(child)
         grace.pop(child.pid, None)
         backend = None if expected or ended else broker.slot_of(child)
-        if backend is not None:
+        if backend is not None and not backend.up:
+            log.error("%s: its backend process %s before its device was set up",
+                      child.what, child.describe_end())     # device_add fails and says so
+        elif backend is not None:
             why = child.describe_end()
             delay = policy.died(backend.slot, time.monotonic())
             if delay is not None:

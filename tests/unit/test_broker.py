@@ -92,6 +92,7 @@ def test_garbage_of_any_type_is_refused_and_the_broker_goes_on(broker, files):
                     {"op": "plug", "slot": 1, "device": "d" * 300, "config": "c"},
                     {"op": "plug", "slot": 1, "device": "d", "config": "nothing"},
                     {"op": "unplug", "slot": [1]},
+                    {"op": "plugged", "slot": 5},
                     {"op": "adopt-tap", "netdev": "n", "number": 1},
                     {"op": "close-disk", "node": "nothing"},
                     {"op": "exec", "argv": ["/bin/sh"]},
@@ -136,6 +137,12 @@ def test_a_plugged_disk_is_forked_with_its_image(broker, files):
                                                      config="p")
     assert "serial" in refused(broker, op="plug", slot=4, device="q", config="p",
                                serial="\u00e9t\u00e9")
+    # Until the vm process says it set the device up, a death is a failed plug, not
+    # one to restart (vmm/restart.py).
+    child = broker.processes()[-1]
+    assert not broker.slot_of(child).up
+    assert ask(broker, op="plugged", slot=3) == {"seq": 1, "ok": {}}
+    assert broker.slot_of(child).up
     assert ask(broker, op="unplug", slot=3) == {"seq": 1, "ok": {}}
     os.close(fds[0])                    # the backend ends with its connection
     [backend] = broker.released()

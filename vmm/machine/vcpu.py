@@ -100,7 +100,10 @@ class VcpuThread(threading.Thread):
         if reason in (lib.KVM_EXIT_HLT, lib.KVM_EXIT_INTR):
             return True
         if reason == lib.KVM_EXIT_SHUTDOWN:
-            log.info("%s: triple fault, treated as a reset", self.name)
+            # A guest that triple-faults has crashed; said where a user (and a test's
+            # console) sees it, since the VM then ends as after a reset, with status 0.
+            log.warning("%s: the guest triple-faulted; treated as a reset, the VM ends",
+                        self.name)
             self._machine.shutdown("guest-reset", guest=True)
             return False
         if reason == lib.KVM_EXIT_SYSTEM_EVENT:

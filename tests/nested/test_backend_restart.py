@@ -1,10 +1,11 @@
 """Backends that come back, seen by Debian's stock kernel as L2 (nested rig): a disk
 under continuous checksummed I/O (O_DIRECT and buffered, several requests in flight)
-whose backend is SIGKILLed ten times and SIGSYSed four times at random moments, a NIC
-whose backend is killed five times during a TCP stream each way, a vsock backend killed
-under an open stream, and a VM with the default policy whose disk fails at the sixth
-death. One L1 boot, two L2 boots (tests/nested/l1/restart_checks.py says what each step
-does); the host side is tests/vm/test_backend_restart.py.
+whose backend is SIGKILLed ten times and SIGSYSed four times at random moments (every
+other one while the backend is inside a request), a NIC whose backend is killed five
+times during a TCP stream each way, a vsock backend killed under an open stream, and a
+VM with the default policy whose disk fails at the sixth death. One L1 boot, two L2
+boots (tests/nested/l1/restart_checks.py says what each step does); the host side is
+tests/vm/test_backend_restart.py.
 
 The stall figures are printed (pytest -s shows them) and kept out of any assertion:
 under TCG twice over they are this rig's, not a host's."""
@@ -112,7 +113,8 @@ def test_the_image_holds_every_completed_write(checks):
     earlier ones were each read back by the guest."""
     disk = _one(checks, "disk_kills")
     for name, writer in disk["writers"].items():
-        assert writer["slots"] == min(writer["written"], writer["slots"]) > 0, writer
+        # Round-robin: every slot of its region once it wrapped, the first ones before.
+        assert writer["slots"] == min(writer["written"], writer["region_slots"]), writer
         assert writer["guest"] == writer["host"], (name, writer.get("differ"))
     # Each writer kind wrote through the kills: O_DIRECT at 64 KiB .. 1 MiB, buffered.
     kinds = {(w["kind"], w["block"]) for w in disk["writers"].values()}
@@ -122,16 +124,17 @@ def test_the_image_holds_every_completed_write(checks):
 
 
 def test_requests_in_flight_at_a_kill_are_resubmitted_and_complete(checks):
-    """Every other kill waits for the backend to be in a request's syscall (preadv,
-    pwritev, fdatasync): the request it took then never completes in that process. A
-    SIGKILL acts at once; a handled SIGSYS (the reporter) may let the request finish
-    first, so only the SIGKILLs count. The race between seeing the syscall and the
-    signal may let one finish too, but not all five."""
+    """Every other kill waits for a backend thread to be in a request's syscall
+    (preadv or pwritev of 8 segments or more, fdatasync): the request it took then
+    never completes in that process, and the next one resubmits it from the in-flight
+    region (its log line). A request may still finish between the look and the signal
+    (a handled SIGSYS is acted on later than a SIGKILL), so the count is over all seven;
+    in two runs each of the fourteen had one request resubmitted. That the resubmitted
+    requests completed without an error is the other tests' (no I/O error, every
+    read-back and the image match)."""
     disk = _one(checks, "disk_kills")
-    caught = [k for k in disk["kills"] if k["in_request"] and k["signal"] == "SIGKILL"]
+    caught = [k for k in disk["kills"] if k["in_request"]]
     assert sum(k["resubmitted"] for k in caught) > 0, disk["kills"]
-    # What was resubmitted completed without an error (the other tests: no I/O error,
-    # every read-back and the image match).
 
 
 def test_the_stall_per_kill_is_measured(checks):

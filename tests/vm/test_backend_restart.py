@@ -15,13 +15,13 @@ import os
 import signal
 import socket
 import time
-from pathlib import Path
 
 import pytest
 
 from tests.framework.microvm import Microvm
 from tests.framework.netns import Netns
 from tests.framework.qmp import session
+from tests.vm.test_hotplug import fds, processes, status_of
 
 pytestmark = [pytest.mark.needs_kvm, pytest.mark.needs_root]
 MiB = 1 << 20
@@ -47,25 +47,6 @@ def vm(ns, tmp_path_factory, tiny_guest):
     vm.spawn().wait_for_api()
     yield vm
     vm.kill()
-
-
-def processes(vm) -> dict[str, int]:
-    return {Path(f"/proc/{pid}/comm").read_text().strip(): pid for pid in vm.children()}
-
-
-def status_of(pid: int) -> dict[str, str]:
-    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
-
-
-def held(pid: int) -> list[str]:
-    found = []
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            found.append(os.readlink(fd))
-        except FileNotFoundError:
-            pass
-    return found
 
 
 def kill_and_wait(vm, name: str, number: int = signal.SIGKILL) -> dict:
@@ -96,7 +77,7 @@ def test_a_killed_disk_backend_comes_back_with_its_image_confined(vm):
     # Forked by the confined launcher: its own filter on the launcher's.
     assert status["Seccomp"] == "2" and status["Seccomp_filters"] == "2"
     assert status["NoNewPrivs"] == "1" and int(status["CapEff"], 16) == 0
-    assert str(vm.workdir / "d0.img") in held(new)
+    assert str(vm.workdir / "d0.img") in fds(new)
     assert block[0]["device"] == "d0" and block[0]["restarts"] == 1
 
 
@@ -115,7 +96,7 @@ def test_nic_console_and_vsock_backends_come_back(vm):
     # The console's socket stayed bound: a client connects to the new backend.
     with socket.socket(socket.AF_UNIX) as client:
         client.connect(str(vm.workdir / "con.sock"))
-    assert any("/dev/net/tun" in target for target in held(processes(vm)["vmm-net-n0"]))
+    assert any("/dev/net/tun" in target for target in fds(processes(vm)["vmm-net-n0"]))
 
 
 def test_past_the_limit_the_device_fails_and_the_vm_goes_on(vm):

@@ -42,9 +42,14 @@ def send(sock: socket.socket, message: dict, fds: tuple[int, ...] = ()) -> None:
 def receive(sock: socket.socket, flags: int = 0) -> tuple[dict, list[int]] | None:
     """The next message and its fds, or None when the peer has closed the channel
     (BlockingIOError with MSG_DONTWAIT in `flags` and nothing there). recvmsg, not
-    socket.recv_fds: Python 3.11's drops its `flags` argument, so it always blocks."""
-    data, ancillary, flags, _ = sock.recvmsg(MAX_MESSAGE_BYTES,
-                                             socket.CMSG_LEN(MAX_FDS * _FD_BYTES), flags)
+    socket.recv_fds: Python 3.11's drops its `flags` argument, so it always blocks.
+    A peer that died with our messages unread resets a SEQPACKET channel: that is its
+    end too, not an error."""
+    try:
+        data, ancillary, flags, _ = sock.recvmsg(MAX_MESSAGE_BYTES,
+                                                 socket.CMSG_LEN(MAX_FDS * _FD_BYTES), flags)
+    except ConnectionResetError:
+        return None
     fds = array.array("i")
     for level, kind, payload in ancillary:
         if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):

@@ -81,6 +81,8 @@ ln -s /payload/l2 /l2
 export PATH=/opt/vmm/bin:$PATH PAYLOAD=/payload
 cd /payload/files
 seen=$(dmesg | wc -l)
+KTRACE=
+#KTRACE-SETUP#
 dmesg -n 1
 (while sleep 20; do echo NESTED-ALIVE; done) &
 alive=$!
@@ -92,8 +94,29 @@ dmesg -n 7
 echo NESTED-KMSG-BEGIN
 dmesg | tail -n +$((seen + 1))
 echo NESTED-KMSG-END
+if [ -n "$KTRACE" ] && [ "$(cat $KTRACE/tracing_on)" = 0 ]; then
+    echo NESTED-KTRACE-BEGIN
+    tail -n 600 $KTRACE/trace
+    echo NESTED-KTRACE-END
+fi
 sync
 busybox poweroff -f
+"""
+
+# Debugging an L2 that triple-faults (NESTED_KTRACE=1): L1's KVM tracepoints record every
+# exit, IPI and injected event; the first SVM shutdown exit (0x7f) stops the trace, and its
+# last lines are printed after the scenario. Why a trace: on a shutdown intercept kvm-amd
+# re-initialises the VMCB, so registers read after KVM_EXIT_SHUTDOWN are the reset state;
+# the trace has the faulting rip and the exits that led up to it.
+KTRACE_SETUP = """\
+KTRACE=/sys/kernel/tracing
+mount -t tracefs nodev $KTRACE 2>/dev/null
+echo 16384 > $KTRACE/buffer_size_kb
+for event in kvm_exit kvm_inj_exception kvm_inj_virq kvm_apic_ipi kvm_apic_accept_irq \\
+             kvm_userspace_exit kvm_msr kvm_cr; do
+    echo 1 > $KTRACE/events/kvm/$event/enable
+done
+echo 'traceoff if exit_reason == 127' > $KTRACE/events/kvm/kvm_exit/trigger
 """
 
 
@@ -128,7 +151,7 @@ class NestedResult:
 @dataclass
 class NestedRig:
     memory_mib: int = 2048
-    cpus: int = 2
+    cpus: int = int(os.environ.get("NESTED_L1_CPUS", "2"))
     echo: bool = True           # print the console as it arrives; pytest shows it on failure
     _tmp: pathlib.Path | None = field(default=None, init=False, repr=False)
     _wheel: pathlib.Path | None = field(default=None, init=False, repr=False)
@@ -209,6 +232,8 @@ class NestedRig:
             # Debugging: L1's kernel messages stay on the console while the scenario runs
             # (a soft lockup's backtrace, say), interleaved with its output.
             init = init.replace("dmesg -n 1\n", "dmesg -n 8\n")
+        if os.environ.get("NESTED_KTRACE"):
+            init = init.replace("#KTRACE-SETUP#", KTRACE_SETUP)
         (tree / "init.sh").write_text(init)
         (tree / "scenario.sh").write_text(scenario if scenario.endswith("\n") else scenario + "\n")
         _place(wheel, tree / "wheels" / wheel.name)

@@ -1,0 +1,204 @@
+"""Entering the jail: what the jailed child does, in Firecracker's order, from joining the
+VM's cgroup to exec'ing the VMM as uid:gid with no capabilities.
+
+    cgroup -> rlimits -> netns -> mount, IPC and UTS namespaces -> the jail as root
+    (read-only binds of the manifest and the sources, pivot_root, old root detached)
+    -> device nodes -> PID namespace (when asked) -> /proc -> uid/gid, no capabilities
+    -> execve the VMM with an empty environment
+
+The jail directory itself is a plain directory on the host (DIR/stratovirt/ID/root, owned
+by uid:gid): the VMM creates its sockets, pidfile and log there, so the api-channel is
+reachable from the host at DIR/stratovirt/ID/root/<path>. The bind mounts exist only in
+the jail's mount namespace; on the host their mount points are empty files and
+directories, removed with the jail by --clean.
+"""
+
+import os
+import resource
+import signal
+import socket
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import prctl
+
+from vmm import config as vmm_config
+
+from . import cgroups, syscalls as sc
+from .spec import JailSpec
+
+# Device nodes, copied from the host's (same major:minor) and owned by uid:gid.
+ALWAYS_DEVICES = {"/dev/kvm": 0o600, "/dev/null": 0o666, "/dev/urandom": 0o666}
+TUN = "/dev/net/tun"
+PROC_OPTIONS = "hidepid=invisible,subset=pid"   # only its own processes, no /proc/sys
+OLD_ROOT = "old-root"
+
+
+class JailError(Exception):
+    pass
+
+
+def prepare_directory(spec: JailSpec) -> None:
+    """DIR/stratovirt/ID/root, the VMM's writable root, owned by uid:gid."""
+    spec.jail_dir.parent.mkdir(parents=True, exist_ok=True)
+    spec.jail_dir.mkdir(mode=0o755)
+    spec.root.mkdir(mode=0o700)
+    os.chown(spec.root, spec.uid, spec.gid)
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What the jailed child needs from the host after the host is out of its view."""
+    last_cap: int                       # the kernel's highest capability number
+    devices: dict[str, int]             # device node path -> st_rdev
+
+
+def host_facts() -> HostFacts:
+    devices = {}
+    for path in (*ALWAYS_DEVICES, TUN):
+        try:
+            devices[path] = os.stat(path).st_rdev
+        except FileNotFoundError:
+            if path != TUN:
+                raise JailError(f"{path}: no such device on this host") from None
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        return HostFacts(int(f.read()), devices)
+
+
+def enter(spec: JailSpec, host: HostFacts) -> None:
+    """Runs in the forked child, as root; returns only by exec (or raises)."""
+    if spec.cgroup:
+        cgroups.join(spec.cgroup)
+    for kind, value in spec.rlimits:
+        resource.setrlimit(kind, (value, value))
+    if spec.netns:
+        fd = os.open(spec.netns, os.O_RDONLY | os.O_CLOEXEC)
+        sc.setns(fd, sc.CLONE_NEWNET)
+        os.close(fd)
+    sc.unshare(sc.CLONE_NEWNS | sc.CLONE_NEWIPC | sc.CLONE_NEWUTS)
+    socket.sethostname(spec.id)
+    _pivot(spec)
+    config = _vmm_config(spec)
+    _devices(spec, host, nic=bool(config.nics))
+    if spec.new_pid_ns:
+        _become_pid_one(spec, host)
+    Path("/proc").mkdir(exist_ok=True)
+    sc.mount("proc", "/proc", "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC, PROC_OPTIONS)
+    _drop_to(spec.uid, spec.gid, host.last_cap)
+    os.execve(str(spec.exec_file), [spec.exec_file.name, *spec.vmm_args], {})
+
+
+def _pivot(spec: JailSpec) -> None:
+    """The jail as the root of a mount namespace of its own: nothing the host mounts
+    later propagates in (slave), and the host's tree is detached once we stand in it."""
+    sc.mount(None, "/", None, sc.MS_REC | sc.MS_SLAVE)
+    root = str(spec.root)
+    sc.mount(root, root, None, sc.MS_BIND | sc.MS_REC)
+    manifest = spec.manifest
+    for path in manifest.directories:
+        _bind(path, spec.root, directory=True)
+    for path in manifest.files:
+        _bind(path, spec.root, directory=False)
+    for link, target in manifest.links.items():
+        inside = _inside(spec.root, link)
+        inside.parent.mkdir(parents=True, exist_ok=True)
+        if not os.path.lexists(inside):
+            os.symlink(target, inside)
+    for source in spec.sources:
+        _bind(str(source), spec.root, directory=False, at=f"/{source.name}", writable=True)
+    os.chdir(root)
+    os.mkdir(OLD_ROOT, 0o700)
+    sc.pivot_root(".", OLD_ROOT)
+    os.chroot(".")
+    os.chdir("/")
+    sc.umount2(f"/{OLD_ROOT}", sc.MNT_DETACH)
+    os.rmdir(f"/{OLD_ROOT}")
+
+
+def _inside(root: Path, path: str) -> Path:
+    return root / path.lstrip("/")
+
+
+def _bind(source: str, root: Path, directory: bool, at: str | None = None,
+          writable: bool = False) -> None:
+    """Bind `source` at `at` (default: the same path) inside the jail; read-only,
+    nosuid and nodev unless `writable` (a source file the VM may write: its disk)."""
+    target = _inside(root, at or source)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if directory:
+        target.mkdir(exist_ok=True)
+    elif not target.exists():
+        target.touch()
+    sc.mount(source, str(target), None, sc.MS_BIND | sc.MS_REC)
+    flags = sc.MS_BIND | sc.MS_REMOUNT | sc.MS_NOSUID | sc.MS_NODEV
+    if not writable:
+        flags |= sc.MS_RDONLY
+    sc.mount(None, str(target), None, flags)
+
+
+def _vmm_config(spec: JailSpec):
+    """The VMM's configuration as the VMM will read it, paths inside the jail: which
+    device nodes it needs (/dev/net/tun only with a NIC). A mistake in it is the VMM's
+    own one-line error, reported before the VMM starts."""
+    try:
+        invocation = vmm_config.parse(list(spec.vmm_args))
+    except vmm_config.ConfigError as error:
+        raise JailError(f"stratovirt: error: {error}") from None
+    if isinstance(invocation, int):
+        raise JailError("the stratovirt arguments ask for --help or --version, not a VM")
+    return invocation.config
+
+
+def _devices(spec: JailSpec, host: HostFacts, nic: bool) -> None:
+    """Only the nodes the VM needs, with the host's numbers (read before the host went
+    out of view)."""
+    wanted = dict(ALWAYS_DEVICES)
+    if nic:
+        if TUN not in host.devices:
+            raise JailError(f"a NIC is configured but this host has no {TUN}")
+        wanted[TUN] = 0o600
+    Path("/dev").mkdir(mode=0o755, exist_ok=True)
+    for path, mode in wanted.items():
+        Path(path).parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        os.mknod(path, stat.S_IFCHR | mode, host.devices[path])
+        os.chmod(path, mode)                    # mknod's mode is cut by the umask
+        os.chown(path, spec.uid, spec.gid)
+
+
+def _become_pid_one(spec: JailSpec, host: HostFacts) -> None:
+    """A new PID namespace: the VMM becomes its PID 1 (its children die with it), and
+    this process stays outside it, as uid:gid with no capabilities like the VMM, to pass
+    on its exit status and the signals that ask the VM to end."""
+    sc.unshare(sc.CLONE_NEWPID)
+    pid = os.fork()
+    if pid == 0:
+        return
+    prctl.set_name("jailer-relay")
+    _drop_to(spec.uid, spec.gid, host.last_cap)
+    for number in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, lambda n, _: os.kill(pid, n))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # the terminal's Ctrl-C reaches the VMM
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except InterruptedError:
+            continue
+    os._exit(os.waitstatus_to_exitcode(status) if not os.WIFSIGNALED(status)
+             else 128 + os.WTERMSIG(status))
+
+
+def _drop_to(uid: int, gid: int, last_cap: int) -> None:
+    """uid:gid with no capability in any set, and no way to gain one by exec."""
+    for cap in range(last_cap + 1):
+        if prctl.capbset_read(cap):
+            prctl.capbset_drop(cap)
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)          # from root: permitted and effective sets emptied
+    prctl.set_no_new_privs(1)
+    prctl.set_caps((list(range(last_cap + 1)), prctl.CAP_INHERITABLE, False))
+    # After the uid change, which clears it: the jailed processes die with their parent
+    # (the supervisor, or the PID namespace's relay) rather than run on unsupervised.
+    prctl.set_pdeathsig(signal.SIGKILL)

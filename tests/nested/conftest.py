@@ -3,6 +3,8 @@
 
 import json
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -27,14 +29,38 @@ L1_DIR = pathlib.Path(__file__).parent / "l1"
 FRAMEWORK = pathlib.Path(__file__).parents[1] / "framework"
 
 
-def run_checks(rig, script: str, command: str | None = None,
+@pytest.fixture(scope="session")
+def qmp_wheel(tmp_path_factory) -> pathlib.Path:
+    """qemu.qmp from PyPI, for the L1 scripts that drive QMP with the real client."""
+    wheels = tmp_path_factory.mktemp("wheels")
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d",
+                    str(wheels), "qemu.qmp"], check=True)
+    [wheel] = wheels.glob("qemu_qmp-*.whl")
+    return wheel
+
+
+@pytest.fixture(scope="session")
+def boot_and_jailer_checks(qmp_wheel) -> dict:
+    """One L1 boot shared by test_linux_boot.py and test_jailer.py (CI time: one boot
+    fewer)."""
+    with NestedRig() as rig:
+        return run_checks(rig, "boot_checks.py", "jailer_checks.py", qmp_wheel=qmp_wheel,
+                          timeout=1800)
+
+
+def run_checks(rig, *scripts: str, qmp_wheel: pathlib.Path | None = None,
                files: dict[str, pathlib.Path] | None = None, timeout: int = 1200) -> dict:
-    """Boot L1 once, run tests/nested/l1/<script> there, and collect its
-    `CHECK <name> <json>` lines: {name: [data, ...], "console": L1's console text}."""
-    result = rig.run(command or f"python3 {script}",
-                     files={script: L1_DIR / script, "console.py": FRAMEWORK / "console.py",
-                            **(files or {})},
-                     timeout=timeout)
+    """Boot L1 once, run each tests/nested/l1/<script> there in turn (with qemu.qmp
+    installed first when its wheel is given), and collect their `CHECK <name> <json>`
+    lines: {name: [data, ...], "console": L1's console text}."""
+    files = {**{script: L1_DIR / script for script in scripts},
+             "console.py": FRAMEWORK / "console.py", "l2_shell.py": L1_DIR / "l2_shell.py",
+             **(files or {})}
+    command = "; ".join(f"python3 {script}" for script in scripts)
+    if qmp_wheel:
+        files[qmp_wheel.name] = qmp_wheel
+        command = f"pip install -q --no-index --no-deps {qmp_wheel.name} && {{ {command}; }}"
+    result = rig.run(command, files=files, timeout=timeout)
     found = {}
     for line in result.output:
         if line.startswith("CHECK "):

@@ -11,8 +11,6 @@ The stall figures are printed (pytest -s shows them) and kept out of any asserti
 under TCG twice over they are this rig's, not a host's."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -25,15 +23,8 @@ SIGSYS_REASON = "was killed by a seccomp violation (SIGSYS; the log names the sy
 
 
 @pytest.fixture(scope="module")
-def checks(rig, tmp_path_factory):
-    # qemu.qmp drives QMP in L1, as in test_hotplug.py.
-    wheels = tmp_path_factory.mktemp("wheels")
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d",
-                    str(wheels), "qemu.qmp"], check=True)
-    [qmp_wheel] = wheels.glob("qemu_qmp-*.whl")
-    found = run_checks(rig, "restart_checks.py", files={qmp_wheel.name: qmp_wheel},
-                       command=f"pip install -q --no-index --no-deps {qmp_wheel.name} && "
-                               "python3 restart_checks.py", timeout=1800)
+def checks(rig, qmp_wheel, tmp_path_factory):
+    found = run_checks(rig, "restart_checks.py", qmp_wheel=qmp_wheel, timeout=1800)
     dump = tmp_path_factory.mktemp("restart") / "checks.json"
     dump.write_text(json.dumps({k: v for k, v in found.items() if k != "console"}, indent=1))
     print("checks in", dump)

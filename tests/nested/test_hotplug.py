@@ -6,8 +6,6 @@ boot run every check (tests/nested/l1/hotplug_checks.py, which says what each do
 The VM starts with the rootfs only (vda) and no -netdev: vdb..vdf and eth0/eth1 are the
 empty slots, which the guest probed at boot."""
 
-import subprocess
-import sys
 
 import pytest
 
@@ -17,15 +15,9 @@ pytestmark = [pytest.mark.nested, pytest.mark.needs_root]
 
 
 @pytest.fixture(scope="module")
-def checks(rig, tmp_path_factory):
-    # qemu.qmp drives QMP in L1 (getfd needs its send_fd_scm), as in test_linux_boot.py.
-    wheels = tmp_path_factory.mktemp("wheels")
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d",
-                    str(wheels), "qemu.qmp"], check=True)
-    [qmp_wheel] = wheels.glob("qemu_qmp-*.whl")
-    return run_checks(rig, "hotplug_checks.py", files={qmp_wheel.name: qmp_wheel},
-                      command=f"pip install -q --no-index --no-deps {qmp_wheel.name} && "
-                              "python3 hotplug_checks.py", timeout=1800)
+def checks(rig, qmp_wheel):
+    # qemu.qmp drives QMP in L1 (getfd needs its send_fd_scm).
+    return run_checks(rig, "hotplug_checks.py", qmp_wheel=qmp_wheel, timeout=1800)
 
 
 def _one(checks, name):

@@ -1,13 +1,9 @@
 """Debian's stock kernel booted by our VMM as L2 inside the nested rig, as a bzImage and
 as an ELF vmlinux: ACPI discovery of the vCPUs, interrupts, the serial console both
-ways, reboot, QMP through qemu.qmp, daemon mode. One L1 boot runs every check (tests/nested/l1/boot_checks.py)."""
-
-import subprocess
-import sys
+ways, reboot, QMP through qemu.qmp, daemon mode. One L1 boot runs every check (tests/nested/l1/boot_checks.py), and the
+jailer's (tests/nested/test_jailer.py) after them."""
 
 import pytest
-
-from tests.nested.conftest import run_checks
 
 pytestmark = [pytest.mark.nested, pytest.mark.needs_root]
 
@@ -15,14 +11,8 @@ MiB = 1024
 
 
 @pytest.fixture(scope="module")
-def checks(rig, tmp_path_factory):
-    wheels = tmp_path_factory.mktemp("wheels")
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d",
-                    str(wheels), "qemu.qmp"], check=True)
-    [qmp_wheel] = wheels.glob("qemu_qmp-*.whl")
-    return run_checks(rig, "boot_checks.py", files={qmp_wheel.name: qmp_wheel},
-                      command=f"pip install -q --no-index --no-deps {qmp_wheel.name} && "
-                              "python3 boot_checks.py")
+def checks(boot_and_jailer_checks):
+    return boot_and_jailer_checks
 
 
 def test_boots_to_init_with_smp_memory_and_serial_both_ways(checks):

@@ -5,8 +5,10 @@ as the kernel sees them.
     show ROLE            a table: syscall, action, conditions (named), why
     export ROLE --format bpf|pfc [-o FILE]
     diff ROLE1 ROLE2     rules only in one of them (exit status 1 if any, like diff)
-    check PID            every thread and descendant of PID: role, seccomp mode, filter
-                         count; exit status 1 if any is unfiltered
+    check PID [--deep]   every thread and descendant of PID: role, seccomp mode, filter
+                         count; exit status 1 if any is unfiltered. --deep: also each
+                         thread's filters read back from the kernel (ptrace) and proven
+                         equal to its roles' exported BPF; exit status 1 if any differs
     usage [--trace FILE] [--results JSON] [--json OUT] [-- COMMAND...]
                          what each role's threads called under their filters (strace),
                          and the entries nothing used; exit status 1 on a violation
@@ -130,8 +132,15 @@ def diff(role1, role2):
 
 @seccomp.command()
 @click.argument("pid", type=int)
-def check(pid):
-    """Every thread of PID and of its descendants: role, seccomp mode, filters."""
+@click.option("--deep", is_flag=True,
+              help="Also read every thread's filters back from the kernel (ptrace "
+                   "PTRACE_SECCOMP_GET_FILTER, each thread stopped for a moment; needs "
+                   "root: CAP_SYS_ADMIN) and compare them, instruction for "
+                   "instruction, with `export ROLE --format bpf` of the roles the thread "
+                   "should carry; exit status 1 if any differs.")
+def check(pid, deep):
+    """Every thread of PID and of its descendants: role, seccomp mode, filters; with
+    --deep, the filters themselves proven equal to the profiles' exported BPF."""
     rows = list(_tasks(pid))
     click.echo(f"{'PID':>8} {'TID':>8} {'NAME':16} {'ROLE':11} {'SECCOMP':8} FILTERS")
     unfiltered = 0
@@ -149,9 +158,34 @@ def check(pid):
             note = HOT_PLUGGED
         click.echo(f"{process:>8} {tid:>8} {name:16} {role:11} {_MODES.get(mode, mode):8} "
                    f"{filters}{note}")
+    differing = _deep(rows) if deep else 0
     if unfiltered:
         click.echo(f"{unfiltered} of {len(rows)} threads run without a seccomp filter", err=True)
+    if differing:
+        click.echo(f"{differing} of {len(rows)} threads carry filters other than their roles' "
+                   "exported BPF", err=True)
+    if unfiltered or differing:
         raise click.exceptions.Exit(EXIT_UNFILTERED)
+
+
+def _deep(rows) -> int:
+    """check --deep: each thread's verdict (deep_check.judge), one line per thread or per
+    difference; the number of threads that differ (a thread gone meanwhile is not)."""
+    from . import deep_check, live_filters
+    click.echo()
+    click.echo("Filters read back from the kernel, compared with `stratovirt seccomp export "
+               "ROLE --format bpf`:")
+    click.echo(f"{'PID':>8} {'TID':>8} {'NAME':16} {'ROLE':11} RESULT")
+    differing = 0
+    for process, tid, name, role, _, _ in rows:
+        try:
+            differs, lines = deep_check.judge(tid, role, kernel_worker=role == KERNEL_WORKER)
+        except live_filters.LiveFilterError as error:
+            raise click.ClickException(f"--deep: {error.strerror}") from None
+        differing += differs
+        for line in lines:
+            click.echo(f"{process:>8} {tid:>8} {name:16} {role:11} {line}")
+    return differing
 
 
 @seccomp.command(context_settings={"ignore_unknown_options": True})

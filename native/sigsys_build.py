@@ -36,6 +36,8 @@ PR_CAPBSET_READ PR_CAPBSET_DROP PR_CAP_AMBIENT PR_CAP_AMBIENT_CLEAR_ALL PR_SET_S
 SECCOMP_SET_MODE_FILTER SECCOMP_GET_ACTION_AVAIL SECCOMP_FILTER_FLAG_TSYNC
 SIGSYS SIGUSR1 SIGTERM SIGKILL SIGINT SIGHUP SIGCHLD
 AF_UNIX AF_INET AF_INET6 AF_NETLINK
+MS_RDONLY MS_NOSUID MS_NODEV MS_NOEXEC MS_REMOUNT MS_BIND MS_REC MS_PRIVATE MNT_DETACH
+SYS_pivot_root
 AT_EMPTY_PATH AT_FDCWD
 EACCES ENOSYS EPERM
 """.split()
@@ -48,8 +50,10 @@ _INCLUDES = """
 #include <signal.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
 #include <linux/kvm.h>

@@ -136,7 +136,8 @@ def test_a_filter_loaded_with_tsync_is_refused():
 @pytest.mark.parametrize("token,value", [
     ("0xae80 /* KVM_RUN */", 0xae80), ("-1", (1 << 64) - 1), ("NULL", 0), ("17", 17),
     ("flags=0x1200000 /* CLONE_CHILD_CLEARTID|CLONE_CHILD_SETTID */|17 /* SIGCHLD */",
-     0x1200011), ('"vmm-vm"', None), ("{len=9, filter=0x1}", None), ("[0 1]", None)])
+     0x1200011), ('"vmm-vm"', None), ("{len=9, filter=0x1}", None), ("[0 1]", None),
+    ("0755", 0o755), ("0", 0)])
 def test_numbers_as_strace_prints_them(token, value):
     assert usage.number(token) == value
 

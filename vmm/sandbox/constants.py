@@ -26,6 +26,9 @@ _ARG_FAMILIES = {
     ("socketpair", 0): ("AF_",),
     ("newfstatat", 3): ("AT_",),
     ("memfd_create", 1): ("MFD_",),
+    ("unshare", 0): ("CLONE_",),
+    ("mount", 3): ("MS_",),
+    ("umount2", 1): ("MNT_",),
 }
 
 
@@ -48,7 +51,7 @@ def names_for(syscall: str, index: int, number: int) -> str | None:
     exact = sorted(name for name, v in family.items() if v == number)
     if exact:
         return exact[0]
-    if prefixes in (("PROT_",), ("CLONE_",), ("FALLOC_FL_",), ("MFD_",)) and number:
+    if prefixes in (("PROT_",), ("CLONE_",), ("FALLOC_FL_",), ("MFD_",), ("MS_",)) and number:
         bits = [name for name, v in sorted(family.items(), key=lambda kv: kv[1])
                 if v and v & (v - 1) == 0 and number & v]
         if sum(family[b] for b in bits) == number:

@@ -48,7 +48,8 @@ PR_SET_NAME, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 15, 22, 2
 CLONE_THREAD = 0x10000
 # The argument a profile conditions on, shown by name next to the syscall.
 _DETAIL = {"ioctl": 1, "fcntl": 1, "prctl": 0, "seccomp": 0, "kill": 1, "tgkill": 2,
-           "socket": 0, "socketpair": 0, "fallocate": 1, "memfd_create": 1}
+           "socket": 0, "socketpair": 0, "fallocate": 1, "memfd_create": 1, "unshare": 0,
+           "mount": 3, "umount2": 1}
 _CREATES = ("clone", "clone3", "fork", "vfork")
 _SAMPLES = 5                             # arguments kept per call denied by an errno entry
 
@@ -98,8 +99,8 @@ class Thread:
 
 def number(token: str | None) -> int | None:
     """The value of one argument as strace -X verbose prints it: `0xae80 /* KVM_RUN */`,
-    `-1`, `NULL`, `flags=0x3d0f00 /* ... */|17 /* SIGCHLD */`; None for anything else
-    (strings, structures, arrays)."""
+    `-1`, `NULL`, `flags=0x3d0f00 /* ... */|17 /* SIGCHLD */`, a mode `0755`; None for
+    anything else (strings, structures, arrays)."""
     if token is None:
         return None
     token = _COMMENT.sub("", token).strip()
@@ -111,7 +112,9 @@ def number(token: str | None) -> int | None:
     for part in token.split("|"):
         part = part.strip()
         try:
-            total |= int(part, 0) & (1 << 64) - 1
+            # A mode (mkdir's) is printed in C's octal: 0755.
+            octal = len(part) > 1 and part[0] == "0" and part[1:].isdigit()
+            total |= int(part, 8 if octal else 0) & (1 << 64) - 1
         except ValueError:
             return None
     return total

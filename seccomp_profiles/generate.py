@@ -297,11 +297,13 @@ VSOCK = [
 
 # The launcher alone may open files, and only without following a symlink in the last
 # component: the broker's images (an O_PATH look at the type first), /dev/net/tun for a
-# tap, and /dev/null for a forked backend's stdin (vmm/broker.py has the policy).
+# tap, /dev/null for a forked backend's stdin (vmm/broker.py has the policy), and a
+# forked backend's id maps (vmm/sandbox/empty_root.py).
 OPENER = [
     rule("openat", "Open with O_NOFOLLOW: the broker's images (O_PATH first, to read the "
          "type without opening a device), /dev/net/tun for a hot-plugged tap, /dev/null "
-         "as a forked backend's stdin.", masked(2, ["O_NOFOLLOW"], ["O_NOFOLLOW"])),
+         "as a forked backend's stdin, and its /proc/self/setgroups, uid_map and gid_map "
+         "as it enters its empty root.", masked(2, ["O_NOFOLLOW"], ["O_NOFOLLOW"])),
     rule("openat", "Any other open fails with EACCES, as in every role.",
          masked(2, ["O_NOFOLLOW"], []), action="SCMP_ACT_ERRNO", errno="EACCES",
          stays="what a stray open gets instead of killing the process."),
@@ -343,6 +345,31 @@ FORKED_BACKEND = [
           stays="only for an image that is a block device."),
     ioctl("TUNSETOFFLOAD", "a forked NIC backend probes which offloads its tap takes."),
     ioctl("TUNSETVNETHDRSZ", "a forked NIC backend sets its tap's header size."),
+] + [
+    # Its empty root (vmm/sandbox/empty_root.py), entered before its capabilities go and
+    # its filter goes on; the uid_map/gid_map writes are opens with O_NOFOLLOW (OPENER).
+    rule("unshare", "A forked backend moves into new user, mount and IPC namespaces, "
+         "exactly these three, for its empty root.",
+         eq(0, "CLONE_NEWUSER|CLONE_NEWNS|CLONE_NEWIPC")),
+    rule("mount", "A forked backend makes every mount of its new mount namespace private "
+         "(MS_REC|MS_PRIVATE on /), so nothing it mounts propagates.",
+         eq(3, "MS_REC|MS_PRIVATE")),
+    rule("mount", "A forked backend mounts the tmpfs that becomes its empty root (no "
+         "suid, no devices, no exec).", eq(3, "MS_NOSUID|MS_NODEV|MS_NOEXEC")),
+    rule("mount", "A restarted vsock backend bind-mounts its socket directory into that "
+         "tmpfs, at the same path (the guest's streams connect to <socket>_<port>).",
+         eq(3, "MS_BIND|MS_REC")),
+    rule("mount", "A forked backend remounts that tmpfs read-only before it becomes its "
+         "root.", eq(3, "MS_REMOUNT|MS_RDONLY|MS_NOSUID|MS_NODEV|MS_NOEXEC")),
+    rule("mkdir", "A restarted vsock backend makes its socket directory's path in that "
+         "tmpfs (mode 0755 only), to bind-mount the directory there.",
+         {"index": 1, "value": 0o755, "valueTwo": 0, "op": "SCMP_CMP_EQ"}),
+    rule("chdir", "A forked backend enters the tmpfs before pivot_root, and its new / "
+         "after."),
+    rule("pivot_root", "A forked backend makes the tmpfs its root (pivot_root(\".\", "
+         "\".\"))."),
+    rule("umount2", "A forked backend detaches its old root, stacked on the new one by "
+         "pivot_root.", eq(1, "MNT_DETACH")),
 ]
 
 LAUNCHER = [

@@ -8,7 +8,9 @@ device process holds its disk, its socket and nothing else. stdin becomes /dev/n
 unless the child owns the terminal (the vm process, for the serial port).
 
 Each child gets PR_SET_PDEATHSIG, so it dies with the launcher even if the launcher is
-killed, and a pidfd, so the launcher can wait for any of them in one poll.
+killed, and a pidfd, so the launcher can wait for any of them in one poll. A device
+backend that cannot enter its empty root (vmm/sandbox/empty_root.py) ends with one log
+line saying why, not a traceback.
 """
 
 import logging
@@ -20,6 +22,7 @@ from typing import Callable
 import prctl
 
 from . import log as vmm_log
+from .sandbox.empty_root import EmptyRootError
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,8 @@ def spawn(name: str, role: str, keep_fds: list[int], body: Callable[[], int],
             if os.getppid() != launcher:    # it died before PDEATHSIG was set
                 os._exit(1)
             status = body()
+        except EmptyRootError as error:
+            log.error("%s", error)
         except BaseException:
             log.exception("%s failed", role)
         finally:

@@ -9,7 +9,7 @@ import pytest
 
 from vmm import sandbox
 from vmm._kvm import lib as kvm
-from vmm.sandbox import constants, profile, reporter, seccomp
+from vmm.sandbox import constants, empty_root, profile, reporter, seccomp
 from vmm.sandbox.profile import ProfileError
 
 import importlib.util
@@ -19,6 +19,23 @@ generate = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(generate)
 
 ROLES = list(sandbox.ROLES)
+
+
+def _eq(index: int, value: int) -> tuple:
+    return (profile.Arg(index, "SCMP_CMP_EQ", value, 0),)
+
+
+# What vmm/sandbox/empty_root.py calls, with the very flags it passes.
+EMPTY_ROOT = ("unshare", "mount", "umount2", "pivot_root", "chdir", "mkdir")
+EMPTY_ROOT_RULES = {
+    "unshare": {_eq(0, empty_root.UNSHARE)},
+    "mount": {_eq(3, flags) for flags in (empty_root.PRIVATE, empty_root.TMPFS,
+                                          empty_root.BIND, empty_root.READ_ONLY)},
+    "umount2": {_eq(1, constants.value("MNT_DETACH"))},
+    "pivot_root": {()},
+    "chdir": {()},
+    "mkdir": {_eq(1, empty_root.DIRECTORY_MODE)},
+}
 
 
 def keyed(p: profile.Profile) -> set:
@@ -49,8 +66,16 @@ def test_rules_every_role_shares(role):
     p = profile.load(role)
     names = p.syscalls()
     assert not names & {"execve", "execveat", "ptrace", "process_vm_writev", "fork",
-                        "vfork", "kexec_load", "init_module", "bpf", "mount", "setns", "unshare"}
+                        "vfork", "kexec_load", "init_module", "bpf", "setns"}
     rules = {name: [r for r in p.rules if name in r.names] for name in names}
+    # A backend's empty root (vmm/sandbox/empty_root.py) is made under the launcher's
+    # filter when the launcher forks it (hot-plug, restart): only the launcher has these,
+    # and only with the flags the empty root uses.
+    if role == "launcher":
+        assert {name: {r.args for r in rules[name]} for name in EMPTY_ROOT} == \
+            EMPTY_ROOT_RULES
+    else:
+        assert not names & set(EMPTY_ROOT), role
     # Sockets: only the vsock backend (a guest's stream to <socket>_<port>) and the
     # launcher (a hot-plugged backend's connection; a datagram socket for a tap's ioctls)
     # make them, and only AF_UNIX ones.

@@ -1,5 +1,6 @@
-"""Confining the VMM's processes and threads: privileges, then a per-thread seccomp filter
-from the role's profile in seccomp_profiles/ (docs/seccomp.md).
+"""Confining the VMM's processes and threads: privileges (and for a device backend an
+empty root of its own: empty_root.py), then a per-thread seccomp filter from the role's
+profile in seccomp_profiles/ (docs/seccomp.md).
 
 The processes call `confine(role, ...)` at the point where their setup is done and
 before they touch anything the guest or a peer controls.
@@ -7,14 +8,17 @@ before they touch anything the guest or a peer controls.
 
 import signal
 
-from . import privileges, reporter
+from . import empty_root, privileges, reporter
 from . import seccomp as _seccomp
+from .empty_root import EmptyRootError
 from .profile import Profile, ProfileError, load, roles
 
-__all__ = ["confine", "prepare", "ProfileError", "ROLES"]
+__all__ = ["confine", "prepare", "EmptyRootError", "ProfileError", "ROLES", "BACKENDS"]
 
 ROLES = ("launcher", "vm", "vcpu", "api", "virtio-blk", "virtio-net", "virtio-console",
          "virtio-vsock")
+# The device backends' roles: each such process gets an empty root (empty_root.py).
+BACKENDS = ("virtio-blk", "virtio-net", "virtio-console", "virtio-vsock")
 _filters: dict = {}
 
 
@@ -23,13 +27,15 @@ def prepare() -> None:
     thread confined later (a vCPU under the vm filter, where openat fails) finds its
     filter ready. confine() of a process calls it; calling it again costs nothing."""
     privileges.prepare()
+    empty_root.prepare()
     for role in roles():
         if role not in _filters:
             _filters[role] = _seccomp.build(load(role))
 
 
 def confine(role: str, *, seccomp: bool = True, thread: bool = False,
-            name: str | None = None, log_fd: int | None = None) -> None:
+            name: str | None = None, log_fd: int | None = None,
+            reach: str | None = None) -> None:
     """Confine the calling thread (thread=True) or process (thread=False) as `role`.
 
     Rules for the caller:
@@ -43,6 +49,10 @@ def confine(role: str, *, seccomp: bool = True, thread: bool = False,
     - A process (thread=False) must still be single-threaded: it sets no_new_privs and,
       except for the launcher, PR_SET_PDEATHSIG(SIGKILL) and an empty capability set in
       every set, all of which threads inherit from their creator.
+    - A device backend's process (a role in BACKENDS) then moves into an empty root in
+      new user, mount and IPC namespaces (empty_root.py), before its capabilities go;
+      `reach` is the one directory its root may hold (vsock's socket directory). Failing
+      that, EmptyRootError: the backend never runs unjailed.
     - seccomp=False (-disable-seccomp) skips the filter and nothing else.
     - `name` sets the thread's name (comm), which `stratovirt seccomp check` reads;
       `log_fd` is where a violation is reported (default: the log's fd, else stderr).
@@ -57,6 +67,9 @@ def confine(role: str, *, seccomp: bool = True, thread: bool = False,
         privileges.no_new_privs()
         if role != "launcher":
             privileges.die_with_parent(signal.SIGKILL)
+            if role in BACKENDS:
+                privileges.prepare()        # /proc/sys is gone once the root is empty
+                empty_root.enter(reach)
             privileges.drop_capabilities()
     if not seccomp:
         return

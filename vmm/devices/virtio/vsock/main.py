@@ -65,11 +65,13 @@ def serve_vsock(guest_cid: int, listener: socket.socket, uds_path: str,
     the host socket is bound by the launcher, which removes it. The process is confined
     (the virtio-vsock profile, which alone may create and connect AF_UNIX sockets: the
     guest's streams reach <uds_path>_<port>) before its host thread starts and before it
-    reads a byte from the vm process, the guest or a host client."""
+    reads a byte from the vm process, the guest or a host client. Its empty root holds
+    the socket's directory, at the same path, for those streams
+    (vmm/sandbox/empty_root.py)."""
     program.exit_on_sigterm()
     muxer = Muxer(guest_cid, listener, uds_path)
     device = VsockDevice(muxer, restarted)
-    sandbox.confine("virtio-vsock", seccomp=seccomp)
+    sandbox.confine("virtio-vsock", seccomp=seccomp, reach=os.path.dirname(uds_path))
     muxer.start()
     program.serve_connection(device, sock)
     return 0

@@ -295,8 +295,12 @@ def _supervise(vm: children.Child, channel: socket.socket, readiness, broker: Br
 
     watch_new()
     error, ended = None, False
+    # A backend that dies before the vm process runs is restarted only once it runs: a
+    # "restarted" event the vm process never reads (it fails its start) would reset the
+    # channel before its error is read, losing the one line that says why.
+    running = False
     while True:
-        deadlines = [*grace.values(), *(when for when, _ in restarts.values())]
+        deadlines = [*grace.values(), *(when for when, _ in restarts.values() if running)]
         timeout = None
         if deadlines:
             timeout = max(0.0, min(deadlines) - time.monotonic()) * 1000
@@ -329,6 +333,8 @@ def _supervise(vm: children.Child, channel: socket.socket, readiness, broker: Br
                 for fd in fds:
                     os.close(fd)
                 event = message.get("event")
+                if event == "running":
+                    running = True
                 if event == "running" and readiness:
                     readiness.ready()
                 elif event == "error":
@@ -344,7 +350,7 @@ def _supervise(vm: children.Child, channel: socket.socket, readiness, broker: Br
         for slot, (when, why) in list(restarts.items()):
             if ended:
                 restarts.clear()
-            elif time.monotonic() >= when:
+            elif running and time.monotonic() >= when:
                 del restarts[slot]
                 restart(slot, why)
         for child in broker.released():

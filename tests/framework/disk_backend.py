@@ -17,6 +17,7 @@ import subprocess
 from pathlib import Path
 from typing import Callable
 
+from tests.framework.confined import spawn_under_launcher
 from vmm import children
 from vmm.devices.virtio.block.main import serve_disk
 from vmm.vhost_user.protocol import Connection
@@ -28,9 +29,12 @@ FITHAW = 0xC0045878                # _IOWR('X', 120, int)
 def spawn(image: Path, name: str = "vmm-blk-test", read_only: bool = False,
           direct: bool = False, serial: str | None = None,
           before: Callable[[], None] | None = None,
-          keep: tuple[int, ...] = ()) -> tuple[children.Child, Connection]:
+          keep: tuple[int, ...] = (),
+          under_launcher: bool = False) -> tuple[children.Child, Connection]:
     """A confined virtio-blk backend on `image`, connected to the returned Connection.
-    before(): runs in the child first (e.g. redirect its stderr to a kept fd)."""
+    before(): runs in the child first (e.g. redirect its stderr to a kept fd).
+    under_launcher: forked by a process under the launcher's filter, as hot-plug and
+    restarts fork it (tests/framework/confined.py)."""
     fd = os.open(image, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC |
                  (os.O_DIRECT if direct else 0))
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -41,7 +45,8 @@ def spawn(image: Path, name: str = "vmm-blk-test", read_only: bool = False,
         return serve_disk(fd, theirs, read_only, direct, serial, True)
 
     try:
-        child = children.spawn(name, "virtio-blk", [fd, theirs.fileno(), *keep], body)
+        fork = spawn_under_launcher if under_launcher else children.spawn
+        child = fork(name, "virtio-blk", [fd, theirs.fileno(), *keep], body)
     finally:
         theirs.close()
         os.close(fd)

@@ -1,5 +1,6 @@
 """The console and vsock backends forked and confined as the launcher does it
-(vmm.children.spawn + serve_console / serve_vsock, seccomp on), then driven with real
+(vmm.children.spawn + serve_console / serve_vsock, seccomp on; and from under the
+launcher's filter, as restarts fork them), each in its empty root, then driven with real
 traffic from the host: every path a guest or a host client can take must stay inside
 the virtio-console and virtio-vsock profiles (a syscall outside kills the backend by
 SIGSYS, which these tests would see as a dead peer)."""
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.framework.confined import spawn_under_launcher
+from tests.framework.jail import check_jailed
 from tests.framework.virtio_queues import QueueDriver
 from tests.framework.vsock_guest import GuestVsock
 from vmm import children
@@ -29,9 +32,15 @@ VERSION_1 = 1 << 32
 CID = 9
 
 
-def spawn(role: str, body, fds) -> tuple[children.Child, QueueDriver, socket.socket]:
+# Forked by the test as the launcher forks cold-plugged backends, or by a process under
+# the launcher's filter, as it forks restarted ones (tests/framework/confined.py).
+FORKS = {"cold": children.spawn, "under-launcher": spawn_under_launcher}
+FILTERS = {"cold": 1, "under-launcher": 2}              # its own, on the launcher's
+
+
+def spawn(role: str, body, fds, fork: str = "cold") -> tuple[children.Child, socket.socket]:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    child = children.spawn(role[:15], role, [*fds, theirs.fileno()], lambda: body(theirs))
+    child = FORKS[fork](role[:15], role, [*fds, theirs.fileno()], lambda: body(theirs))
     theirs.close()
     return child, ours
 
@@ -74,14 +83,16 @@ def recv_exactly(sock, count):
     return data
 
 
-def test_confined_console_serves_both_ways(short_dir):
+@pytest.mark.parametrize("fork", list(FORKS))
+def test_confined_console_serves_both_ways(short_dir, fork):
     path = str(short_dir / "con.sock")
     listener = bind_private(path)
     child, ours = spawn("virtio-console", lambda sock: serve_console(
-        listener, sock, "console c", True), [listener.fileno()])
+        listener, sock, "console c", True), [listener.fileno()], fork)
     listener.close()
     driver = QueueDriver(P.Connection(ours), [256, 256])
     driver.start(VERSION_1)
+    check_jailed(child.pid, os.getpid(), filters=FILTERS[fork])     # its root is empty
     rx, tx = driver.rings
     try:
         tx.add([b"before anyone\n"])                            # kept for the client
@@ -127,14 +138,17 @@ def test_confined_console_serves_both_ways(short_dir):
         stop(child, ours, driver)
 
 
-def test_confined_vsock_serves_streams_both_ways(short_dir):
+@pytest.mark.parametrize("fork", list(FORKS))
+def test_confined_vsock_serves_streams_both_ways(short_dir, fork):
     path = str(short_dir / "v.vsock")
     listener = bind_private(path)
     child, ours = spawn("virtio-vsock", lambda sock: serve_vsock(
-        CID, listener, path, sock, True), [listener.fileno()])
+        CID, listener, path, sock, True), [listener.fileno()], fork)
     listener.close()
     driver = QueueDriver(P.Connection(ours), [256, 256, 256])
     driver.start(VERSION_1)
+    # Its root holds only the socket directory, where the guest's streams go.
+    check_jailed(child.pid, os.getpid(), reach=str(short_dir), filters=FILTERS[fork])
     guest = GuestVsock(driver, CID)
     host_listener = socket.socket(socket.AF_UNIX)
     host_listener.bind(f"{path}_5000")

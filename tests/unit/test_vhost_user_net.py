@@ -13,6 +13,8 @@ import threading
 
 import pytest
 
+from tests.framework.confined import spawn_under_launcher
+from tests.framework.jail import check_jailed
 from tests.framework.net_driver import HDR, HDR_LEN, NetDriver, backend_pair
 from tests.framework.netns import Netns
 from vmm import children
@@ -288,18 +290,21 @@ def test_open_tap_refuses_what_it_cannot_use():
             T.open_tap("x" * 20)
 
 
-def test_a_confined_backend_process_moves_frames_both_ways():
+@pytest.mark.parametrize("under_launcher", [False, True], ids=["cold", "under-launcher"])
+def test_a_confined_backend_process_moves_frames_both_ways(under_launcher):
     """The launcher's way: a forked process (vmm-net-*) holding the tap and its socket,
-    under the virtio-net seccomp profile, with the data path and SET_FEATURES's tap
-    ioctls running under the filter."""
+    in its empty root, under the virtio-net seccomp profile, with the data path and
+    SET_FEATURES's tap ioctls running under the filter; forked as cold-plugged NICs are,
+    or from under the launcher's filter, as hot-plugged and restarted ones are."""
     with Netns() as ns:
         ns.add_tap("vt1", f"{HOST_IP}/24")
         ns.run("ip", "neigh", "add", GUEST_IP, "lladdr", D.format_mac(GUEST_MAC), "dev", "vt1",
                "nud", "permanent")
         fd = ns.call(T.open_tap, "vt1")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        child = children.spawn("vmm-net-test", "net-test", [fd, theirs.fileno()],
-                               lambda: main.serve_nic(fd, theirs, GUEST_MAC, 1500, True))
+        fork = spawn_under_launcher if under_launcher else children.spawn
+        child = fork("vmm-net-test", "net-test", [fd, theirs.fileno()],
+                     lambda: main.serve_nic(fd, theirs, GUEST_MAC, 1500, True))
         os.close(fd)
         theirs.close()
         driver = NetDriver(P.Connection(ours))
@@ -315,6 +320,7 @@ def test_a_confined_backend_process_moves_frames_both_ways():
             assert child.reap() is False                # still alive
             status = open(f"/proc/{child.pid}/status").read()
             assert "\nSeccomp:\t2\n" in status and "\nCapEff:\t0000000000000000\n" in status
+            check_jailed(child.pid, os.getpid(), filters=2 if under_launcher else 1)
         finally:
             ours.close()
             driver.close()

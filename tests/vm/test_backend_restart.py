@@ -18,6 +18,7 @@ import time
 
 import pytest
 
+from tests.framework.jail import check_jailed
 from tests.framework.microvm import Microvm
 from tests.framework.netns import Netns
 from tests.framework.qmp import session
@@ -78,6 +79,7 @@ def test_a_killed_disk_backend_comes_back_with_its_image_confined(vm):
     assert status["Seccomp"] == "2" and status["Seccomp_filters"] == "2"
     assert status["NoNewPrivs"] == "1" and int(status["CapEff"], 16) == 0
     assert str(vm.workdir / "d0.img") in fds(new)
+    check_jailed(new, vm.process.pid, filters=2)     # an empty root, as the first had
     assert block[0]["device"] == "d0" and block[0]["restarts"] == 1
 
 
@@ -93,6 +95,8 @@ def test_nic_console_and_vsock_backends_come_back(vm):
         data, old, new, _ = kill_and_wait(vm, name)
         assert (data["device"], data["count"]) == (device, 1), name
         assert new and new != old and confined(new)["Seccomp_filters"] == "2", name
+        check_jailed(new, vm.process.pid, filters=2,
+                     reach=str(vm.workdir) if name == "vmm-vsock-v0" else None)
     # The console's socket stayed bound: a client connects to the new backend.
     with socket.socket(socket.AF_UNIX) as client:
         client.connect(str(vm.workdir / "con.sock"))

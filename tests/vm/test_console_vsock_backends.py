@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.framework.jail import check_jailed
 from tests.framework.microvm import Microvm, process_name
 from tests.framework.qmp import session
 from vmm.devices.virtio.console.port import busy_message
@@ -68,6 +69,10 @@ def test_console_and_vsock_backends(tmp_path, tiny_guest):
             assert not any(t.endswith((".img", "/dev/kvm")) for t in targets)
             status = Path(f"/proc/{pid}/status").read_text()
             assert "\nCapEff:\t0000000000000000\n" in status and "\nNoNewPrivs:\t1\n" in status
+            # An empty root; vsock's holds the directory of its sockets, where the guest's
+            # streams to <socket>_<port> go.
+            check_jailed(pid, vm.process.pid,
+                         reach=str(tmp_path) if name == "vmm-vsock-v0" else None)
 
         # The auditor names both roles and finds every thread filtered.
         check = subprocess.run([sys.executable, "-m", "vmm", "seccomp", "check",

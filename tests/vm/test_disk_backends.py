@@ -1,5 +1,6 @@
 """The process model for disks, on this host's /dev/kvm with the tiny guest: one backend
-process per -drive, forked by the launcher, holding only what it needs; a backend that
+process per -drive, forked by the launcher, holding only what it needs (in an empty
+root: tests/unit/test_empty_root.py has the mechanism); a backend that
 dies takes its disk with it, not the VM; nothing outlives the VM.
 
 (The guest side of the disks is tested with a real Linux driver in the nested suite,
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.framework.jail import check_jailed
 from tests.framework.microvm import Microvm, process_name
 from tests.framework.qmp import session
 
@@ -88,6 +90,8 @@ def test_one_backend_process_per_disk_holding_only_its_own(tmp_path, tiny_guest,
                 assert sum(1 for t in targets if t.startswith("/memfd:guest-ram")) == 1
                 maps = Path(f"/proc/{pid}/maps").read_text()
                 assert maps.count("memfd:guest-ram") == 1
+                # And no path to anything else: an empty root of its own.
+                check_jailed(pid, vm.process.pid)
         code, out, err = quit_vm(vm)
         assert code == 0, err
         assert err == ""

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from qemu.qmp import ExecuteError
+from tests.framework.jail import check_jailed
 from tests.framework.microvm import Microvm
 from tests.framework.netns import Netns
 from tests.framework.qmp import session
@@ -140,6 +141,8 @@ def test_a_hot_plugged_disk_gets_its_own_confined_backend_and_loses_it(vm):
                                                      "CapBnd", "CapAmb"))
     held = fds(backend)
     assert image(vm, "h1") in held and image(vm, "cold") not in held
+    # Its empty root, made under the launcher's filter before its own went on.
+    check_jailed(backend, vm.process.pid, filters=2)
     assert not any(target in ("/dev/kvm", "/dev/net/tun") for target in held)
     # The auditor sees it filtered, with its role, and why it carries two filters.
     audit = subprocess.run([sys.executable, "-m", "vmm", "seccomp", "check",
@@ -197,6 +200,8 @@ def test_nics_by_tap_name_and_by_getfd(vm, ns):
                                             "netdev": "net2", "addr": "0"})
         held = {name: fdinfo_taps(pid) for name, pid in processes(vm).items()
                 if name.startswith("vmm-net-")}
+        for name in ("vmm-net-net1", "vmm-net-eth-b"):
+            check_jailed(processes(vm)[name], vm.process.pid, filters=2)
         for device in ("net1", "eth-b"):
             await client.execute("device_del", {"id": device})
         for netdev in ("net1", "net2"):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.framework.jail import check_jailed
 from tests.framework.microvm import Microvm, process_name
 from tests.framework.netns import Netns
 from tests.framework.qmp import session
@@ -94,6 +95,7 @@ def test_one_backend_process_per_nic_holding_only_its_tap(ns, tmp_path, tiny_gue
             [tun] = [fd for fd, target in held.items() if target == "/dev/net/tun"]
             tap = "tap0" if name.endswith("n0") else "tap1"
             assert f"iff:\t{tap}\n" in Path(f"/proc/{pid}/fdinfo/{tun}").read_text()
+            check_jailed(pid, vm.process.pid)           # and an empty root
 
         # The auditor sees every thread of the NIC backends filtered, as virtio-net.
         check = subprocess.run([sys.executable, "-m", "vmm", "seccomp", "check",

@@ -70,8 +70,12 @@ def command(id_, uid, gid, chroot_base_dir, exec_file, source, netns, cgroup_set
 
 def main(argv: list[str] | None = None) -> int:
     # Firecracker's first two steps: nothing inherited but stdio, and no environment.
+    # Clearing os.environ would leave the operator's variables in this process's memory
+    # (and /proc/PID/environ) and in every child forked from it: start afresh without them.
     os.closerange(3, os.sysconf("SC_OPEN_MAX"))
-    os.environ.clear()
+    if not _started_clean():
+        args = sys.argv[1:] if argv is None else argv
+        os.execve(sys.executable, [sys.executable, "-m", "jailer", *args], {})
     if os.geteuid() != 0:
         return _fail("must run as root (it creates namespaces, device nodes and cgroups)")
     try:
@@ -84,6 +88,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except (SpecError, jail.JailError) as error:
         return _fail(str(error))
+
+
+def _started_clean() -> bool:
+    """Started with an empty environment: all there may be is the LC_CTYPE that Python
+    sets itself when it coerces the C locale to UTF-8 (PEP 538), which the next exec
+    would set again."""
+    return all(key == "LC_CTYPE" and value in ("C.UTF-8", "C.utf8", "UTF-8")
+               for key, value in os.environ.items())
 
 
 def _fail(line: str) -> int:

@@ -40,11 +40,16 @@ class JailError(Exception):
 
 
 def prepare_directory(spec: JailSpec) -> None:
-    """DIR/stratovirt/ID/root, the VMM's writable root, owned by uid:gid."""
+    """DIR/stratovirt/ID/root, the VMM's writable root, and its /run, owned by uid:gid."""
     spec.jail_dir.parent.mkdir(parents=True, exist_ok=True)
     spec.jail_dir.mkdir(mode=0o755)
     spec.root.mkdir(mode=0o700)
     os.chown(spec.root, spec.uid, spec.gid)
+    # A directory for the VMM's sockets: an api-channel there puts vsock's host sockets
+    # there too, and the vsock backend's root then holds /run alone (docs/jailer.md).
+    run = spec.root / "run"
+    run.mkdir(mode=0o700)
+    os.chown(run, spec.uid, spec.gid)
 
 
 @dataclass(frozen=True)

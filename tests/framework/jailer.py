@@ -57,7 +57,7 @@ class JailedVm:
             time.sleep(0.02)
         return path
 
-    def wait_for_api(self, inside: str = "/api.sock", timeout: float = 30) -> Path:
+    def wait_for_api(self, inside: str = "/run/api.sock", timeout: float = 30) -> Path:
         """Until the QMP greeting comes through the jail's socket: the VM is then up,
         every backend started and its vCPUs running."""
         path = self.wait_for(inside, timeout)

@@ -11,7 +11,7 @@ the log) or gets over vhost-user (guest RAM, eventfds), and file descriptions do
 depend on the root. The one exception is vsock: a guest's stream to port P connects to
 the host socket `<uds path>_P` by name, so its root holds that socket directory, bind-
 mounted at the same path, and nothing else (enter(reach=...)). When that directory is /
-itself (the jailer puts the VMM's sockets at the top of its jail) nothing can be hidden:
+itself (an api-channel at the top of a jail; the jailer offers /run for it) nothing can be hidden:
 that backend keeps its namespaces and its root, and says so in the log.
 
 How (enter(), called by vmm.sandbox.confine for the backend roles, after
@@ -131,7 +131,7 @@ def enter(reach: str | None = None) -> None:
     _step("making its mounts private", lambda: _mount(None, "/", None, PRIVATE))
     if reach == "/":
         # The directory it must reach is its root already: nothing can be hidden
-        # (the jailer's layout: the VMM's sockets at the top of its jail).
+        # (an api-channel at the top of a jail, not in the /run the jailer makes).
         log.warning("its sockets' directory is /, so its root stays / (an api-channel in "
                     "a directory of its own would give it an empty root)")
         return

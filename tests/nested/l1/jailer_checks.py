@@ -69,7 +69,7 @@ def jailer(id: str, limits: list[str], *vmm_args: str) -> list[str]:
             "--chroot-base-dir", str(BASE), *sources,
             *(a for limit in limits for a in ("--cgroup", limit)), "--new-pid-ns", "--clean",
             "--", "-kernel", "/vmlinuz", "-initrd", "/initrd.img", "-append", APPEND,
-            "-api-channel", "unix:/api.sock", "-serial", "stdio", "-D", "/vm.log", *vmm_args]
+            "-api-channel", "unix:/run/api.sock", "-serial", "stdio", "-D", "/vm.log", *vmm_args]
 
 
 def descendants(pid: int) -> list[int]:
@@ -102,10 +102,10 @@ def process_facts(pid: int) -> dict:
 
 def seed_jailed(extra_md5: str) -> None:
     cgroup = Path("/sys/fs/cgroup/stratovirt/seed")
-    jail = BASE / "stratovirt" / "seed" / "root"
+    jail = BASE / "stratovirt" / "seed" / "root" / "run"
     vm = Vm(jailer("seed", ["memory.max=1G", "pids.max=64", "cpu.max=max 100000"],
                    "-m", "256M", "-drive", "file=/rootfs.ext4,id=rootfs,readonly=false",
-                   "-netdev", f"id=n0,netdev={TAP}", "-chardev", "id=con0,path=/console.sock",
+                   "-netdev", f"id=n0,netdev={TAP}", "-chardev", "id=con0,path=/run/console.sock",
                    "-device", "vsock,id=vs0,guest-cid=3"), timeout=900)
     try:
         vm.expect("initramfs: ready")

@@ -44,6 +44,23 @@ scenario's end (our init powers off only after it), or the console fell silent (
 heartbeat) for STALL_SECONDS. A scenario that fails, or that runs past its timeout while L1
 is alive, is never rerun; nor is a setup failure. Each rerun is printed (`nested: L1 broke
 ...; rerunning once`) and kept in `NestedResult.reruns`, so a run that needed one says so.
+
+One L1 CPU (NESTED_L1_CPUS overrides it): with two, under QEMU 7.2's multi-threaded TCG,
+L2 now and then triple-faulted or froze with nothing of ours to show for it, one vCPU as
+well as two, with and without backend kills. A trace (NESTED_KTRACE=1) of one such triple
+fault: L2 re-entered after an MMIO exit in its virtio_mmio interrupt handler, and the
+fetch of the very next instruction, on the page it had just run from, took a not-present
+#PF whose delivery faulted in turn; a mapping the guest had used a microsecond before
+was gone, which is L1's nested paging as the emulator keeps it coherent across its vCPU
+threads, not anything a VMM in L1 controls. In the whole nested suite, L1 with two CPUs:
+one L2 triple fault, one L2 freeze and one L1 reset in one run of 20 min (and, in the
+last session, 2 of 3 clean-clone CI runs failed this way); with one CPU: 2 runs of 48
+tests, nothing broke, in 15 and 12 min (cross-CPU TLB flushes, which MTTCG serialises
+by stopping every vCPU, are gone too). QEMU itself as the L2 VMM, under an L2 disk
+workload of four O_DIRECT loops for 90 s, survived 6 of 6 runs with two L1 CPUs (3 with
+its own virtio-blk, 3 with our vhost-user backend), as ours did 3 of 3: the failure is
+rare per L2 boot and shows under the whole suite's churn, so that A/B neither convicts
+nor clears anyone. If it comes back with one CPU, that is news: NESTED_KTRACE=1 catches it.
 """
 
 import os
@@ -151,7 +168,7 @@ class NestedResult:
 @dataclass
 class NestedRig:
     memory_mib: int = 2048
-    cpus: int = int(os.environ.get("NESTED_L1_CPUS", "2"))
+    cpus: int = int(os.environ.get("NESTED_L1_CPUS", "1"))     # see "One L1 CPU" above
     echo: bool = True           # print the console as it arrives; pytest shows it on failure
     _tmp: pathlib.Path | None = field(default=None, init=False, repr=False)
     _wheel: pathlib.Path | None = field(default=None, init=False, repr=False)

@@ -129,12 +129,12 @@ def supervise(spec, host: jail.HostFacts) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # a terminal's Ctrl-C reaches the VMM too
     report = _read_all(report_read)
     if report:
-        _wait(pid)
+        jail.exit_status(pid)
         _remove(spec)
         return _failed(readiness, report.decode(errors="replace"))
     if readiness:
         readiness.ready()
-    status = _wait(pid)
+    status = jail.exit_status(pid)
     killed = cgroups.oom_kills(spec.cgroup) if spec.cgroup else 0
     if killed and status:
         # Otherwise the VMM's last words are "killed by signal 9": say why.
@@ -168,28 +168,10 @@ def _forward(pid: int, number: int) -> None:
 
 def _read_all(fd: int) -> bytes:
     chunks = []
-    while True:
-        try:
-            chunk = os.read(fd, 4096)
-        except InterruptedError:
-            continue
-        if not chunk:
-            break
+    while chunk := os.read(fd, 4096):
         chunks.append(chunk)
     os.close(fd)
     return b"".join(chunks)
-
-
-def _wait(pid: int) -> int:
-    while True:
-        try:
-            _, status = os.waitpid(pid, 0)
-            break
-        except InterruptedError:
-            continue
-    if os.WIFSIGNALED(status):
-        return 128 + os.WTERMSIG(status)
-    return os.WEXITSTATUS(status)
 
 
 def _remove(spec) -> None:

@@ -184,14 +184,13 @@ def _become_pid_one(spec: JailSpec, host: HostFacts) -> None:
     for number in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(number, lambda n, _: os.kill(pid, n))
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # the terminal's Ctrl-C reaches the VMM
-    while True:
-        try:
-            _, status = os.waitpid(pid, 0)
-            break
-        except InterruptedError:
-            continue
-    os._exit(os.waitstatus_to_exitcode(status) if not os.WIFSIGNALED(status)
-             else 128 + os.WTERMSIG(status))
+    os._exit(exit_status(pid))
+
+
+def exit_status(pid: int) -> int:
+    """Wait for the child; its exit status as a shell gives it (128 + N if killed by N)."""
+    _, status = os.waitpid(pid, 0)          # PEP 475: retried after a signal handler
+    return 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
 def _drop_to(uid: int, gid: int, last_cap: int) -> None:

@@ -11,14 +11,21 @@ class Guest:
     """L2's shell on the console. Each command's output is framed by markers of its own,
     so what the serial line echoes of the command itself is never taken for output."""
 
-    def __init__(self, vm: Vm):
+    def __init__(self, vm: Vm, prefix: str = "SH", command_seconds: float | None = None):
+        """`prefix` tells one script's markers from another's; with `command_seconds`
+        a command still running after that long is L2 stuck: the console's Timeout
+        (the rig's own timeout would take far longer to say so)."""
         self.vm = vm
+        self.prefix = prefix
+        self.command_seconds = command_seconds
         self.count = 0
 
     def run_now(self, command: str) -> tuple[list[str], int]:
         """`command`'s output lines and exit status (blocking; `run` is the async one)."""
         self.count += 1
-        tag = f"SH{self.count}"
+        tag = f"{self.prefix}{self.count}"
+        if self.command_seconds:
+            self.vm.deadline = time.monotonic() + self.command_seconds
         self.vm.send(f"echo {tag}-begin; {command}; echo {tag}-end-$?\n")
         found = self.vm.expect(rf"(?s)^{tag}-begin\n(.*?)^{tag}-end-(\d+)$")
         return found[1].splitlines(), int(found[2])

@@ -62,6 +62,7 @@ from qemu.qmp import EventListener, QMPClient
 from qemu.qmp.qmp_client import ExecuteError
 
 from console import Timeout, Vm
+import l2_shell
 
 KiB, MiB = 1024, 1 << 20
 DIR = "/tmp/rs"
@@ -160,30 +161,12 @@ def median(values: list[float]) -> float | None:
     return values[len(values) // 2] if values else None
 
 
-class Guest:
-    """L2's shell on the console; each command's output framed by markers of its own.
-    A command that takes more than COMMAND_SECONDS is L2 stuck: Timeout (the rig's
-    timeout would take half an hour to say so)."""
+class Guest(l2_shell.Guest):
+    """L2's shell (tests/nested/l1/l2_shell.py), each command bounded by COMMAND_SECONDS,
+    and what this script does with it besides."""
 
     def __init__(self, vm: Vm, prefix: str):
-        self.vm = vm
-        self.prefix = prefix
-        self.count = 0
-
-    def _run(self, command: str) -> tuple[list[str], int]:
-        self.count += 1
-        tag = f"{self.prefix}{self.count}"
-        self.vm.deadline = time.monotonic() + COMMAND_SECONDS
-        self.vm.send(f"echo {tag}-begin; {command}; echo {tag}-end-$?\n")
-        found = self.vm.expect(rf"(?s)^{tag}-begin\n(.*?)^{tag}-end-(\d+)$")
-        return found[1].splitlines(), int(found[2])
-
-    async def run(self, command: str) -> tuple[list[str], int]:
-        return await asyncio.to_thread(self._run, command)
-
-    async def value(self, command: str) -> str:
-        lines, _ = await self.run(command)
-        return lines[-1].strip() if lines else ""
+        super().__init__(vm, prefix, COMMAND_SECONDS)
 
     async def put(self, path: str, text: str) -> None:
         """A file in L2, through the console in pieces short enough for ash's line

@@ -21,7 +21,7 @@ from typing import Callable
 
 import prctl
 
-from . import log as vmm_log
+from . import log as vmm_log, timeline
 from .sandbox.empty_root import EmptyRootError
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ def spawn(name: str, role: str, keep_fds: list[int], body: Callable[[], int],
             prctl.set_pdeathsig(signal.SIGKILL)
             if os.getppid() != launcher:    # it died before PDEATHSIG was set
                 os._exit(1)
+            timeline.mark(f"{name} running")
             status = body()
         except EmptyRootError as error:
             log.error("%s", error)
@@ -92,6 +93,7 @@ def spawn(name: str, role: str, keep_fds: list[int], body: Callable[[], int],
         finally:
             logging.shutdown()
             os._exit(status)
+    timeline.mark(f"{name} forked")
     return Child(pid, name, os.pidfd_open(pid))
 
 

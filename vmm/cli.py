@@ -1,5 +1,7 @@
 """The `stratovirt` program: configuration errors become one line and exit status 2."""
 
+from . import timeline  # first: its import is the timeline's "process start"
+
 import sys
 
 from . import config
@@ -21,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     if isinstance(invocation, int):
         return invocation
+    timeline.mark("config parsed")
     if invocation.print_config:
         for note in invocation.notes:
             print(f"stratovirt: note: {note}", file=sys.stderr)

@@ -24,7 +24,7 @@ import time
 import tty
 from pathlib import Path
 
-from . import children, control, daemon, layout, sandbox, vm_process
+from . import children, control, daemon, layout, sandbox, timeline, vm_process
 from .broker import Broker
 from .restart import RestartPolicy
 from .boot import loader
@@ -123,6 +123,7 @@ def _launch(config: MachineConfig, cleanup: _Cleanup, readiness, inherited: set[
         entry = loader.load(config, memory)
     except (OSError, BadKernel) as error:
         raise LaunchError(f"loading the kernel: {error}") from None
+    timeline.mark("memfd and kernel loaded")
 
     listener = _bind(config.api_channel, cleanup)
     if config.pidfile:
@@ -216,6 +217,7 @@ def _supervise(vm: children.Child, channel: socket.socket, readiness, broker: Br
     # its filter allows no more than that and what the backends it forks need before
     # they install their own.
     sandbox.confine("launcher", seccomp=seccomp)
+
     def forward(number, frame):
         log.info("signal %d: shutting the VM down", number)
         try:

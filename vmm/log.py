@@ -2,16 +2,26 @@
 (role and pid) and which thread.
 
 With -D the log file gets everything from INFO up, appended by every process (O_APPEND
-keeps their lines whole). Without it, warnings and errors go to stderr.
+keeps their lines whole). Without it, warnings and errors go to stderr. As in StratoVirt,
+the environment variable STRATOVIRT_LOG_LEVEL (trace, debug, info, warn, error) sets the
+level instead; at debug (or trace) the log carries the start-up timeline (timeline.py).
 """
 
 import logging
+import os
 import sys
 from pathlib import Path
+
+from . import timeline
 
 _role = "launcher"
 FORMAT = ("%(asctime)s.%(msecs)03d %(role)s[%(process)d] %(threadName)s "
           "%(levelname)s %(name)s: %(message)s")
+
+
+LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
+          "warn": logging.WARNING, "error": logging.ERROR}
+LEVEL_VARIABLE = "STRATOVIRT_LOG_LEVEL"
 
 
 class _RoleFilter(logging.Filter):
@@ -26,19 +36,26 @@ def set_role(role: str) -> None:
     _role = role
 
 
+def level() -> int | None:
+    """The level STRATOVIRT_LOG_LEVEL asks for; None when unset or not one of LEVELS."""
+    return LEVELS.get(os.environ.get(LEVEL_VARIABLE, "").strip().lower())
+
+
 def setup(log_file: Path | None) -> None:
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
     if log_file is not None:
         handler: logging.Handler = logging.FileHandler(log_file, mode="a", encoding="utf-8")
-        root.setLevel(logging.INFO)
+        default = logging.INFO
     else:
         handler = logging.StreamHandler(sys.stderr)
-        root.setLevel(logging.WARNING)
+        default = logging.WARNING
+    root.setLevel(level() or default)
     handler.setFormatter(logging.Formatter(FORMAT, datefmt="%Y-%m-%dT%H:%M:%S"))
     handler.addFilter(_RoleFilter())
     root.addHandler(handler)
+    timeline.started(root.isEnabledFor(logging.DEBUG))
 
 
 def open_fds() -> list[int]:

@@ -12,7 +12,7 @@ import signal
 import socket
 import threading
 
-from . import control, sandbox
+from . import control, sandbox, timeline
 from .boot.loader import BootEntry
 from .hotplug import Hotplug
 from .config.model import MachineConfig
@@ -45,6 +45,7 @@ def main(config: MachineConfig, kvm_fd: int, memory: GuestMemory, entry: BootEnt
         signal.signal(number, lambda *_: machine.shutdown("host-signal", guest=False))
     hotplug = Hotplug(config, machine.slots, memory, machine.emit, control.Requester(channel))
     qmp = QmpServer(api_listener, machine, hotplug)
+    timeline.mark("machine built")
     # Everything is open and registered with KVM: confine the process before any thread
     # starts, so each thread inherits this filter and stacks its own (vcpu, api) on it.
     sandbox.confine("vm", seccomp=config.seccomp)
@@ -54,6 +55,7 @@ def main(config: MachineConfig, kvm_fd: int, memory: GuestMemory, entry: BootEnt
         threading.Thread(target=_pump_stdin, args=(machine.serial, stop_input),
                          name="vmm-serial-in", daemon=True).start()
     machine.start()
+    timeline.mark("vCPU threads started")
     # Last: a client that gets the QMP greeting finds the vCPUs running.
     qmp.start()
     control.send(channel, {"event": "running"})

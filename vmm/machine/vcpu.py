@@ -13,7 +13,7 @@ import threading
 
 import prctl
 
-from .. import sandbox
+from .. import sandbox, timeline
 from .._kvm import ffi, lib
 from .kvm import Vcpu
 
@@ -64,6 +64,7 @@ class VcpuThread(threading.Thread):
             return
         finally:
             self.named.set()
+        timeline.mark(f"{self.name} confined, first KVM_RUN")
         try:
             while self._next():
                 pass

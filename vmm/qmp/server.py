@@ -38,7 +38,7 @@ from collections import deque
 
 import prctl
 
-from .. import sandbox
+from .. import sandbox, timeline
 from . import json_stream
 from .commands import COMMANDS, PACKAGE, QEMU_VERSION, Context
 from .errors import QmpError
@@ -147,6 +147,7 @@ class QmpServer(threading.Thread):
         self._poller.register(self._listener, _IN)
         self._poller.register(self._wake, _IN)
         self._poller.register(self._hotplug.broker.fileno(), _IN)
+        timeline.mark("api-channel served (QMP thread confined)")
         try:
             self._loop()
         finally:

@@ -8,6 +8,7 @@ before they touch anything the guest or a peer controls.
 
 import signal
 
+from .. import timeline
 from . import empty_root, privileges, reporter
 from . import seccomp as _seccomp
 from .empty_root import EmptyRootError
@@ -78,3 +79,5 @@ def confine(role: str, *, seccomp: bool = True, thread: bool = False,
     if not thread or not reporter.armed():
         reporter.arm(role, log_fd)
     _seccomp.install(_filters[role])
+    if not thread:
+        timeline.mark(f"{role} confined")

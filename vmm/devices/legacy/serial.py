@@ -12,6 +12,8 @@ import os
 import threading
 from typing import Callable
 
+from ... import timeline
+
 # Register offsets.
 RBR_THR_DLL, IER_DLM, IIR_FCR, LCR, MCR, LSR, MSR, SCR = range(8)
 
@@ -29,6 +31,7 @@ RX_FIFO_BYTES = 64
 class Serial:
     def __init__(self, output_fd: int | None, set_irq: Callable[[bool], None]):
         self._output_fd = output_fd
+        self._written = False
         self._set_irq = set_irq
         self._lock = threading.Condition()
         self._rx: collections.deque[int] = collections.deque()
@@ -130,6 +133,9 @@ class Serial:
     def _emit(self, byte: int) -> None:
         if self._output_fd is None:
             return
+        if not self._written:
+            self._written = True
+            timeline.mark("first serial byte")
         try:
             os.write(self._output_fd, bytes((byte,)))
         except OSError:

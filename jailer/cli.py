@@ -23,7 +23,7 @@ import click
 
 from vmm import daemon
 
-from . import cgroups, jail
+from . import cgroups, jail, syscalls
 from .spec import SpecError, build
 
 EXIT_USAGE = 2
@@ -113,6 +113,8 @@ def supervise(spec, host: jail.HostFacts) -> int:
         _remove(spec)
         return _failed(readiness, str(error))
     report_read, report_write = os.pipe2(os.O_CLOEXEC)
+    if spec.new_pid_ns:
+        syscalls.unshare(syscalls.CLONE_NEWPID)     # the next child is its PID 1
     pid = os.fork()
     if pid == 0:
         os.close(report_read)

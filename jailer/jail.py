@@ -3,8 +3,13 @@ VM's cgroup to exec'ing the VMM as uid:gid with no capabilities.
 
     cgroup -> rlimits -> netns -> mount, IPC and UTS namespaces -> the jail as root
     (read-only binds of the manifest and the sources, pivot_root, old root detached)
-    -> device nodes -> PID namespace (when asked) -> /proc -> uid/gid, no capabilities
-    -> execve the VMM with an empty environment
+    -> device nodes -> /proc -> uid/gid, no capabilities -> execve the VMM with an empty
+    environment
+
+With --new-pid-ns the supervisor made the PID namespace before forking this child
+(unshare(CLONE_NEWPID) takes effect for the caller's next child), so the child is its
+PID 1 from its first instruction and becomes the VMM's launcher by execve: no process
+stays between the supervisor and the VMM to pass on signals and the exit status.
 
 The jail directory itself is a plain directory on the host (DIR/stratovirt/ID/root, owned
 by uid:gid): the VMM creates its sockets, pidfile and log there, so the api-channel is
@@ -86,8 +91,6 @@ def enter(spec: JailSpec, host: HostFacts) -> None:
     _pivot(spec)
     config = _vmm_config(spec)
     _devices(spec, host, nic=bool(config.nics))
-    if spec.new_pid_ns:
-        _become_pid_one(spec, host)
     Path("/proc").mkdir(exist_ok=True)
     sc.mount("proc", "/proc", "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC, PROC_OPTIONS)
     _drop_to(spec.uid, spec.gid, host.last_cap)
@@ -171,22 +174,6 @@ def _devices(spec: JailSpec, host: HostFacts, nic: bool) -> None:
         os.chown(path, spec.uid, spec.gid)
 
 
-def _become_pid_one(spec: JailSpec, host: HostFacts) -> None:
-    """A new PID namespace: the VMM becomes its PID 1 (its children die with it), and
-    this process stays outside it, as uid:gid with no capabilities like the VMM, to pass
-    on its exit status and the signals that ask the VM to end."""
-    sc.unshare(sc.CLONE_NEWPID)
-    pid = os.fork()
-    if pid == 0:
-        return
-    prctl.set_name("jailer-relay")
-    _drop_to(spec.uid, spec.gid, host.last_cap)
-    for number in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(number, lambda n, _: os.kill(pid, n))
-    signal.signal(signal.SIGINT, signal.SIG_IGN)     # the terminal's Ctrl-C reaches the VMM
-    os._exit(exit_status(pid))
-
-
 def exit_status(pid: int) -> int:
     """Wait for the child; its exit status as a shell gives it (128 + N if killed by N)."""
     _, status = os.waitpid(pid, 0)          # PEP 475: retried after a signal handler
@@ -203,6 +190,6 @@ def _drop_to(uid: int, gid: int, last_cap: int) -> None:
     os.setresuid(uid, uid, uid)          # from root: permitted and effective sets emptied
     prctl.set_no_new_privs(1)
     prctl.set_caps((list(range(last_cap + 1)), prctl.CAP_INHERITABLE, False))
-    # After the uid change, which clears it: the jailed processes die with their parent
-    # (the supervisor, or the PID namespace's relay) rather than run on unsupervised.
+    # After the uid change, which clears it: the jailed VMM dies with its supervisor
+    # rather than run on unsupervised.
     prctl.set_pdeathsig(signal.SIGKILL)

@@ -25,7 +25,7 @@ def _one(checks, name):
 def test_every_jailed_process_is_unprivileged_confined_and_limited(checks):
     found = _one(checks, "jailed_processes")
     names = sorted(p["name"] for p in found["processes"])
-    assert names == sorted(["jailer-relay", "stratovirt", "vmm-vm", "vmm-blk-rootfs",
+    assert names == sorted(["stratovirt", "vmm-vm", "vmm-blk-rootfs",
                             "vmm-net-n0", "vmm-con-con0", "vmm-vsock-vs0"]), names
     for process in found["processes"]:
         assert process["uid"] == [UID] * 4 and process["gid"] == [UID] * 4, process
@@ -34,8 +34,7 @@ def test_every_jailed_process_is_unprivileged_confined_and_limited(checks):
         assert process["cgroup"] == "0::/stratovirt/seed", process
         assert process["environ"] == "", process
         assert not process["host_passwd_visible"], process
-        if process["name"] != "jailer-relay":
-            assert process["seccomp"] == "2", process
+        assert process["seccomp"] == "2", process
     assert found["cgroup"] == {"memory.max": str(1 << 30), "pids.max": "64",
                                "cpu.max": "max 100000"}
     assert found["in_cgroup"] == found["expected"]

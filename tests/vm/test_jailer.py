@@ -82,7 +82,7 @@ def test_a_jailed_vm_runs_unprivileged_in_its_own_namespaces_and_cleans_up(
         processes = vm.descendants()
         names = {pid: Path(f"/proc/{pid}/comm").read_text().strip() for pid in processes}
         assert sorted(names.values()) == sorted(
-            ["jailer-relay", "stratovirt", "vmm-vm", "vmm-blk-d0", "vmm-net-n0",
+            ["stratovirt", "vmm-vm", "vmm-blk-d0", "vmm-net-n0",
              "vmm-con-con0", "vmm-vsock-vs0"]), names
         for pid, name in names.items():
             status = status_of(pid)
@@ -92,8 +92,7 @@ def test_a_jailed_vm_runs_unprivileged_in_its_own_namespaces_and_cleans_up(
             for caps in ("CapEff", "CapPrm", "CapInh", "CapBnd", "CapAmb"):
                 assert int(status[caps], 16) == 0, (name, caps)
             assert status["NoNewPrivs"] == "1", name
-            # The relay stays outside the PID namespace to pass on the VMM's status.
-            for kind in ("mnt",) if name == "jailer-relay" else ("mnt", "pid"):
+            for kind in ("mnt", "pid"):
                 assert os.readlink(f"/proc/{pid}/ns/{kind}") != host_ns[kind], (name, kind)
             assert os.stat(f"/proc/{pid}/ns/net").st_ino == \
                 os.stat(f"/run/netns/{netns.name}").st_ino, name
@@ -102,8 +101,6 @@ def test_a_jailed_vm_runs_unprivileged_in_its_own_namespaces_and_cleans_up(
             seen = set(os.listdir(f"/proc/{pid}/root"))
             assert not seen & {"home", "root", "var", "boot", "srv", "tmp"}, (name, seen)
             assert not Path(f"/proc/{pid}/root/etc/passwd").exists(), name
-            if name == "jailer-relay":
-                continue
             assert status["Seccomp"] == "2", name
             if name in ("stratovirt", "vmm-vm"):
                 # The VMM's own root: the jail, with what it made there and the sources.
@@ -169,7 +166,7 @@ def test_the_vm_dies_with_the_jailer(files, base):
     try:
         vm.wait_for_api()
         processes = vm.descendants()
-        assert len(processes) == 6         # the relay, the launcher, vm, 3 backends
+        assert len(processes) == 5         # the launcher, vm, 3 backends
         vm.kill()
         for pid in processes:
             for _ in range(500):

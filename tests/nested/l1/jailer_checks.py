@@ -53,6 +53,7 @@ def setup() -> str:
     (FILES / "extra.img").write_bytes(data)
     for path in FILES.iterdir():
         os.chown(path, UID, GID)
+    sh("modprobe", "tun")
     sh("ip", "netns", "add", NETNS)
     inside = ["ip", "netns", "exec", NETNS]
     sh(*inside, "ip", "link", "set", "lo", "up")
@@ -68,6 +69,7 @@ def jailer(id: str, limits: list[str], *vmm_args: str) -> list[str]:
     return ["stratovirt-jailer", "--id", id, "--uid", str(UID), "--gid", str(GID),
             "--chroot-base-dir", str(BASE), *sources,
             *(a for limit in limits for a in ("--cgroup", limit)), "--new-pid-ns", "--clean",
+            "--netns", f"/run/netns/{NETNS}",
             "--", "-kernel", "/vmlinuz", "-initrd", "/initrd.img", "-append", APPEND,
             "-api-channel", "unix:/run/api.sock", "-serial", "stdio", "-D", "/vm.log", *vmm_args]
 

@@ -33,6 +33,7 @@ LD_CACHE = "/etc/ld.so.cache"
 PROBE = r"""
 import json, os, sys, sysconfig
 import vmm.cli, vmm.launcher
+import pyseccomp  # imported by the VMM only to compile a filter it finds in no cache
 from vmm.sandbox import profile
 maps = set()
 with open("/proc/self/maps") as f:

@@ -18,6 +18,10 @@
  */
 
 #define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 #include <signal.h>
 #include <stddef.h>
 #include <string.h>
@@ -123,4 +127,34 @@ int sigsys_arm(int fd, const char *role)
 void sigsys_set_thread_role(const char *role)
 {
     copy_role(thread_role, role);
+}
+
+int sigsys_load_filter(const void *program, size_t length)
+{
+    struct sock_fprog prog;
+    if (length == 0 || length % sizeof(struct sock_filter) != 0 ||
+        length / sizeof(struct sock_filter) > BPF_MAXINSNS)
+        return -EINVAL;
+    prog.len = (unsigned short)(length / sizeof(struct sock_filter));
+    prog.filter = (struct sock_filter *)program;
+    if (syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog) != 0)
+        return -errno;
+    return 0;
+}
+
+struct libseccomp_version {
+    unsigned int major, minor, micro;
+};
+
+long sigsys_libseccomp_version(void)
+{
+    void *library = dlopen("libseccomp.so.2", RTLD_NOW | RTLD_LOCAL);
+    if (library == NULL)
+        return -1;
+    const struct libseccomp_version *(*version)(void) =
+        (const struct libseccomp_version *(*)(void))dlsym(library, "seccomp_version");
+    const struct libseccomp_version *v = version ? version() : NULL;
+    long result = v ? (long)v->major * 1000000 + (long)v->minor * 1000 + v->micro : -1;
+    /* Left loaded: pyseccomp loads the same library if a filter must be compiled. */
+    return result;
 }

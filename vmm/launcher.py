@@ -125,6 +125,8 @@ def _launch(config: MachineConfig, cleanup: _Cleanup, readiness, inherited: set[
         raise LaunchError(f"loading the kernel: {error}") from None
     timeline.mark("memfd and kernel loaded")
 
+    if config.seccomp:
+        sandbox.prepare()       # once, before any fork: every child finds its filter ready
     listener = _bind(config.api_channel, cleanup)
     if config.pidfile:
         try:

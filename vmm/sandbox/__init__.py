@@ -12,9 +12,17 @@ from .. import timeline
 from . import empty_root, privileges, reporter
 from . import seccomp as _seccomp
 from .empty_root import EmptyRootError
-from .profile import Profile, ProfileError, load, roles
+from .profile_dir import roles
 
 __all__ = ["confine", "prepare", "EmptyRootError", "ProfileError", "ROLES", "BACKENDS"]
+
+
+def __getattr__(name):
+    if name == "ProfileError":          # profile.py is read only to compile a filter
+        from .profile import ProfileError
+        return ProfileError
+    raise AttributeError(name)
+
 
 ROLES = ("launcher", "vm", "vcpu", "api", "virtio-blk", "virtio-net", "virtio-console",
          "virtio-vsock")
@@ -24,14 +32,16 @@ _filters: dict = {}
 
 
 def prepare() -> None:
-    """Load and compile every role's filter now, while files can still be opened: a
-    thread confined later (a vCPU under the vm filter, where openat fails) finds its
-    filter ready. confine() of a process calls it; calling it again costs nothing."""
+    """Every role's compiled filter (seccomp.program: cached, or compiled), now, while
+    files can still be opened: a thread confined later (a vCPU under the vm filter,
+    where openat fails) finds its filter ready, and so does every process forked
+    afterwards (the launcher calls this before it forks any). confine() of a process
+    calls it; calling it again costs nothing."""
     privileges.prepare()
     empty_root.prepare()
     for role in roles():
         if role not in _filters:
-            _filters[role] = _seccomp.build(load(role))
+            _filters[role] = _seccomp.program(role)
 
 
 def confine(role: str, *, seccomp: bool = True, thread: bool = False,
@@ -59,6 +69,7 @@ def confine(role: str, *, seccomp: bool = True, thread: bool = False,
       `log_fd` is where a violation is reported (default: the log's fd, else stderr).
     """
     if role not in ROLES:
+        from .profile import ProfileError
         raise ProfileError(f"unknown role {role!r} (roles: {', '.join(ROLES)})")
     if seccomp and role not in _filters:
         prepare()
@@ -78,6 +89,6 @@ def confine(role: str, *, seccomp: bool = True, thread: bool = False,
         reporter.set_thread_role(role)
     if not thread or not reporter.armed():
         reporter.arm(role, log_fd)
-    _seccomp.install(_filters[role])
+    _seccomp.install_program(_filters[role])
     if not thread:
         timeline.mark(f"{role} confined")

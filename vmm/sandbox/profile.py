@@ -9,38 +9,16 @@ rule says why its role needs it). Anything else is rejected with the path to it.
 """
 
 import json
-import os
-import sys
-import sysconfig
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import pyseccomp
+from .profile_dir import PROFILE_DIR, roles
 
-
-
-def _profile_dir() -> Path:
-    """$STRATOVIRT_SECCOMP_PROFILES, else the source tree's seccomp_profiles/ (editable
-    installs), else the copy a wheel installs under <prefix>/share/stratovirt-py/."""
-    if "STRATOVIRT_SECCOMP_PROFILES" in os.environ:
-        return Path(os.environ["STRATOVIRT_SECCOMP_PROFILES"])
-    source = Path(__file__).resolve().parents[2] / "seccomp_profiles"
-    if source.is_dir():
-        return source
-    installed = [Path(prefix) / "share" / "stratovirt-py" / "seccomp_profiles" for prefix in
-                 (sysconfig.get_path("data"), sys.prefix, "/usr/local")]
-    return next((path for path in installed if path.is_dir()), installed[0])
-
-
-PROFILE_DIR = _profile_dir()
-
-ACTIONS = {"SCMP_ACT_KILL_PROCESS": pyseccomp.KILL_PROCESS, "SCMP_ACT_KILL": pyseccomp.KILL,
-           "SCMP_ACT_KILL_THREAD": pyseccomp.KILL_THREAD, "SCMP_ACT_TRAP": pyseccomp.TRAP,
-           "SCMP_ACT_ERRNO": None, "SCMP_ACT_LOG": pyseccomp.LOG,
-           "SCMP_ACT_ALLOW": pyseccomp.ALLOW}
-OPS = {"SCMP_CMP_NE": pyseccomp.NE, "SCMP_CMP_LT": pyseccomp.LT, "SCMP_CMP_LE": pyseccomp.LE,
-       "SCMP_CMP_EQ": pyseccomp.EQ, "SCMP_CMP_GE": pyseccomp.GE, "SCMP_CMP_GT": pyseccomp.GT,
-       "SCMP_CMP_MASKED_EQ": pyseccomp.MASKED_EQ}
+# libseccomp's names; their values are pyseccomp's (seccomp.py), imported only to
+# compile a filter.
+ACTIONS = ("SCMP_ACT_KILL_PROCESS", "SCMP_ACT_KILL", "SCMP_ACT_KILL_THREAD", "SCMP_ACT_TRAP",
+           "SCMP_ACT_ERRNO", "SCMP_ACT_LOG", "SCMP_ACT_ALLOW")
+OPS = ("SCMP_CMP_NE", "SCMP_CMP_LT", "SCMP_CMP_LE", "SCMP_CMP_EQ", "SCMP_CMP_GE", "SCMP_CMP_GT",
+       "SCMP_CMP_MASKED_EQ")
 ARCH = "SCMP_ARCH_X86_64"
 _DOC_KEYS = {"comment", "defaultAction", "defaultErrnoRet", "architectures", "syscalls"}
 _RULE_KEYS = {"names", "action", "errnoRet", "args", "comment"}
@@ -81,10 +59,6 @@ class Profile:
         return {name for rule in self.rules for name in rule.names}
 
 
-def roles() -> list[str]:
-    return sorted(path.stem for path in PROFILE_DIR.glob("*.json"))
-
-
 def load(role: str) -> Profile:
     path = PROFILE_DIR / f"{role}.json"
     try:
@@ -115,6 +89,7 @@ def _rule(entry, where: str) -> Rule:
     names = entry.get("names")
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise ProfileError(f"{where}: names must be a non-empty list of syscall names")
+    import pyseccomp
     numbers = []
     for name in names:
         number = pyseccomp.resolve_syscall(pyseccomp.Arch.X86_64, name)

@@ -189,3 +189,18 @@ def test_round_trip_of_every_device_kind(pool):
                 "-netdev", "id=net1,netdev=tap1",
                 "-chardev", "id=con0,path=console.sock", "-device", "vsock,id=v0,guest-cid=3",
                 "-serial", "stdio", "-omit_vm_memory", "-api-channel", "unix:api.sock"])
+
+
+@SETTINGS
+@given(argv=argv_lists | valid_command_lines())
+def test_the_command_line_is_read_as_click_reads_it(argv):
+    """A command line without --help or --version is read without click (cmdline._values,
+    for start-up time); click, given the same words, returns the same values."""
+    from vmm.config import cmdline
+    try:
+        args = cmdline._prepare(argv)
+    except config.ConfigError:
+        return
+    values = cmdline._values(args)
+    assert values == cmdline.command().main(args=args, prog_name="stratovirt",
+                                            standalone_mode=False)

@@ -9,10 +9,7 @@ from dataclasses import dataclass
 
 from .cmdline import draft_from_options, parse_command_line
 from .errors import ConfigError
-from .jsonfile import read_config_file
-from .merge import merge
 from .model import MachineConfig
-from .render import to_json
 from .validate import build
 
 __all__ = ["ConfigError", "MachineConfig", "Invocation", "parse", "to_json"]
@@ -36,7 +33,15 @@ def parse(argv: list[str]) -> Invocation | int:
     notes: list[str] = []
     config_file = values.get("config")
     if config_file:
+        from .jsonfile import read_config_file      # only with -config (start-up time)
+        from .merge import merge
         draft, notes = merge(read_config_file(config_file[0]), command_line)
     else:
         draft = command_line
     return Invocation(build(draft), tuple(notes), print_config)
+
+
+def to_json(config: MachineConfig) -> str:
+    """The configuration as a -config JSON document (-print-config)."""
+    from .render import to_json
+    return to_json(config)

@@ -1,16 +1,19 @@
 """The command-line front end: StratoVirt's single-dash options -> Draft.
 
-click declares the options (and renders --help); two things click cannot express are
-done before it sees argv: `-append` takes every following word up to the next option
-(the seed's unquoted example), and an option directly followed by another option is
-reported as missing its value instead of swallowing that option.
+click declares the options and renders --help and --version; two things click cannot
+express are done before it sees argv: `-append` takes every following word up to the
+next option (the seed's unquoted example), and an option directly followed by another
+option is reported as missing its value instead of swallowing that option.
 Single-valued options are declared `multiple` so a repeated one is an error rather
 than a silent last-one-wins.
+
+That check (_prepare) leaves click nothing to find wrong: every word is a known option,
+its value or -append's words. So a command line without --help or --version is read
+into the values click would give without importing click (~15 ms of a VM's start,
+docs/performance.md); the two agree on every command line (tests/unit/test_cmdline.py).
 """
 
-import difflib
-
-import click
+import functools
 
 from .. import __version__
 from . import limits as L
@@ -110,7 +113,10 @@ def _dest(option: str) -> str:
     return option.lstrip("-").replace("-", "_")
 
 
-def _build_command() -> click.Command:
+@functools.cache
+def command():
+    """The click command (--help, --version), built on first use."""
+    import click
     params = [click.Option([opt, _dest(opt)], metavar=meta, help=text, multiple=True)
               for opt, (meta, text) in _VALUE_OPTIONS.items()]
     params += [click.Option([opt, _dest(opt)], is_flag=True, help=text)
@@ -126,15 +132,37 @@ def _build_command() -> click.Command:
     return command
 
 
-COMMAND = _build_command()
-
-
 def parse_command_line(argv: list[str]) -> tuple[dict, bool] | int:
     """argv (without the program name) -> (values, print_config), or an exit status
     when --help or --version answered by itself."""
     args = _prepare(argv)
+    if not any(arg in _HELP_OPTIONS or arg in _VERSION_OPTIONS for arg in args):
+        values = _values(args)
+        return values, bool(values.pop("print_config"))
+    return _with_click(args)
+
+
+def _values(args: list[str]) -> dict:
+    """What click's command returns for well-formed args (_prepare's) without --help or
+    --version: each value option's values as a tuple, each flag as a bool."""
+    values: dict = {_dest(option): () for option in _VALUE_OPTIONS}
+    values.update((_dest(flag), False) for flag in _FLAGS)
+    i = 0
+    while i < len(args):
+        option = args[i]
+        if option in _FLAGS:
+            values[_dest(option)] = True
+            i += 1
+        else:
+            values[_dest(option)] += (args[i + 1],)
+            i += 2
+    return values
+
+
+def _with_click(args: list[str]) -> tuple[dict, bool] | int:
+    import click
     try:
-        result = COMMAND.main(args=args, prog_name="stratovirt", standalone_mode=False)
+        result = command().main(args=args, prog_name="stratovirt", standalone_mode=False)
     except click.ClickException as error:
         raise ConfigError("command line", error.format_message(),
                           "see stratovirt --help") from None
@@ -180,6 +208,7 @@ def _prepare(argv: list[str]) -> list[str]:
 
 def _refuse_word(token: str):
     if token.startswith("-"):
+        import difflib
         close = difflib.get_close_matches(token, _KNOWN, n=1)
         hint = f"did you mean {close[0]}? " if close else ""
         raise ConfigError(token, "unknown option",

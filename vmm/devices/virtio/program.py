@@ -14,8 +14,6 @@ import socket
 import sys
 from typing import Callable
 
-import click
-
 from ...vhost_user.backend import Backend, Device
 from ...vhost_user.protocol import Connection, ProtocolError
 from .listener import listen_unix, remove_stale
@@ -49,6 +47,7 @@ def serve(device: Device, socket_path: str | None, fd: int | None,
         remove_stale(socket_path)
         listener = listen_unix(socket_path, 1)
     except OSError as error:
+        import click            # the stand-alone programs' (a VM's backends never listen)
         raise click.ClickException(f"--socket-path: {socket_path}: {error.strerror}") from None
     try:
         while True:

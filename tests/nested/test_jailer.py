@@ -37,7 +37,12 @@ def test_every_jailed_process_is_unprivileged_confined_and_limited(checks):
         assert process["seccomp"] == "2", process
     assert found["cgroup"] == {"memory.max": str(1 << 30), "pids.max": "64",
                                "cpu.max": "max 100000"}
-    assert found["in_cgroup"] == found["expected"]
+    assert set(found["expected"]) <= {int(pid) for pid in found["in_cgroup"]}, found
+    # Nothing else but KVM's own worker for the VM (kvm-nx-lpage-recovery-<pid>), a
+    # kernel thread the kernel puts in the cgroup of the process that made the VM.
+    others = {name for name in found["in_cgroup"].values()
+              if name not in names and not name.startswith("kvm-") and name != "(gone)"}
+    assert not others, found
 
 
 def test_the_seed_devices_work_jailed_and_a_disk_is_hot_plugged_from_the_jail(checks):

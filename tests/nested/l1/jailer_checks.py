@@ -102,6 +102,13 @@ def process_facts(pid: int) -> dict:
             "root": sorted(os.listdir(root))}
 
 
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "(gone)"
+
+
 def seed_jailed(extra_md5: str) -> None:
     cgroup = Path("/sys/fs/cgroup/stratovirt/seed")
     jail = BASE / "stratovirt" / "seed" / "root" / "run"
@@ -117,7 +124,7 @@ def seed_jailed(extra_md5: str) -> None:
         report("jailed_processes", processes=processes,
                cgroup={f: (cgroup / f).read_text().strip()
                        for f in ("memory.max", "pids.max", "cpu.max")},
-               in_cgroup=sorted(int(p) for p in (cgroup / "cgroup.procs").read_text().split()),
+               in_cgroup={p: _comm(int(p)) for p in (cgroup / "cgroup.procs").read_text().split()},
                expected=sorted(descendants(vm.process.pid)))
 
         lines, mounted = guest.run_now("mount /dev/vda /mnt && echo jailed-write > "

@@ -23,7 +23,10 @@ import click
 
 from vmm import daemon
 
-from . import cgroups, jail, syscalls
+from vmm._sigsys import lib
+from vmm.sandbox import namespaces
+
+from . import cgroups, jail
 from .spec import SpecError, build
 
 EXIT_USAGE = 2
@@ -114,7 +117,7 @@ def supervise(spec, host: jail.HostFacts) -> int:
         return _failed(readiness, str(error))
     report_read, report_write = os.pipe2(os.O_CLOEXEC)
     if spec.new_pid_ns:
-        syscalls.unshare(syscalls.CLONE_NEWPID)     # the next child is its PID 1
+        namespaces.unshare(lib.CLONE_NEWPID)     # the next child is its PID 1
     pid = os.fork()
     if pid == 0:
         os.close(report_read)

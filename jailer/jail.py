@@ -30,7 +30,10 @@ import prctl
 
 from vmm import config as vmm_config
 
-from . import cgroups, syscalls as sc
+from vmm._sigsys import lib
+from vmm.sandbox import namespaces as ns
+
+from . import cgroups
 from .spec import JailSpec
 
 # Device nodes, copied from the host's (same major:minor) and owned by uid:gid.
@@ -84,25 +87,27 @@ def enter(spec: JailSpec, host: HostFacts) -> None:
         resource.setrlimit(kind, (value, value))
     if spec.netns:
         fd = os.open(spec.netns, os.O_RDONLY | os.O_CLOEXEC)
-        sc.setns(fd, sc.CLONE_NEWNET)
+        ns.setns(fd, lib.CLONE_NEWNET)
         os.close(fd)
-    sc.unshare(sc.CLONE_NEWNS | sc.CLONE_NEWIPC | sc.CLONE_NEWUTS)
+    ns.unshare(lib.CLONE_NEWNS | lib.CLONE_NEWIPC | lib.CLONE_NEWUTS)
     socket.sethostname(spec.id)
     _pivot(spec)
     config = _vmm_config(spec)
     _devices(spec, host, nic=bool(config.nics))
     Path("/proc").mkdir(exist_ok=True)
-    sc.mount("proc", "/proc", "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC, PROC_OPTIONS)
+    ns.mount("proc", "/proc", "proc", lib.MS_NOSUID | lib.MS_NODEV | lib.MS_NOEXEC, PROC_OPTIONS)
     _drop_to(spec.uid, spec.gid, host.last_cap)
     os.execve(str(spec.exec_file), [spec.exec_file.name, *spec.vmm_args], {})
 
 
 def _pivot(spec: JailSpec) -> None:
     """The jail as the root of a mount namespace of its own: nothing the host mounts
-    later propagates in (slave), and the host's tree is detached once we stand in it."""
-    sc.mount(None, "/", None, sc.MS_REC | sc.MS_SLAVE)
+    later propagates in and nothing of ours propagates out (private: Firecracker's slave
+    would still let the host's later mounts under a bound directory reach the jail), and
+    the host's tree is detached once we stand in it."""
+    ns.mount(None, "/", None, lib.MS_REC | lib.MS_PRIVATE)
     root = str(spec.root)
-    sc.mount(root, root, None, sc.MS_BIND | sc.MS_REC)
+    ns.mount(root, root, None, lib.MS_BIND | lib.MS_REC)
     manifest = spec.manifest
     for path in manifest.directories:
         _bind(path, spec.root, directory=True)
@@ -117,10 +122,10 @@ def _pivot(spec: JailSpec) -> None:
         _bind(str(source), spec.root, directory=False, at=f"/{source.name}", writable=True)
     os.chdir(root)
     os.mkdir(OLD_ROOT, 0o700)
-    sc.pivot_root(".", OLD_ROOT)
+    ns.pivot_root(".", OLD_ROOT)
     os.chroot(".")
     os.chdir("/")
-    sc.umount2(f"/{OLD_ROOT}", sc.MNT_DETACH)
+    ns.umount2(f"/{OLD_ROOT}", lib.MNT_DETACH)
     os.rmdir(f"/{OLD_ROOT}")
 
 
@@ -138,11 +143,11 @@ def _bind(source: str, root: Path, directory: bool, at: str | None = None,
         target.mkdir(exist_ok=True)
     elif not target.exists():
         target.touch()
-    sc.mount(source, str(target), None, sc.MS_BIND | sc.MS_REC)
-    flags = sc.MS_BIND | sc.MS_REMOUNT | sc.MS_NOSUID | sc.MS_NODEV
+    ns.mount(source, str(target), None, lib.MS_BIND | lib.MS_REC)
+    flags = lib.MS_BIND | lib.MS_REMOUNT | lib.MS_NOSUID | lib.MS_NODEV
     if not writable:
-        flags |= sc.MS_RDONLY
-    sc.mount(None, str(target), None, flags)
+        flags |= lib.MS_RDONLY
+    ns.mount(None, str(target), None, flags)
 
 
 def _vmm_config(spec: JailSpec):

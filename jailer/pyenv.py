@@ -5,8 +5,8 @@ Why bind mounts of exactly what is needed (and not "import everything, then jail
 ourselves"): the VMM then starts as a fresh process by execve, as Firecracker's does,
 with no memory of the jailer's privileges, and it may import lazily as it always does.
 What it needs is found by asking its own interpreter, not by a list kept by hand: a
-probe runs the exec file's interpreter, imports what the VMM imports to start a VM, and
-reports
+probe runs the exec file's interpreter, imports every module of the VMM (a lazy import
+must find its shared libraries too), and reports
 - the interpreter's prefix (the venv: site-packages, the console scripts, pyvenv.cfg),
   the standard library, and the directory of any top-level package imported from
   elsewhere (an editable install's source tree: only its package directories, never the
@@ -31,8 +31,13 @@ LDCONFIG = "/sbin/ldconfig"
 LD_CACHE = "/etc/ld.so.cache"
 
 PROBE = r"""
-import json, os, sys, sysconfig
-import vmm.cli, vmm.launcher
+import importlib, json, os, pkgutil, sys, sysconfig
+import vmm
+# Every module of the VMM, not only what starting a VM imports: a lazy import (a backend's
+# native module, the broker's) would otherwise find its shared library missing in the jail.
+for found in pkgutil.walk_packages(vmm.__path__, "vmm."):
+    if not found.name.endswith("__main__"):
+        importlib.import_module(found.name)
 import pyseccomp  # imported by the VMM only to compile a filter it finds in no cache
 from vmm.sandbox import profile
 maps = set()

@@ -56,13 +56,13 @@ A step that fails raises EmptyRootError with one line naming it and the reason; 
 backend ends with that line in the log (vmm/children.py) and never runs unjailed.
 """
 
-import ctypes
 import errno
 import functools
 import logging
 import os
 
 from .._sigsys import lib
+from . import namespaces
 
 UNSHARE = lib.CLONE_NEWUSER | lib.CLONE_NEWNS | lib.CLONE_NEWIPC
 PRIVATE = lib.MS_REC | lib.MS_PRIVATE
@@ -75,13 +75,6 @@ MOUNT_ON = "/proc"
 TMPFS_OPTIONS = "size=4k,nr_inodes=64,mode=0755"
 DIRECTORY_MODE = 0o755
 log = logging.getLogger(__name__)
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.unshare.argtypes = [ctypes.c_int]
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                        ctypes.c_char_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-_libc.syscall.restype = ctypes.c_long
 
 # Why unshare may fail, by errno.
 _UNSHARE_HINTS = {
@@ -119,16 +112,17 @@ def enter(reach: str | None = None) -> None:
         raise EmptyRootError(f"cannot enter an empty root holding {reach!r}: not an "
                              "absolute, normalized directory")
     uid, gid = _ids()
-    if _libc.unshare(UNSHARE) != 0:
-        number = ctypes.get_errno()
-        hint = _UNSHARE_HINTS.get(number)
+    try:
+        namespaces.unshare(UNSHARE)
+    except OSError as error:
+        hint = _UNSHARE_HINTS.get(error.errno)
         raise EmptyRootError("cannot enter an empty root: unshare(CLONE_NEWUSER|CLONE_NEWNS|"
-                             f"CLONE_NEWIPC): {os.strerror(number)}" +
-                             (f" ({hint})" if hint else ""))
+                             f"CLONE_NEWIPC): {os.strerror(error.errno)}" +
+                             (f" ({hint})" if hint else "")) from None
     _step("setgroups deny", lambda: _write("/proc/self/setgroups", "deny"))
     _step("uid_map", lambda: _write("/proc/self/uid_map", f"{uid} {uid} 1"))
     _step("gid_map", lambda: _write("/proc/self/gid_map", f"{gid} {gid} 1"))
-    _step("making its mounts private", lambda: _mount(None, "/", None, PRIVATE))
+    _step("making its mounts private", lambda: namespaces.mount(None, "/", None, PRIVATE))
     if reach == "/":
         # The directory it must reach is its root already: nothing can be hidden
         # (an api-channel at the top of a jail, not in the /run the jailer makes).
@@ -136,13 +130,14 @@ def enter(reach: str | None = None) -> None:
                     "a directory of its own would give it an empty root)")
         return
     _step(f"a tmpfs on {MOUNT_ON}",
-          lambda: _mount("tmpfs", MOUNT_ON, "tmpfs", TMPFS, TMPFS_OPTIONS))
+          lambda: namespaces.mount("tmpfs", MOUNT_ON, "tmpfs", TMPFS, TMPFS_OPTIONS))
     if reach is not None:
         _step(f"bind-mounting {reach}", lambda: _bind(reach))
-    _step("remounting the tmpfs read-only", lambda: _mount(None, MOUNT_ON, None, READ_ONLY))
+    _step("remounting the tmpfs read-only",
+          lambda: namespaces.mount(None, MOUNT_ON, None, READ_ONLY))
     _step(f"chdir {MOUNT_ON}", lambda: os.chdir(MOUNT_ON))
-    _step("pivot_root", lambda: _check(_libc.syscall(lib.SYS_pivot_root, b".", b".")))
-    _step("detaching the old root", lambda: _check(_libc.umount2(b".", lib.MNT_DETACH)))
+    _step("pivot_root", lambda: namespaces.pivot_root(".", "."))
+    _step("detaching the old root", lambda: namespaces.umount2(".", lib.MNT_DETACH))
     _step("chdir /", lambda: os.chdir("/"))
 
 
@@ -152,18 +147,6 @@ def _step(what: str, action) -> None:
     except OSError as error:
         raise EmptyRootError(f"cannot enter an empty root: {what}: "
                              f"{os.strerror(error.errno)}") from None
-
-
-def _check(result: int) -> None:
-    if result != 0:
-        number = ctypes.get_errno()
-        raise OSError(number, os.strerror(number))
-
-
-def _mount(source: str | None, target: str, fstype: str | None, flags: int,
-           data: str | None = None) -> None:
-    encode = (lambda s: None if s is None else os.fsencode(s))
-    _check(_libc.mount(encode(source), encode(target), encode(fstype), flags, encode(data)))
 
 
 def _write(path: str, text: str) -> None:
@@ -182,4 +165,4 @@ def _bind(reach: str) -> None:
     for part in reach.strip("/").split("/"):
         target = f"{target}/{part}"
         os.mkdir(target, DIRECTORY_MODE)
-    _mount(reach, target, None, BIND)
+    namespaces.mount(reach, target, None, BIND)

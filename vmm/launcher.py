@@ -10,9 +10,20 @@ that dies is forked again as the restart policy says (vmm/restart.py), and the v
 process gets its new socket with a "restarted" event.
 Whatever happens, the sockets and pidfile it created are removed
 and the terminal restored before it exits with the VM's status.
+
+Start-up order (docs/performance.md): the vm process is forked first, right after
+/dev/kvm is opened and the filters are ready, and imports what only it needs (the
+machine, QMP, hot-plug) while the launcher imports what only it needs (the boot loader,
+the devices' backends, the broker), creates guest RAM, loads the kernel and forks the
+backends; then one "start" message gives the vm process guest RAM, the api-channel's
+socket, the boot entry and each device's slot and connection. So the two halves of the
+imports run on two CPUs at once, and neither process holds the other's modules.
 """
 
+from __future__ import annotations
+
 import functools
+import gc
 import logging
 import os
 import select
@@ -25,20 +36,10 @@ import tty
 from pathlib import Path
 
 from . import children, control, daemon, layout, sandbox, timeline, vm_process
-from .broker import Broker
-from .restart import RestartPolicy
-from .boot import loader
-from .boot.kernel import BadKernel
 from .config.errors import one_line
 from .config.model import MachineConfig
-from .devices.virtio.attach import Attached, AttachError
-from .devices.virtio.block import attach as block_attach
-from .devices.virtio.console import attach as console_attach
-from .devices.virtio.net import attach as net_attach
-from .devices.virtio.vsock import attach as vsock_attach
 from .log import setup as setup_logging
 from .machine.kvm import KVM_PATH, open_kvm
-from .machine.memory import GuestMemory, create_memfd
 
 log = logging.getLogger(__name__)
 EXIT_FAILURE = 1
@@ -117,6 +118,21 @@ def _launch(config: MachineConfig, cleanup: _Cleanup, readiness, inherited: set[
     except OSError as error:
         raise LaunchError(f"{KVM_PATH}: {error.strerror}; load the kvm module and run "
                           "as a user who may open it") from None
+    if config.seccomp:
+        sandbox.prepare()       # once, before any fork: every child finds its filter ready
+    ours, theirs = control.channel_pair()
+    vm = children.spawn("vmm-vm", "vm", [kvm_fd, theirs.fileno()], functools.partial(
+        vm_process.main, config, kvm_fd, theirs), stdin=True)
+    cleanup.children.append(vm)
+    theirs.close()
+    os.close(kvm_fd)
+
+    # Only now what the launcher alone needs (the vm process imports its own meanwhile).
+    from .boot import loader
+    from .boot.kernel import BadKernel
+    from .broker import Broker
+    from .machine.memory import GuestMemory, create_memfd
+    from .restart import RestartPolicy
     memory = GuestMemory(create_memfd(config.machine.mem_size), config.machine.mem_size,
                          dont_dump=config.machine.omit_vm_memory)
     try:
@@ -125,8 +141,6 @@ def _launch(config: MachineConfig, cleanup: _Cleanup, readiness, inherited: set[
         raise LaunchError(f"loading the kernel: {error}") from None
     timeline.mark("memfd and kernel loaded")
 
-    if config.seccomp:
-        sandbox.prepare()       # once, before any fork: every child finds its filter ready
     listener = _bind(config.api_channel, cleanup)
     if config.pidfile:
         try:
@@ -139,16 +153,12 @@ def _launch(config: MachineConfig, cleanup: _Cleanup, readiness, inherited: set[
         cleanup.terminal = (0, termios.tcgetattr(0))
         _raw_terminal(0)
 
-    ours, theirs = control.channel_pair()
-    devices = [(a.slot, a.connection) for a in attached]
-    keep = [kvm_fd, memory.fd, listener.fileno(), theirs.fileno()] + \
-        [a.connection.fileno() for a in attached]
-    vm = children.spawn("vmm-vm", "vm", keep, functools.partial(
-        vm_process.main, config, kvm_fd, memory, entry, listener, theirs, devices), stdin=True)
-    cleanup.children.append(vm)
-    theirs.close()
+    try:
+        control.send(ours, vm_process.start_message(entry, [a.slot for a in attached]),
+                     (memory.fd, listener.fileno(), *(a.connection.fileno() for a in attached)))
+    except OSError as error:        # it died before: _supervise reaps it and says how
+        log.warning("vm process: its start was not delivered: %s", error)
     listener.close()
-    os.close(kvm_fd)
     for a in attached:
         a.connection.close()
     log.info("vm process %d started", vm.pid)
@@ -161,6 +171,11 @@ def _attach_devices(config: MachineConfig, memory: GuestMemory,
                     cleanup: _Cleanup) -> list[Attached]:
     """One backend process per device, in slot order (disks fill slots 0..5, NICs 6
     and 7, then the console and vsock)."""
+    from .devices.virtio.attach import AttachError
+    from .devices.virtio.block import attach as block_attach
+    from .devices.virtio.console import attach as console_attach
+    from .devices.virtio.net import attach as net_attach
+    from .devices.virtio.vsock import attach as vsock_attach
     attached = []
     try:
         for index, drive in enumerate(config.drives):
@@ -215,10 +230,13 @@ def _raw_terminal(fd: int) -> None:
 
 def _supervise(vm: children.Child, channel: socket.socket, readiness, broker: Broker,
                cleanup: _Cleanup, seccomp: bool, policy: RestartPolicy) -> int:
+    from .devices.virtio.attach import AttachError
     # From here the launcher waits, signals, cleans up, and brokers (vmm/broker.py):
     # its filter allows no more than that and what the backends it forks need before
     # they install their own.
     sandbox.confine("launcher", seccomp=seccomp)
+    gc.freeze()             # the start-up's objects stay shared with the children
+    gc.enable()
 
     def forward(number, frame):
         log.info("signal %d: shutting the VM down", number)

@@ -1,11 +1,20 @@
 """The vm process: the KVM VM, its vCPU threads, the legacy devices and the QMP server.
 
-Forked by the launcher with everything already open (the KVM fd, guest RAM loaded with
-the boot image, the bound api-channel socket); it tells the launcher over the control
-channel when the VM runs and how it ended, asks it for what hot-plug needs (it opens no
-host file itself: vmm/broker.py), and exits with the VM's status.
+Forked by the launcher first thing, with the KVM fd and its end of the control channel
+(vmm/launcher.py, "Start-up order"). It imports what it needs while the launcher
+prepares the rest, then waits for the launcher's one "start" message: guest RAM loaded
+with the boot image, the bound api-channel socket, the boot entry, and each device's
+slot and vhost-user connection. It tells the launcher over the control channel when the
+VM runs and how it ended, asks it for what hot-plug needs (it opens no host file
+itself: vmm/broker.py), and exits with the VM's status.
+
+This module is imported by the launcher, so it imports nothing at the top that only
+the vm process uses: main() does, in the vm process.
 """
 
+from __future__ import annotations
+
+import dataclasses
 import logging
 import os
 import signal
@@ -13,27 +22,51 @@ import socket
 import threading
 
 from . import control, sandbox, timeline
-from .boot.loader import BootEntry
-from .hotplug import Hotplug
 from .config.model import MachineConfig
-from .devices.virtio.attach import Slot
-from .devices.virtio.mmio import DeviceError
-from .machine.memory import GuestMemory
-from .machine.vcpu import KICK_SIGNAL
-from .machine.vm import Machine
-from .qmp.server import QmpServer
 
 log = logging.getLogger(__name__)
 
 
-def main(config: MachineConfig, kvm_fd: int, memory: GuestMemory, entry: BootEntry,
-         api_listener: socket.socket, channel: socket.socket,
-         devices: list[tuple[Slot, socket.socket]]) -> int:
+def start_message(entry, slots) -> dict:
+    """What the launcher sends once guest RAM, the api-channel and the backends are
+    ready; their fds ride along, in this order: guest RAM, the api-channel's listening
+    socket, then one connection per slot."""
+    return {"event": "start", "entry": dataclasses.astuple(entry),
+            "slots": [dataclasses.asdict(slot) for slot in slots]}
+
+
+def main(config: MachineConfig, kvm_fd: int, channel: socket.socket) -> int:
     """Runs in the child the launcher forked (vmm/children.py: name, role, PDEATHSIG
     and the fds it may hold are already set)."""
+    from .boot.loader import BootEntry
+    from .devices.virtio.attach import Slot
+    from .devices.virtio.mmio import DeviceError
+    from .hotplug import Hotplug
+    from .machine.memory import GuestMemory
+    from .machine.vcpu import KICK_SIGNAL
+    from .machine.vm import Machine
+    from .qmp.server import QmpServer
+    timeline.mark("vm process imported its modules")
+
     signal.signal(KICK_SIGNAL, lambda *_: None)
+    received = control.receive(channel)
+    if received is None:
+        return 1                    # the launcher failed before the start; it says why
+    message, fds = received
+    slots = message["slots"]
+    if message.get("event") != "start" or len(fds) != 2 + len(slots):
+        for fd in fds:
+            os.close(fd)
+        raise control.ControlError(f"expected the start message, got {message!r}")
+    timeline.mark("start message received")
+    memory = GuestMemory(fds[0], config.machine.mem_size,
+                         dont_dump=config.machine.omit_vm_memory)
+    api_listener = socket.socket(fileno=fds[1])
+    devices = [(Slot(**{key: tuple(value) if isinstance(value, list) else value
+                        for key, value in slot.items()}), socket.socket(fileno=fd))
+               for slot, fd in zip(slots, fds[2:])]
     try:
-        machine = Machine(config, kvm_fd, memory, entry,
+        machine = Machine(config, kvm_fd, memory, BootEntry(*message["entry"]),
                           serial_output=1 if config.serial_stdio else None, devices=devices)
     except OSError as error:
         control.send(channel, {"event": "error", "message": f"KVM: {error.strerror}"})
@@ -67,7 +100,7 @@ def main(config: MachineConfig, kvm_fd: int, memory: GuestMemory, entry: BootEnt
     return outcome.status
 
 
-def _pump_stdin(serial, stop: threading.Event) -> None:
+def _pump_stdin(serial, stop) -> None:
     """stdin -> the UART's receive FIFO, until EOF."""
     while not stop.is_set():
         try:

@@ -5,15 +5,6 @@ from . import timeline  # first: its import is the timeline's "process start"
 import gc
 import sys
 
-# No collection while the VMM starts: its imports allocate objects by the hundred
-# thousand and none of them is garbage; collecting would cost ~6 ms of the start. The
-# launcher freezes what it has before each fork (vmm/children.py) and collects again
-# once it supervises.
-gc.disable()
-
-from . import config
-from .config import ConfigError
-
 EXIT_CONFIG = 2
 EXIT_INTERRUPTED = 130
 
@@ -23,9 +14,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["seccomp"]:      # the auditor's subcommands (vmm/sandbox/audit.py)
         from .sandbox import audit
         return audit.main(argv[1:])
+    from . import config             # here, after run() has stopped the collector
     try:
         invocation = config.parse(argv)
-    except ConfigError as error:
+    except config.ConfigError as error:
         print(f"stratovirt: error: {error}", file=sys.stderr)
         return EXIT_CONFIG
     if isinstance(invocation, int):
@@ -44,4 +36,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
+    """The program (the console script, python -m vmm)."""
+    if sys.argv[1:2] != ["seccomp"]:
+        # No collection while the VMM starts: its imports allocate objects by the
+        # hundred thousand and none of them is garbage; collecting would cost ~6 ms of
+        # the start. The launcher freezes what it has before each fork (vmm/children.py)
+        # and collects again once it supervises; a run that ends sooner (an error,
+        # -print-config, --help) never needs to.
+        gc.disable()
     sys.exit(main())

@@ -10,7 +10,6 @@ that is bound but not yet listening.
 
 import errno
 import os
-import secrets
 import socket
 import stat
 
@@ -20,8 +19,9 @@ SUN_PATH_MAX = 107
 def listen_unix(path: str, backlog: int = 16, private: bool = False) -> socket.socket:
     """private: mode 0600 from the start (bound under umask 0177: no other user can
     connect in between). OSError as bind raises it (EADDRINUSE when the path exists)."""
+    # os.urandom, as secrets.token_hex is, without secrets' import of OpenSSL (hashlib).
     temporary = os.path.join(os.path.dirname(os.path.abspath(path)),
-                             f".bind-{os.getpid()}-{secrets.token_hex(4)}")
+                             f".bind-{os.getpid()}-{os.urandom(4).hex()}")
     if len(os.fsencode(temporary)) > SUN_PATH_MAX:
         temporary = None                     # no room: bind the path itself
     if os.path.lexists(path):

@@ -27,7 +27,7 @@
  *   Reserved flag bits, or UNMAP on a discard: UNSUPP (the spec's MUST). A segment of
  *   0 sectors does nothing.
  *
- * I/O: preadv/pwritev straight between the disk fd and the guest's buffers. With
+ * I/O: straight between the disk fd and the guest's buffers. With
  * O_DIRECT that needs every buffer address aligned to mem_align and every length and
  * the offset to block_size (the file system's DIO alignment, blk_dio_alignment);
  * when a request is not, it goes through the worker's aligned bounce buffer in chunks,
@@ -43,8 +43,24 @@
  * refuses both, writes zeroes through the bounce buffer. Refusals (EOPNOTSUPP) are
  * remembered per worker so they cost one system call, not one per request.
  *
+ * Engines (blk_pump, blk_serve): with one, a queue keeps up to BLK_DEPTH reads, writes
+ * and flushes in flight (io_uring READV/WRITEV/FSYNC on the registered disk fd, or Linux
+ * AIO PREADV/PWRITEV/FDSYNC), each in a slot that holds its head, its status byte's
+ * address and its own iovecs until it completes; they complete in whatever order the
+ * disk finishes them. Everything else (GET_ID, DISCARD, WRITE_ZEROES, errors, O_DIRECT
+ * requests that must bounce, requests of more than BLK_SLOT_IOVS buffers) runs inline
+ * as before. A short transfer is finished inline (preadv/pwritev); a failed one is
+ * IOERR. Nothing that was popped is dropped: a ring that breaks, or a stop, first waits
+ * for every request in flight (blk_drain) and completes it; the guest's memory stays
+ * mapped until then (the backend stops its rings before it unmaps RAM).
+ *
+ * Partial blocks (read-modify-write through the bounce buffer) are written under one
+ * process-wide lock: two queues writing different sectors of one block cannot lose
+ * each other's. Linux guests never send such requests (blk_size tells them the block).
+ *
  * Completions: each chain's used element is written as it completes; used->idx is
- * published once per blk_process call, and the interrupt decision is taken once.
+ * published once per blk_process or blk_pump call, whatever number completed, and the
+ * interrupt decision is taken once.
  */
 #define _GNU_SOURCE
 #include "blkio.h"
@@ -54,14 +70,21 @@
 #include <linux/falloc.h>
 #include <linux/fs.h>
 #include <poll.h>
+#include <pthread.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #define HEADER_BYTES 16
 #define DWZ_BYTES    16
 #define MAX_CAPACITY (UINT64_C(1) << 54)     /* sectors: byte offsets fit in off_t */
+#define PENDING      (-1)                    /* request(): the engine has it */
+
+static pthread_mutex_t rmw_lock = PTHREAD_MUTEX_INITIALIZER;
 
 /* A read position in a range of a chain's segments. */
 struct cursor {
@@ -204,10 +227,28 @@ static int bounce_read(const struct blk_disk *d, struct blk_worker *w, struct cu
     return 0;
 }
 
+static int bounce_write_blocks(const struct blk_disk *d, struct blk_worker *w,
+                               struct cursor *data, uint64_t off, uint64_t len);
+
 /* The guest buffers at `data` (zeroes when data is NULL) to [off, off + len) of the
- * disk, through the bounce buffer; partial blocks at the ends are read first. */
+ * disk, through the bounce buffer; partial blocks at the ends are read first, under
+ * rmw_lock (another queue may be writing another part of the same block). */
 static int bounce_write(const struct blk_disk *d, struct blk_worker *w, struct cursor *data,
                         uint64_t off, uint64_t len)
+{
+    uint64_t align = io_align(d);
+    int rc;
+
+    if (!((off | len) & (align - 1)))
+        return bounce_write_blocks(d, w, data, off, len);
+    pthread_mutex_lock(&rmw_lock);
+    rc = bounce_write_blocks(d, w, data, off, len);
+    pthread_mutex_unlock(&rmw_lock);
+    return rc;
+}
+
+static int bounce_write_blocks(const struct blk_disk *d, struct blk_worker *w,
+                               struct cursor *data, uint64_t off, uint64_t len)
 {
     uint64_t align = io_align(d), end = off + len, pos;
     uint64_t last = (end + align - 1) & ~(align - 1);
@@ -345,8 +386,13 @@ static uint8_t discard_write_zeroes(const struct blk_disk *d, struct blk_worker 
     return BLK_S_OK;
 }
 
-/* Executes the chain in w->chain; the number of bytes written into it. */
-static uint32_t request(const struct blk_disk *d, struct blk_worker *w)
+static int start(const struct blk_disk *d, struct blk_worker *w, struct blk_engine *e,
+                 uint16_t type, struct cursor data, uint64_t off, uint64_t len,
+                 uint8_t *status, uint32_t written);
+
+/* Executes the chain in w->chain, or starts it on the engine e (NULL: none); the number
+ * of bytes written into it, or PENDING when the engine has it. */
+static int64_t request(const struct blk_disk *d, struct blk_worker *w, struct blk_engine *e)
 {
     const struct vq_chain *c = &w->chain;
     const struct vq_seg *last;
@@ -377,6 +423,9 @@ static uint32_t request(const struct blk_disk *d, struct blk_worker *w)
             s = BLK_S_IOERR;
             break;
         }
+        if (e && start(d, w, e, BLK_T_IN, out, sector * BLK_SECTOR, wdata, status,
+                       (uint32_t)(wdata + 1)))
+            return PENDING;
         s = transfer(d, w, 0, out, sector * BLK_SECTOR, wdata) ? BLK_S_IOERR : BLK_S_OK;
         if (s == BLK_S_OK)
             written = (uint32_t)(wdata + 1);       /* a whole number of sectors + 1 < 2^32 */
@@ -387,9 +436,13 @@ static uint32_t request(const struct blk_disk *d, struct blk_worker *w)
             s = BLK_S_IOERR;
             break;
         }
+        if (e && start(d, w, e, BLK_T_OUT, in, sector * BLK_SECTOR, rdata, status, 1))
+            return PENDING;
         s = transfer(d, w, 1, in, sector * BLK_SECTOR, rdata) ? BLK_S_IOERR : BLK_S_OK;
         break;
     case BLK_T_FLUSH:
+        if (e && start(d, w, e, BLK_T_FLUSH, in, 0, 0, status, 1))
+            return PENDING;
         s = fdatasync(d->fd) ? BLK_S_IOERR : BLK_S_OK;
         break;
     case BLK_T_GET_ID: {
@@ -430,7 +483,7 @@ int blk_process(struct vq *q, const struct blk_disk *d, struct blk_worker *w,
         rc = vq_pop(q, &w->chain);
         if (rc <= 0)
             break;
-        vq_add_used(q, w->chain.head, request(d, w));
+        vq_add_used(q, w->chain.head, (uint32_t)request(d, w, NULL));
         w->requests++;
         done++;
     }
@@ -441,36 +494,569 @@ int blk_process(struct vq *q, const struct blk_disk *d, struct blk_worker *w,
     return (done && vq_needs_interrupt(q) ? BLK_NOTIFY : 0) | (more ? BLK_MORE : 0);
 }
 
+/* ---- engines ---------------------------------------------------------------------- */
+
+int blk_have_io_uring(void)
+{
+#ifdef BLK_NO_IO_URING
+    return 0;
+#else
+    return 1;
+#endif
+}
+
+static long sys_io_setup(unsigned nr, aio_context_t *ctx)
+{
+    return syscall(SYS_io_setup, nr, ctx);
+}
+
+static long sys_io_destroy(aio_context_t ctx)
+{
+    return syscall(SYS_io_destroy, ctx);
+}
+
+static long sys_io_submit(aio_context_t ctx, long n, struct iocb **iocbs)
+{
+    return syscall(SYS_io_submit, ctx, n, iocbs);
+}
+
+static long sys_io_getevents(aio_context_t ctx, long min, long max, struct io_event *events,
+                             struct timespec *timeout)
+{
+    return syscall(SYS_io_getevents, ctx, min, max, events, timeout);
+}
+
+static void engine_reset(struct blk_engine *e, uint32_t depth)
+{
+    uint32_t i;
+
+    e->depth = depth;
+    e->queued = e->inflight = 0;
+    e->nfree = depth;
+    for (i = 0; i < depth; i++)
+        e->free[i] = (uint16_t)(depth - 1 - i);        /* slot 0 is used first */
+}
+
+#ifndef BLK_NO_IO_URING
+/* io_uring_register(2) itself: liburing 2.3 as Debian ships it does not export its
+ * restriction and enable wrappers, and its file registration may raise RLIMIT_NOFILE. */
+static int uring_register(struct io_uring *ring, unsigned op, const void *arg, unsigned n)
+{
+    long rc = syscall(__NR_io_uring_register, ring->ring_fd, op, arg, n);
+
+    return rc < 0 ? -errno : (int)rc;
+}
+
+static int uring_init(struct blk_engine *e, uint32_t depth)
+{
+    struct io_uring_params p;
+    struct io_uring_restriction r[5];
+    int rc;
+
+    memset(&p, 0, sizeof p);
+    /* Disabled until restricted: no submission can happen before the rules hold. */
+    p.flags = IORING_SETUP_R_DISABLED;
+    rc = io_uring_queue_init_params(depth, &e->ring, &p);
+    if (rc < 0)
+        return rc;
+    rc = uring_register(&e->ring, IORING_REGISTER_FILES, &e->disk_fd, 1);
+    if (rc >= 0) {
+        memset(r, 0, sizeof r);
+        r[0].opcode = IORING_RESTRICTION_SQE_OP;
+        r[0].sqe_op = IORING_OP_READV;
+        r[1].opcode = IORING_RESTRICTION_SQE_OP;
+        r[1].sqe_op = IORING_OP_WRITEV;
+        r[2].opcode = IORING_RESTRICTION_SQE_OP;
+        r[2].sqe_op = IORING_OP_FSYNC;
+        /* Every SQE names the registered file (index 0: the disk), and nothing else
+         * may be asked (no links, no async punts by request, no buffer selection). */
+        r[3].opcode = IORING_RESTRICTION_SQE_FLAGS_ALLOWED;
+        r[3].sqe_flags = IOSQE_FIXED_FILE;
+        r[4].opcode = IORING_RESTRICTION_SQE_FLAGS_REQUIRED;
+        r[4].sqe_flags = IOSQE_FIXED_FILE;
+        /* No IORING_RESTRICTION_REGISTER_OP: once enabled, every io_uring_register
+         * opcode is refused (EACCES), so the file table and the rules are fixed. */
+        rc = uring_register(&e->ring, IORING_REGISTER_RESTRICTIONS, r, 5);
+    }
+    if (rc >= 0)
+        rc = uring_register(&e->ring, IORING_REGISTER_ENABLE_RINGS, NULL, 0);
+    if (rc < 0) {
+        io_uring_queue_exit(&e->ring);
+        return rc;
+    }
+    /* CQ overflow cannot happen: the CQ has twice the SQ's entries and at most depth
+     * requests are in flight. */
+    e->fd = e->ring.ring_fd;
+    return 0;
+}
+#endif
+
+static int aio_init(struct blk_engine *e, uint32_t depth)
+{
+    int rc;
+
+    e->aio = 0;
+    if (sys_io_setup(depth, &e->aio) < 0)
+        return -errno;
+    e->fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (e->fd < 0) {
+        rc = -errno;
+        sys_io_destroy(e->aio);
+        return rc;
+    }
+    return 0;
+}
+
+int blk_engine_init(struct blk_engine *e, const struct blk_disk *d, int kind, uint32_t depth)
+{
+    int rc;
+
+    e->kind = BLK_ENGINE_INLINE;
+    e->fd = -1;
+    e->error = 0;
+    e->disk_fd = d->fd;
+    if (depth < 1 || depth > BLK_DEPTH)
+        return -EINVAL;
+    engine_reset(e, depth);
+    if (kind == BLK_ENGINE_IO_URING) {
+#ifdef BLK_NO_IO_URING
+        rc = -ENOSYS;
+#else
+        rc = uring_init(e, depth);
+#endif
+    } else if (kind == BLK_ENGINE_AIO) {
+        rc = aio_init(e, depth);
+    } else {
+        rc = -EINVAL;
+    }
+    if (rc < 0) {
+        e->fd = -1;
+        e->error = -rc;
+        return rc;
+    }
+    e->kind = kind;
+    return 0;
+}
+
+void blk_engine_close(struct blk_engine *e)
+{
+#ifndef BLK_NO_IO_URING
+    if (e->kind == BLK_ENGINE_IO_URING)
+        io_uring_queue_exit(&e->ring);
+#endif
+    if (e->kind == BLK_ENGINE_AIO) {
+        sys_io_destroy(e->aio);
+        close(e->fd);
+    }
+    e->kind = BLK_ENGINE_INLINE;
+    e->fd = -1;
+}
+
+/* Takes a free slot for the request, or says the engine cannot take it (0: run it
+ * inline). The data's iovecs are the slot's own, kept until the request completes. */
+static int start(const struct blk_disk *d, struct blk_worker *w, struct blk_engine *e,
+                 uint16_t type, struct cursor data, uint64_t off, uint64_t len,
+                 uint8_t *status, uint32_t written)
+{
+    struct blk_slot *s;
+    uint16_t i;
+    uint32_t count = 0;
+
+    if (e->kind == BLK_ENGINE_INLINE || e->nfree == 0)
+        return 0;
+    i = e->free[e->nfree - 1];
+    if (type != BLK_T_FLUSH) {
+        if (len == 0 || data.end - data.seg > BLK_SLOT_IOVS)
+            return 0;
+        count = (uint32_t)cursor_iov(&data, len, e->iov[i]);
+        if (d->direct && !dio_aligned(d, e->iov[i], (int)count, off))
+            return 0;                    /* through the bounce buffer, inline */
+    }
+    s = &e->slot[i];
+    s->head = w->chain.head;
+    s->type = type;
+    s->niov = count;
+    s->written = written;
+    s->status = status;
+    s->off = off;
+    s->len = len;
+#ifndef BLK_NO_IO_URING
+    if (e->kind == BLK_ENGINE_IO_URING) {
+        /* At most depth slots are busy, so the SQ (depth entries) has room. */
+        struct io_uring_sqe *sqe = io_uring_get_sqe(&e->ring);
+
+        if (!sqe)
+            return 0;
+        if (type == BLK_T_FLUSH)
+            io_uring_prep_fsync(sqe, 0, IORING_FSYNC_DATASYNC);
+        else if (type == BLK_T_IN)
+            io_uring_prep_readv(sqe, 0, e->iov[i], count, off);
+        else
+            io_uring_prep_writev(sqe, 0, e->iov[i], count, off);
+        sqe->flags |= IOSQE_FIXED_FILE;          /* index 0 of the registered files */
+        sqe->user_data = i;
+    }
+#endif
+    if (e->kind == BLK_ENGINE_AIO) {
+        struct iocb *cb = &e->iocb[i];
+
+        memset(cb, 0, sizeof *cb);
+        cb->aio_data = i;
+        cb->aio_fildes = (uint32_t)e->disk_fd;
+        cb->aio_lio_opcode = type == BLK_T_FLUSH ? IOCB_CMD_FDSYNC
+                           : type == BLK_T_IN ? IOCB_CMD_PREADV : IOCB_CMD_PWRITEV;
+        cb->aio_buf = (uint64_t)(uintptr_t)e->iov[i];
+        cb->aio_nbytes = count;
+        cb->aio_offset = (int64_t)off;
+        cb->aio_flags = IOCB_FLAG_RESFD;
+        cb->aio_resfd = (uint32_t)e->fd;
+        e->submit[e->queued] = cb;
+    }
+    e->nfree--;
+    e->queued++;
+    e->started++;
+    return 1;
+}
+
+/* The end of slot i's request with result res (bytes, or -errno): the status byte, its
+ * used element. A short transfer is finished inline. */
+static void finish(struct vq *q, const struct blk_disk *d, struct blk_worker *w,
+                   struct blk_engine *e, uint32_t i, int64_t res)
+{
+    struct blk_slot *s = &e->slot[i];
+    int ok;
+
+    if (s->type == BLK_T_FLUSH) {
+        ok = res == 0;
+    } else if (res < 0) {
+        ok = 0;
+    } else if ((uint64_t)res < s->len) {
+        /* Consume what was done and do the rest here (rw_iov loops on short ones). */
+        struct iovec *iov = e->iov[i];
+        uint32_t n = s->niov;
+        uint64_t skip = (uint64_t)res;
+
+        e->short_transfers++;
+        while (n > 0 && skip >= iov->iov_len) {
+            skip -= iov->iov_len;
+            iov++;
+            n--;
+        }
+        if (n > 0) {
+            iov->iov_base = (uint8_t *)iov->iov_base + skip;
+            iov->iov_len -= skip;
+        }
+        ok = rw_iov(d->fd, s->type == BLK_T_OUT, iov, (int)n, s->off + (uint64_t)res) == 0;
+    } else {
+        ok = 1;
+    }
+    *s->status = ok ? BLK_S_OK : BLK_S_IOERR;
+    if (!ok)
+        w->errors++;
+    vq_add_used_late(q, s->head, ok ? s->written : 1);
+    w->requests++;
+    e->completed++;
+    e->inflight--;
+    e->free[e->nfree++] = (uint16_t)i;
+}
+
+/* Runs a queued request inline (the kernel refused it); completes it. */
+static void run_inline(struct vq *q, const struct blk_disk *d, struct blk_worker *w,
+                       struct blk_engine *e, uint32_t i)
+{
+    struct blk_slot *s = &e->slot[i];
+    int64_t res;
+
+    e->refused++;
+    if (s->type == BLK_T_FLUSH)
+        res = fdatasync(d->fd) ? -errno : 0;
+    else
+        res = rw_iov(d->fd, s->type == BLK_T_OUT, e->iov[i], (int)s->niov, s->off) ? -EIO
+                                                                                    : (int64_t)s->len;
+    e->inflight++;               /* finish() counts it out */
+    finish(q, d, w, e, i, res);
+}
+
+/* Hands the queued requests to the kernel. 0 (all taken, or refused ones run inline),
+ * -EAGAIN (some wait: try again), or -errno. */
+static int submit(struct vq *q, const struct blk_disk *d, struct blk_worker *w,
+                  struct blk_engine *e)
+{
+#ifndef BLK_NO_IO_URING
+    if (e->kind == BLK_ENGINE_IO_URING) {
+        while (e->queued > 0) {
+            int n = io_uring_submit(&e->ring);
+
+            if (n >= 0) {
+                e->inflight += (uint32_t)n;
+                e->queued -= (uint32_t)n < e->queued ? (uint32_t)n : e->queued;
+                if (n == 0)
+                    return -EAGAIN;
+                continue;
+            }
+            if (n == -EINTR)
+                continue;
+            return n == -EBUSY ? -EAGAIN : n;    /* the SQEs stay in the ring */
+        }
+        return 0;
+    }
+#endif
+    if (e->kind == BLK_ENGINE_AIO) {
+        uint32_t at = 0;
+
+        while (at < e->queued) {
+            long n = sys_io_submit(e->aio, e->queued - at, e->submit + at);
+
+            if (n > 0) {
+                e->inflight += (uint32_t)n;
+                at += (uint32_t)n;
+            } else if (n < 0 && errno == EINTR) {
+                continue;
+            } else if (n < 0 && errno == EAGAIN) {
+                break;
+            } else {
+                /* The first one was refused (EINVAL: a file system without AIO
+                 * fdsync, say): it runs here, the rest go on. */
+                run_inline(q, d, w, e, (uint32_t)e->submit[at]->aio_data);
+                at++;
+            }
+        }
+        memmove(e->submit, e->submit + at, (e->queued - at) * sizeof e->submit[0]);
+        e->queued -= at;
+        return e->queued ? -EAGAIN : 0;
+    }
+    (void)q;
+    (void)d;
+    (void)w;
+    return 0;
+}
+
+/* Completes every request the engine has finished; waits for one first if `wait`. The
+ * number completed, or -errno. */
+static int reap(struct vq *q, const struct blk_disk *d, struct blk_worker *w,
+                struct blk_engine *e, int wait)
+{
+    int done = 0;
+
+#ifndef BLK_NO_IO_URING
+    if (e->kind == BLK_ENGINE_IO_URING) {
+        struct io_uring_cqe *cqe;
+        unsigned head, n = 0;
+
+        if (wait) {
+            int rc;
+
+            while ((rc = io_uring_wait_cqe(&e->ring, &cqe)) == -EINTR)
+                ;
+            if (rc < 0)
+                return rc;
+        }
+        io_uring_for_each_cqe(&e->ring, head, cqe) {
+            uint64_t i = cqe->user_data;
+
+            n++;
+            if (i < e->depth)             /* ours: we wrote it */
+                finish(q, d, w, e, (uint32_t)i, cqe->res);
+        }
+        io_uring_cq_advance(&e->ring, n);
+        return (int)n;
+    }
+#endif
+    if (e->kind == BLK_ENGINE_AIO) {
+        struct timespec zero = { 0, 0 };
+        uint64_t count;
+        long n, k;
+
+        /* Clear the eventfd first: a completion after the reap below sets it again. */
+        if (read(e->fd, &count, sizeof count) < 0 && errno != EAGAIN && errno != EINTR)
+            return -errno;
+        for (;;) {
+            n = sys_io_getevents(e->aio, wait && !done ? 1 : 0, e->depth, e->events,
+                                 wait && !done ? NULL : &zero);
+            if (n < 0) {
+                if (errno == EINTR)
+                    continue;
+                return -errno;
+            }
+            for (k = 0; k < n; k++) {
+                uint64_t i = e->events[k].data;
+
+                if (i < e->depth)
+                    finish(q, d, w, e, (uint32_t)i, e->events[k].res);
+            }
+            done += (int)n;
+            if (n < (long)e->depth)
+                break;
+        }
+        return done;
+    }
+    (void)q;
+    (void)d;
+    (void)w;
+    (void)wait;
+    return 0;
+}
+
+int blk_pump(struct vq *q, const struct blk_disk *d, struct blk_worker *w, uint32_t budget)
+{
+    struct blk_engine *e = w->engine;
+    uint64_t completed = w->requests;
+    uint32_t popped = 0;
+    int rc = 0, more = 0, full = 0, retry = 0, added, n;
+
+    if (!e || e->kind == BLK_ENGINE_INLINE)
+        return blk_process(q, d, w, budget);
+    n = reap(q, d, w, e, 0);
+    if (n < 0)
+        return n;
+    for (;;) {
+        int64_t written;
+
+        if (popped == budget) {
+            more = 1;
+            break;
+        }
+        if (e->nfree == 0) {
+            full = 1;
+            break;
+        }
+        rc = vq_pop(q, &w->chain);
+        if (rc <= 0)
+            break;
+        popped++;
+        written = request(d, w, e);
+        if (written != PENDING) {
+            vq_add_used(q, w->chain.head, (uint32_t)written);
+            w->requests++;
+        }
+    }
+    if (e->queued) {
+        int s = submit(q, d, w, e);      /* refused ones run inline and complete */
+
+        if (s == -EAGAIN)
+            retry = 1;
+        else if (s < 0)
+            return s;
+    }
+    added = w->requests != completed;
+    if (added)
+        vq_publish_used(q);
+    if (rc < 0)
+        return -EINVAL;
+    return (added && vq_needs_interrupt(q) ? BLK_NOTIFY : 0) | (more ? BLK_MORE : 0) |
+           (full ? BLK_FULL : 0) | (retry ? BLK_RETRY : 0);
+}
+
+int blk_drain(struct vq *q, const struct blk_disk *d, struct blk_worker *w)
+{
+    struct blk_engine *e = w->engine;
+    uint64_t completed = w->requests;
+
+    if (!e || e->kind == BLK_ENGINE_INLINE)
+        return 0;
+    while (e->queued || e->inflight) {
+        int n;
+
+        if (e->queued) {
+            n = submit(q, d, w, e);
+            if (n < 0 && n != -EAGAIN)
+                return n;
+        }
+        if (!e->inflight) {
+            poll(NULL, 0, 1);            /* EAGAIN with nothing running: the kernel is short */
+            continue;
+        }
+        n = reap(q, d, w, e, 1);
+        if (n < 0)
+            return n;
+    }
+    if (w->requests == completed)
+        return 0;
+    vq_publish_used(q);
+    return vq_needs_interrupt(q) || q->broken ? BLK_NOTIFY : 0;
+}
+
+static int interrupt(int call_fd)
+{
+    uint64_t count = 1;
+
+    if (call_fd >= 0 && write(call_fd, &count, sizeof count) < 0 && errno != EAGAIN)
+        return -errno;
+    return 0;
+}
+
+/* Drain, interrupt if the driver should hear of it, and return rc (or the error the
+ * drain met). */
+static int finish_serving(struct vq *q, const struct blk_disk *d, struct blk_worker *w,
+                          int call_fd, int rc)
+{
+    int drained = blk_drain(q, d, w);
+
+    if (drained < 0)
+        return drained;
+    if (drained & BLK_NOTIFY) {
+        int sent = interrupt(call_fd);
+        if (sent < 0 && rc == 0)
+            return sent;
+    }
+    return rc;
+}
+
 int blk_serve(struct vq *q, const struct blk_disk *d, struct blk_worker *w, int kick_fd,
               int call_fd, int stop_fd)
 {
-    struct pollfd fds[2] = { { .fd = kick_fd, .events = POLLIN }, { .fd = stop_fd, .events = POLLIN } };
+    struct blk_engine *e = w->engine;
+    struct pollfd fds[3] = { { .fd = kick_fd, .events = POLLIN },
+                             { .fd = stop_fd, .events = POLLIN },
+                             { .fd = e && e->kind != BLK_ENGINE_INLINE ? e->fd : -1,
+                               .events = POLLIN } };
+    int quiet = 1;           /* kicks are off (VRING_USED_F_NO_NOTIFY) */
     uint64_t count;
 
     for (;;) {
         /* Serve what is there first: the driver may have made chains available before
          * we started, with a kick we will never see. */
-        int rc = blk_process(q, d, w, q->num);
+        int rc = blk_pump(q, d, w, q->num), timeout;
 
         if (rc < 0)
-            return rc;
-        if ((rc & BLK_NOTIFY) && call_fd >= 0) {
-            count = 1;
-            if (write(call_fd, &count, sizeof count) < 0 && errno != EAGAIN)
-                return -errno;
+            return finish_serving(q, d, w, call_fd, rc);
+        if (rc & BLK_NOTIFY) {
+            int sent = interrupt(call_fd);
+            if (sent < 0)
+                return finish_serving(q, d, w, call_fd, sent);
         }
-        if (poll(fds, 2, rc & BLK_MORE ? 0 : -1) < 0) {
+        if (rc & BLK_MORE) {
+            timeout = 0;
+        } else {
+            timeout = rc & BLK_RETRY ? 1 : -1;
+            /* Kicks on, then one more look: chains made available before the driver
+             * could see that would get no kick. Every time: with EVENT_IDX, "on" is
+             * avail_event at the index we stopped at, which moves with us. With every
+             * slot busy a completion comes first anyway, and the ring is looked at
+             * after it. */
+            if (!(rc & BLK_FULL)) {
+                vq_set_notify(q, 1);
+                quiet = 0;
+                if (vq_pending(q))
+                    continue;
+            }
+        }
+        if (poll(fds, 3, timeout) < 0) {
             if (errno == EINTR)
                 continue;
-            return -errno;
+            return finish_serving(q, d, w, call_fd, -errno);
         }
         if (fds[1].revents)
-            return 0;
+            return finish_serving(q, d, w, call_fd, 0);
         if (fds[0].revents & (POLLERR | POLLNVAL))
-            return -EBADF;
+            return finish_serving(q, d, w, call_fd, -EBADF);
         if ((fds[0].revents & POLLIN) && read(kick_fd, &count, sizeof count) < 0 &&
             errno != EAGAIN && errno != EINTR)
-            return -errno;
+            return finish_serving(q, d, w, call_fd, -errno);
+        if (!quiet) {
+            vq_set_notify(q, 0);       /* no kicks while we work */
+            quiet = 1;
+        }
     }
 }
 

@@ -1,10 +1,14 @@
 /* The virtio-blk data path (virtio 1.2, section 5.2): requests popped from a virtqueue
- * (virtq.h), parsed, checked and executed against the disk fd with preadv/pwritev
- * straight into and out of guest RAM, completed with a status byte. See blkio.c for
- * the rules a request must follow and what happens when it does not.
+ * (virtq.h), parsed, checked and executed against the disk fd straight into and out of
+ * guest RAM, completed with a status byte. See blkio.c for the rules a request must
+ * follow and what happens when it does not.
  *
  * One struct blk_worker per queue worker thread (scratch space, the bounce buffer,
- * counters); struct blk_disk is shared and read-only once set up.
+ * counters); struct blk_disk is shared and read-only once set up. A worker may have an
+ * I/O engine (struct blk_engine, one per queue, made before the process is confined):
+ * its reads, writes and flushes then run asynchronously, many in flight, completing
+ * in whatever order the disk finishes them (io_uring, else Linux AIO); without one,
+ * each request runs to its end in the worker's thread (preadv/pwritev/fdatasync).
  */
 #ifndef VMM_BLKIO_H
 #define VMM_BLKIO_H
@@ -12,6 +16,10 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/uio.h>
+#include <linux/aio_abi.h>
+#ifndef BLK_NO_IO_URING
+#include <liburing.h>
+#endif
 
 #include "virtq.h"
 
@@ -31,9 +39,19 @@
 #define BLK_S_UNSUPP 2
 #define BLK_DWZ_F_UNMAP 1u
 
-/* blk_process's answer, when the queue is not broken. */
+/* blk_process's and blk_pump's answer, when the queue is not broken. */
 #define BLK_NOTIFY 1   /* chains were completed and the driver wants an interrupt */
 #define BLK_MORE   2   /* the budget ran out: call again before waiting for a kick */
+#define BLK_FULL   4   /* every engine slot is busy: wait for a completion, not a kick */
+#define BLK_RETRY  8   /* the engine refused a submission for now (EAGAIN): try again soon */
+
+/* I/O engines. */
+#define BLK_ENGINE_INLINE   0  /* each request runs to its end in the worker's thread */
+#define BLK_ENGINE_IO_URING 1  /* io_uring: a restricted ring, the disk its only (fixed) file */
+#define BLK_ENGINE_AIO      2  /* Linux AIO (io_submit), completions signalled on an eventfd */
+#define BLK_DEPTH      256     /* requests one queue keeps in flight on its engine */
+#define BLK_SLOT_IOVS  256     /* data buffers of one request the engine takes (SEG_MAX
+                                  254); a request with more runs inline */
 
 struct blk_disk {
     int fd;
@@ -58,7 +76,43 @@ struct blk_dwz {
     uint32_t flags;
 };
 
+/* One request in flight on an engine. */
+struct blk_slot {
+    uint16_t head;                /* the chain, for its used element */
+    uint16_t type;                /* BLK_T_IN, BLK_T_OUT or BLK_T_FLUSH */
+    uint32_t niov;
+    uint32_t written;             /* bytes written into the chain if it succeeds */
+    uint8_t *status;              /* the status byte, in guest RAM (checked at pop) */
+    uint64_t off, len;            /* the data's place on the disk, its length */
+};
+
+/* One queue's engine. Large (the iovec arrays: 1 MiB): map it lazily (zero pages) and
+ * hand it to blk_engine_init; it must not move while it is set up. */
+struct blk_engine {
+    int kind;                     /* BLK_ENGINE_*; INLINE when none could be set up */
+    int fd;                       /* readable when completions wait: poll it; -1 inline */
+    int disk_fd;
+    uint32_t depth;               /* slots in use at most */
+    uint32_t queued;              /* prepared, not yet accepted by the kernel */
+    uint32_t inflight;            /* accepted, not yet reaped */
+    uint32_t nfree;
+    uint16_t free[BLK_DEPTH];     /* free slot numbers, a stack */
+    int error;                    /* why the last blk_engine_init failed (an errno) */
+    /* Counters, for tests and statistics. */
+    uint64_t started, completed, short_transfers, refused;
+    struct blk_slot slot[BLK_DEPTH];
+    struct iovec iov[BLK_DEPTH][BLK_SLOT_IOVS];
+#ifndef BLK_NO_IO_URING
+    struct io_uring ring;
+#endif
+    aio_context_t aio;
+    struct iocb *submit[BLK_DEPTH];
+    struct iocb iocb[BLK_DEPTH];
+    struct io_event events[BLK_DEPTH];
+};
+
 struct blk_worker {
+    struct blk_engine *engine;    /* NULL: every request inline (blk_serve) */
     uint8_t *bounce;              /* aligned to mem_align and block_size */
     size_t bounce_size;           /* a multiple of block_size */
     /* What the file system refused once (EOPNOTSUPP) is not tried again. */
@@ -90,11 +144,46 @@ int blk_worker_init(struct blk_worker *w, const struct blk_disk *d, uint8_t *bou
 int blk_process(struct vq *q, const struct blk_disk *d, struct blk_worker *w,
                 uint32_t budget);
 
-/* A queue worker's whole loop: blk_process, interrupt through call_fd (an eventfd; -1:
- * none) when it says so, then wait on kick_fd (an eventfd) and stop_fd; again. Returns
- * 0 once stop_fd is readable (it is not read), -EINVAL when the ring is malformed,
- * -errno if poll or an eventfd fails. The fds must stay open until it returns. */
+/* The asynchronous step: reaps the engine's completions (without waiting), pops up to
+ * `budget` chains while the engine has free slots, starts each on the engine or, when
+ * it cannot take it (GET_ID, DISCARD, WRITE_ZEROES, an O_DIRECT request that must
+ * bounce, more than BLK_SLOT_IOVS buffers, a malformed request), runs it inline; hands
+ * the new ones to the kernel in one call; publishes every completion so far with one
+ * used->idx update and takes one interrupt decision. Without an engine it is
+ * blk_process. -EINVAL when the ring is malformed (requests may still be in flight:
+ * blk_drain them); otherwise the BLK_NOTIFY, BLK_MORE, BLK_FULL and BLK_RETRY bits. */
+int blk_pump(struct vq *q, const struct blk_disk *d, struct blk_worker *w, uint32_t budget);
+
+/* Waits until nothing is in flight on the worker's engine, completing each request as
+ * it ends, then publishes. BLK_NOTIFY when the driver should be interrupted (always,
+ * when something completed on a broken queue: the driver may be waiting for it), 0, or
+ * -errno if the engine fails. */
+int blk_drain(struct vq *q, const struct blk_disk *d, struct blk_worker *w);
+
+/* A queue worker's whole loop: blk_pump, interrupt through call_fd (an eventfd; -1:
+ * none) when it says so; kicks are suppressed while there is work (VRING_USED_F_NO_NOTIFY,
+ * or avail_event left behind with EVENT_IDX) and asked for again, with a last look at
+ * the ring, before it sleeps; then wait on kick_fd (an eventfd), stop_fd and the
+ * engine's fd; again. Returns 0 once stop_fd is readable (it is not read) and every
+ * request in flight has completed, -EINVAL when the ring is malformed (after the same
+ * drain), -errno if poll, an eventfd or the engine fails. The fds must stay open until
+ * it returns. */
 int blk_serve(struct vq *q, const struct blk_disk *d, struct blk_worker *w, int kick_fd,
               int call_fd, int stop_fd);
+
+/* Sets up an engine of `kind` (BLK_ENGINE_IO_URING or BLK_ENGINE_AIO) for the disk,
+ * with up to `depth` (1..BLK_DEPTH) requests in flight; e: zeroed, sizeof(struct
+ * blk_engine) bytes. io_uring: a ring created disabled, the disk's fd registered as its
+ * only file, restricted to READV, WRITEV and FSYNC on that fixed file (no other opcode,
+ * no other flag, no io_uring_register call at all once enabled), then enabled. AIO: a
+ * context of `depth` events and an eventfd its completions signal. 0, or -errno (the
+ * kernel refused: e->kind is then BLK_ENGINE_INLINE, e->error says why). */
+int blk_engine_init(struct blk_engine *e, const struct blk_disk *d, int kind, uint32_t depth);
+
+/* Releases what blk_engine_init set up (nothing may be in flight). */
+void blk_engine_close(struct blk_engine *e);
+
+/* Whether this build has io_uring (liburing was there at build time). */
+int blk_have_io_uring(void);
 
 #endif

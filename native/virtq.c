@@ -31,10 +31,13 @@
  *   handed out has a real, translated host range behind it. The WRITE flag of a
  *   descriptor that points to an indirect table is ignored, as the spec requires.
  * - Once broken, a queue stays broken until vq_setup: vq_pop returns -EINVAL, vq_push,
- *   vq_add_used and vq_needs_interrupt do nothing, and none of them touches guest
- *   memory. The one exception is vq_publish_used, which still publishes used elements
- *   added before the queue broke (a store to used->idx, inside the ring vq_setup
- *   checked). The backend is expected to report DEVICE_NEEDS_RESET.
+ *   vq_add_used, vq_set_notify and vq_needs_interrupt do nothing, and none of them
+ *   touches guest memory. The exceptions are vq_publish_used, which still publishes
+ *   used elements added before the queue broke (a store to used->idx, inside the ring
+ *   vq_setup checked), and vq_add_used_late, the completion of a chain popped before
+ *   the queue broke whose I/O was still running (an asynchronous engine cannot recall
+ *   it): it writes one used element, inside the same checked ring. The backend is
+ *   expected to report DEVICE_NEEDS_RESET.
  *
  * Inflight tracking (vq_inflight_start, vhost-user's inflight region): a pop records
  * the head (counter, then inflight = 1) before the backend acts on it; a completion adds
@@ -45,9 +48,23 @@
  * with the frontend, so it gets the same treatment: each value read once, every index
  * checked against num before it is used, work bounded by num.
  *
- * Not supported yet: VIRTIO_F_EVENT_IDX (used_event/avail_event are never read or
- * written; interrupts follow VRING_AVAIL_F_NO_INTERRUPT only), VIRTIO_F_IN_ORDER,
- * packed rings. No allocation anywhere; the caller owns struct vq and struct vq_chain.
+ * Completions may come in any order (an asynchronous backend completes chains as its
+ * I/O finishes): the used ring, the batch list and the region work per head, so nothing
+ * here assumes the pop order.
+ *
+ * VIRTIO_RING_F_EVENT_IDX (vq_set_event_idx, once negotiated): the driver's used_event
+ * (avail->ring[num]) decides interrupts: vq_needs_interrupt is true when the used index
+ * moved past used_event since the previous decision (vring_need_event, as Linux's vhost
+ * computes it; the first decision after setup is always true, since the driver's view of
+ * the old one is unknown). Kicks: vq_set_notify(q, 1) writes avail_event
+ * (used->ring[num]) = the next available index we will take, so the driver kicks once
+ * when it makes that entry available; vq_set_notify(q, 0) leaves avail_event where it is
+ * (the driver then kicks at most once more). Without EVENT_IDX, the flags do the same
+ * (VRING_USED_F_NO_NOTIFY, VRING_AVAIL_F_NO_INTERRUPT). Both fields are inside the
+ * ranges vq_setup checked (avail 6 + 2 num bytes, used 6 + 8 num).
+ *
+ * Not supported yet: VIRTIO_F_IN_ORDER, packed rings. No allocation anywhere; the caller
+ * owns struct vq and struct vq_chain.
  */
 #include "virtq.h"
 
@@ -155,6 +172,8 @@ int vq_setup(struct vq *q, const struct vq_region *regions, int nregions, uint32
     q->desc = q->avail = q->used = NULL;
     q->inflight = NULL;
     q->nbatch = q->nresubmit = q->resubmitted = 0;
+    q->event_idx = 0;
+    q->signalled_used_valid = 0;
     if (vq_mem_init(&q->mem, regions, nregions))
         return -EINVAL;
     if (num == 0 || num > VQ_MAX_QUEUE_SIZE || (num & (num - 1)))
@@ -305,12 +324,11 @@ int vq_pop(struct vq *q, struct vq_chain *c)
     return 1;
 }
 
-void vq_add_used(struct vq *q, uint16_t head, uint32_t written)
+/* The used element for head (< num once the queue was set up; see the callers). */
+static void add_used(struct vq *q, uint16_t head, uint32_t written)
 {
     uint8_t *elem;
 
-    if (q->broken)
-        return;
     if (q->inflight && head < q->num) {
         /* The batch list can hold every head once; a batch that large has every
          * pending chain in it, so publishing it first changes nothing for the driver. */
@@ -325,6 +343,21 @@ void vq_add_used(struct vq *q, uint16_t head, uint32_t written)
     __atomic_store_n((uint32_t *)elem, (uint32_t)head, __ATOMIC_RELAXED);
     __atomic_store_n((uint32_t *)(elem + 4), written, __ATOMIC_RELAXED);
     q->used_idx++;
+}
+
+void vq_add_used(struct vq *q, uint16_t head, uint32_t written)
+{
+    if (q->broken)
+        return;
+    add_used(q, head, written);
+}
+
+void vq_add_used_late(struct vq *q, uint16_t head, uint32_t written)
+{
+    /* num is 0 until vq_setup succeeded; a broken queue keeps the rings it checked. */
+    if (q->num == 0 || head >= q->num)
+        return;
+    add_used(q, head, written);
 }
 
 void vq_publish_used(struct vq *q)
@@ -356,25 +389,59 @@ void vq_push(struct vq *q, uint16_t head, uint32_t written)
     vq_publish_used(q);
 }
 
+void vq_set_event_idx(struct vq *q, int enable)
+{
+    q->event_idx = enable != 0;
+    q->signalled_used_valid = 0;
+}
+
 void vq_set_notify(struct vq *q, int enable)
 {
     if (q->broken)
         return;
-    /* used->flags is the device's to write; the driver reads it after publishing
-     * avail->idx (with a barrier), we read avail->idx after this store (with this one). */
-    __atomic_store_n((uint16_t *)q->used, enable ? 0 : VQ_USED_F_NO_NOTIFY, __ATOMIC_RELAXED);
+    /* used->flags and avail_event are the device's to write; the driver reads them after
+     * publishing avail->idx (with a barrier), we read avail->idx after this store (with
+     * this one). */
+    if (q->event_idx) {
+        if (!enable)
+            return;         /* avail_event stays behind: at most one more kick */
+        __atomic_store_n((uint16_t *)(q->used + 4 + 8 * (size_t)q->num), q->last_avail_idx,
+                         __ATOMIC_RELAXED);
+    } else {
+        __atomic_store_n((uint16_t *)q->used, enable ? 0 : VQ_USED_F_NO_NOTIFY,
+                         __ATOMIC_RELAXED);
+    }
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
+
+int vq_pending(struct vq *q)
+{
+    if (q->broken)
+        return 0;
+    return q->resubmitted < q->nresubmit || load16(q->avail + 2) != q->last_avail_idx;
 }
 
 int vq_needs_interrupt(struct vq *q)
 {
+    uint16_t event, old, new;
+    int valid;
+
     if (q->broken)
         return 0;
-    /* Our used->idx store must be visible before we read the flag, or we could miss a
-     * driver that cleared NO_INTERRUPT after seeing the old idx. EVENT_IDX would read
-     * used_event here instead; it is not negotiated yet. */
+    /* Our used->idx store must be visible before we read the flag or used_event, or we
+     * could miss a driver that asked for an interrupt after seeing the old idx. */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    return !(load16(q->avail) & VQ_AVAIL_F_NO_INTERRUPT);
+    if (!q->event_idx)
+        return !(load16(q->avail) & VQ_AVAIL_F_NO_INTERRUPT);
+    event = load16(q->avail + 4 + 2 * (size_t)q->num);
+    old = q->signalled_used;
+    new = q->used_idx;
+    valid = q->signalled_used_valid;
+    q->signalled_used = new;
+    q->signalled_used_valid = 1;
+    /* vring_need_event: used_event is in [old, new), the entries published since the
+     * last decision. */
+    return !valid || (uint16_t)(new - event - 1) < (uint16_t)(new - old);
 }
 
 uint64_t vq_inflight_queue_bytes(uint32_t queue_size)

@@ -87,6 +87,9 @@ struct vq {
     uint16_t last_avail_idx;  /* next avail ring entry to consume */
     uint16_t used_idx;        /* our copy of used->idx: never read back from the guest */
     int broken;
+    int event_idx;            /* VIRTIO_RING_F_EVENT_IDX negotiated (vq_set_event_idx) */
+    uint16_t signalled_used;  /* used_idx at the last interrupt decision (EVENT_IDX) */
+    int signalled_used_valid; /* 0 until the first decision after setup */
     /* Inflight tracking (vq_inflight_start); none while inflight is NULL. */
     struct vq_inflight *inflight;
     uint64_t counter;                        /* the next pop's counter */
@@ -134,15 +137,34 @@ void vq_push(struct vq *q, uint16_t head, uint32_t written);
 void vq_add_used(struct vq *q, uint16_t head, uint32_t written);
 void vq_publish_used(struct vq *q);
 
+/* vq_add_used for a chain popped before the queue broke and completed after, because
+ * its I/O was running (an asynchronous engine cannot recall it): the element is written
+ * even though the queue is broken, into the used ring vq_setup checked; vq_publish_used
+ * then publishes it. Nothing on a queue that was never set up, or for head >= num. */
+void vq_add_used_late(struct vq *q, uint16_t head, uint32_t written);
+
 /* Whether the driver should notify (kick) the device when it makes chains available:
- * clears or sets VRING_USED_F_NO_NOTIFY in the used ring, then a full barrier. After
+ * clears or sets VRING_USED_F_NO_NOTIFY in the used ring (with EVENT_IDX: enabling sets
+ * avail_event to the next index we will take; disabling does nothing), then a full
+ * barrier. After
  * enabling, look at the ring again before waiting for a kick: the driver may have made
  * chains available before it could see the flag, and will not kick for those. Only a
  * hint to the driver (it may kick anyway). Nothing on a broken queue. */
 void vq_set_notify(struct vq *q, int enable);
 
-/* Whether the guest wants an interrupt now (call after vq_push). 0 on a broken queue. */
+/* Whether the guest wants an interrupt now (call after vq_push, once per publish: with
+ * EVENT_IDX the decision covers what was published since the previous one). 0 on a
+ * broken queue. */
 int vq_needs_interrupt(struct vq *q);
+
+/* VIRTIO_RING_F_EVENT_IDX was negotiated (1) or not (0, the default after vq_setup):
+ * vq_needs_interrupt reads used_event, vq_set_notify writes avail_event. The next
+ * interrupt decision is then always yes. */
+void vq_set_event_idx(struct vq *q, int enable);
+
+/* Whether chains are available that vq_pop has not handed out (resubmissions
+ * included): one read of avail->idx. 0 on a broken queue. */
+int vq_pending(struct vq *q);
 
 /* Bytes of one queue's part of the inflight region for queue_size descriptors:
  * ALIGN_UP(16 * queue_size + 2, 64), as libvhost-user sizes it (which always leaves room

@@ -8,9 +8,36 @@ vmm/devices/virtio/block/request.py and vmm/devices/virtio/net/rxtx.py are the o
 users.
 """
 
+import os
+import shlex
+import subprocess
+import sysconfig
+import tempfile
+
 from cffi import FFI
 
 ffibuilder = FFI()
+
+
+def have_liburing() -> bool:
+    """Whether liburing's header and library are there (Debian: liburing-dev, which
+    scripts/setup.sh installs). Without them the disk backends fall back to Linux AIO,
+    which needs nothing but the kernel."""
+    compiler = shlex.split(sysconfig.get_config_var("CC") or "cc")
+    with tempfile.TemporaryDirectory() as scratch:
+        source = os.path.join(scratch, "probe.c")
+        with open(source, "w") as f:
+            f.write("#include <liburing.h>\nint main(void) { struct io_uring r; "
+                    "return io_uring_queue_init(1, &r, 0) && 0; }\n")
+        try:
+            return subprocess.run(compiler + [source, "-o", os.path.join(scratch, "probe"),
+                                              "-luring"],
+                                  capture_output=True).returncode == 0
+        except OSError:
+            return False
+
+
+LIBURING = have_liburing()
 
 ffibuilder.cdef("""
 #define VQ_MAX_REGIONS ...
@@ -29,7 +56,7 @@ struct vq_chain {
     uint64_t writable_bytes;
     struct vq_seg segs[...];
 };
-struct vq { uint32_t num; int broken; ...; };
+struct vq { uint32_t num; int broken; int event_idx; ...; };
 
 int vq_mem_init(struct vq_mem *mem, const struct vq_region *regions, int nregions);
 uint8_t *vq_translate(const struct vq_mem *mem, uint64_t gpa, uint64_t len);
@@ -40,8 +67,11 @@ int vq_pop(struct vq *q, struct vq_chain *chain);
 void vq_push(struct vq *q, uint16_t head, uint32_t written);
 void vq_add_used(struct vq *q, uint16_t head, uint32_t written);
 void vq_publish_used(struct vq *q);
+void vq_add_used_late(struct vq *q, uint16_t head, uint32_t written);
 int vq_needs_interrupt(struct vq *q);
 void vq_set_notify(struct vq *q, int enable);
+void vq_set_event_idx(struct vq *q, int enable);
+int vq_pending(struct vq *q);
 uint16_t vq_get_last_avail_idx(const struct vq *q);
 void vq_set_last_avail_idx(struct vq *q, uint16_t idx);
 
@@ -65,6 +95,13 @@ int vq_inflight_start(struct vq *q, uint8_t *region, uint32_t queue_size);
 #define BLK_DWZ_F_UNMAP ...
 #define BLK_NOTIFY ...
 #define BLK_MORE ...
+#define BLK_FULL ...
+#define BLK_RETRY ...
+#define BLK_ENGINE_INLINE ...
+#define BLK_ENGINE_IO_URING ...
+#define BLK_ENGINE_AIO ...
+#define BLK_DEPTH ...
+#define BLK_SLOT_IOVS ...
 
 struct blk_disk {
     int fd;
@@ -81,7 +118,18 @@ struct blk_disk {
     uint32_t max_write_zeroes_sectors, max_write_zeroes_seg;
     uint8_t id[...];
 };
+struct blk_engine {
+    int kind;
+    int fd;
+    uint32_t depth;
+    uint32_t queued;
+    uint32_t inflight;
+    int error;
+    uint64_t started, completed, short_transfers, refused;
+    ...;
+};
 struct blk_worker {
+    struct blk_engine *engine;
     uint32_t no_punch_hole, no_zero_range;
     uint64_t requests, errors, bounced, zeroes_written;
     ...;
@@ -94,6 +142,11 @@ int blk_process(struct vq *q, const struct blk_disk *d, struct blk_worker *w,
                 uint32_t budget);
 int blk_serve(struct vq *q, const struct blk_disk *d, struct blk_worker *w, int kick_fd,
               int call_fd, int stop_fd);
+int blk_pump(struct vq *q, const struct blk_disk *d, struct blk_worker *w, uint32_t budget);
+int blk_drain(struct vq *q, const struct blk_disk *d, struct blk_worker *w);
+int blk_engine_init(struct blk_engine *e, const struct blk_disk *d, int kind, uint32_t depth);
+void blk_engine_close(struct blk_engine *e);
+int blk_have_io_uring(void);
 
 #define NET_HDR_LEN ...
 #define NET_LEGACY_HDR_LEN ...
@@ -152,6 +205,8 @@ int net_tx_serve(struct vq *q, int tap, struct net_tx *tx, int kick_fd, int call
 ffibuilder.set_source("vmm._virtq",
                       '#include "virtq.h"\n#include "blkio.h"\n#include "netio.h"',
                       sources=["native/virtq.c", "native/blkio.c", "native/netio.c"], include_dirs=["native"],
+                      libraries=["uring"] if LIBURING else [],
+                      define_macros=[] if LIBURING else [("BLK_NO_IO_URING", "1")],
                       extra_compile_args=["-std=c99", "-Wall", "-Wextra"])
 
 if __name__ == "__main__":

@@ -4,12 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Build: python3-venv/-dev, gcc, libffi-dev (cffi), libcap-dev (python-prctl).
+# Build: python3-venv/-dev, gcc, libffi-dev (cffi), libcap-dev (python-prctl), liburing-dev
+# (the disks' io_uring engine, native/blkio.c; built without it, O_DIRECT disks use Linux AIO).
 # Run: libseccomp2 (pyseccomp). Tests and guest assets: qemu, busybox, e2fsprogs, cpio,
 # acpica-tools (iasl), iproute2, lz4 (extracting the ELF vmlinux from the bzImage);
 # debootstrap (the nested test image, scripts/build-l1.sh); strace (the seccomp usage
 # recorder, scripts/seccomp_usage.py and `stratovirt seccomp usage`).
-packages=(python3 python3-venv python3-dev gcc libc6-dev libffi-dev libcap-dev libseccomp2
+packages=(python3 python3-venv python3-dev gcc libc6-dev libffi-dev libcap-dev liburing-dev libseccomp2
           qemu-system-x86 qemu-utils busybox-static e2fsprogs cpio lz4 acpica-tools iproute2
           debootstrap strace)
 missing=()

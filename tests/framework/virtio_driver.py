@@ -9,6 +9,13 @@ batches (reap), all through a mapping of its own with no per-access lookups.
 With start(..., inflight=True) it keeps the backend's inflight region, as our vm
 process and QEMU do, and reconnect() hands it, guest RAM and the ring as they stand to
 a new backend after the first one died: the restart a frontend does.
+
+When VIRTIO_RING_F_EVENT_IDX is negotiated it behaves as Linux's virtio_ring does: it
+kicks only when the backend's avail_event says so, and before it waits for an interrupt
+it sets used_event to the next used entry it wants and looks at the ring once more.
+Between its own store and the backend's field it puts a full barrier (a lock's atomic
+instruction: Python has no fence of its own), or a kick or an interrupt could be lost.
+`kicks` counts the kicks it sent.
 """
 
 import mmap
@@ -16,6 +23,7 @@ import os
 import select
 import socket
 import struct
+import threading
 
 from vmm.machine.memory import GuestMemory, create_memfd
 from vmm.vhost_user import protocol as P
@@ -29,6 +37,7 @@ REGION_HEADER = struct.Struct("<QHHHH")      # features, version, desc_num, last
                                              # used_idx
 REGION_ENTRY = struct.Struct("<B5xHQ")       # inflight, padding, next, counter
 F_NEXT, F_WRITE = 1, 2
+F_EVENT_IDX = 1 << 29
 RING_GPA = 0x10_0000          # desc table, then avail, then used, page-aligned
 DATA_GPA = 0x20_0000          # where tests put buffers
 
@@ -57,6 +66,31 @@ class Driver:
         self._u16 = self.view.cast("H")
         self._avail = self.offset(self.avail, 6 + 2 * num)
         self._used = self.offset(self.used, 6 + 8 * num)
+        self.event_idx = False
+        self.kicks = 0
+        self._fence = threading.Lock()
+
+    def _barrier(self) -> None:
+        """A full memory barrier: acquiring a lock is a locked (atomic) instruction."""
+        with self._fence:
+            pass
+
+    def _kick(self, old_idx: int, new_idx: int) -> None:
+        """Notify the backend of entries old_idx..new_idx made available, unless it said
+        it needs no kick for them (avail_event with EVENT_IDX)."""
+        if self.event_idx:
+            self._barrier()
+            event = self._u16[(self._used + 4 + 8 * self.num) // 2]
+            if (new_idx - event - 1) & 0xFFFF >= (new_idx - old_idx) & 0xFFFF:
+                return
+        self.kicks += 1
+        os.eventfd_write(self.kick, 1)
+
+    def _arm(self) -> None:
+        """Before waiting for an interrupt: used_event = the next entry we want."""
+        if self.event_idx:
+            self._u16[(self._avail + 4 + 2 * self.num) // 2] = self.used_seen
+            self._barrier()
 
     def offset(self, gpa: int, length: int) -> int:
         """Where guest range [gpa, gpa + length) is in `view`."""
@@ -90,6 +124,7 @@ class Driver:
     def _negotiate(self, features: int) -> int:
         negotiated = self.frontend.negotiate(features)
         self.frontend.set_features(negotiated)
+        self.event_idx = bool(negotiated & F_EVENT_IDX)
         regions = [P.MemoryRegion(r.guest_address, r.size, self.user_address(r.guest_address),
                                   r.file_offset) for r in self.memory.regions]
         self.frontend.set_mem_table(regions, [self.memory.fd] * len(regions))
@@ -138,9 +173,10 @@ class Driver:
                               DESC.pack(address, length, flags, (index + 1) % self.num))
         self.next_desc = (head + len(buffers)) % self.num
         self.memory.write(self.avail + 4 + 2 * (self.avail_idx % self.num), struct.pack("<H", head))
+        old = self.avail_idx
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
         self.memory.write(self.avail + 2, struct.pack("<H", self.avail_idx))
-        os.eventfd_write(self.kick, 1)
+        self._kick(old, self.avail_idx)
         return head
 
     def write_chain(self, head: int, buffers: list[tuple[int, int, bool]]) -> None:
@@ -160,12 +196,13 @@ class Driver:
             u16[ring + idx % self.num] = head
             idx = (idx + 1) & 0xFFFF
         u16[self._avail // 2 + 1] = idx
-        self.avail_idx = idx
-        os.eventfd_write(self.kick, 1)
+        old, self.avail_idx = self.avail_idx, idx
+        self._kick(old, idx)
 
     def reap(self, timeout: float = 10) -> list[tuple[int, int]]:
         """Every used element (head, written) there is, waiting for at least one."""
         view, base = self.view, self._used
+        armed = False
         while True:
             used_idx = self._u16[base // 2 + 1]
             if used_idx != self.used_seen:
@@ -174,9 +211,14 @@ class Driver:
                     done.append(USED.unpack_from(view, base + 4 + 8 * (self.used_seen % self.num)))
                     self.used_seen = (self.used_seen + 1) & 0xFFFF
                 return done
+            if self.event_idx and not armed:
+                self._arm()             # then look again before sleeping
+                armed = True
+                continue
             if not select.select([self.call], [], [], timeout)[0]:
                 raise TimeoutError("no completion")
             os.eventfd_read(self.call)
+            armed = False
 
     def write_descriptor(self, index: int, address: int, length: int, flags: int, next_: int) -> None:
         self.memory.write(self.desc + 16 * index, DESC.pack(address, length, flags, next_))
@@ -186,19 +228,25 @@ class Driver:
         self.memory.write(self.avail + 4 + 2 * (self.avail_idx % self.num), struct.pack("<H", head))
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
         self.memory.write(self.avail + 2, struct.pack("<H", self.avail_idx))
-        os.eventfd_write(self.kick, 1)
+        self._kick((self.avail_idx - 1) & 0xFFFF, self.avail_idx)
 
     def completion(self, timeout: float = 10) -> tuple[int, int]:
         """The next used element (head, written), waiting for the call eventfd."""
+        armed = False
         while True:
             used_idx = struct.unpack("<H", self.memory.read(self.used + 2, 2))[0]
             if used_idx != self.used_seen:
                 slot = self.used + 4 + 8 * (self.used_seen % self.num)
                 self.used_seen = (self.used_seen + 1) & 0xFFFF
                 return struct.unpack("<II", self.memory.read(slot, 8))
+            if self.event_idx and not armed:
+                self._arm()
+                armed = True
+                continue
             if not select.select([self.call], [], [], timeout)[0]:
                 raise TimeoutError("no completion")
             os.eventfd_read(self.call)
+            armed = False
 
     def close(self) -> None:
         self._u16.release()

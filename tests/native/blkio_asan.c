@@ -13,6 +13,12 @@
  *    against a model of the disk: statuses, used lengths, what IN returns.
  * 3. Hostile random chains (random addresses, lengths, flags, headers, discard
  *    segments) on a scratch disk: only memory safety and sane return values.
+ * 4. The asynchronous engines (io_uring, then Linux AIO) on the O_DIRECT fd: batches of
+ *    up to 8 well-formed requests in flight at once (disjoint sectors, so the model
+ *    holds whatever order they finish in), served by blk_pump with small budgets and
+ *    blk_drain, every head completed exactly once and checked against the model; then
+ *    hostile batches, a ring that breaks with requests in flight drained before the
+ *    ring is set up again.
  *
  * Exit status 0 when all is well; ASan/UBSan abort otherwise.
  */
@@ -37,6 +43,7 @@
 #define DISK_SECTORS 256
 #define DISK_BYTES (DISK_SECTORS * BLK_SECTOR)
 #define ITERATIONS 50000
+#define ASYNC_BATCHES 4000
 
 static uint8_t *ram0, *ram1;
 static struct vq_region regions[2];
@@ -47,6 +54,9 @@ static uint8_t *bounce;
 static uint8_t model[DISK_BYTES], known[DISK_BYTES];
 static uint16_t avail_idx, used_seen;
 static unsigned long ok, ioerr, unsupp, broken_rings;
+static unsigned long async_started, async_batches, async_broken;
+static struct blk_engine engine;            /* 1 MiB: static, zeroed */
+static struct blk_worker async_worker;
 
 #define CHECK(cond) do { if (!(cond)) { \
     fprintf(stderr, "blkio_asan: %s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
@@ -374,6 +384,213 @@ static void hostile(void)
     (void)run(below(2) ? &disk_scratch : &disk_scratch_direct);
 }
 
+/* ---- the asynchronous engines --------------------------------------------------- */
+
+/* place(), but mostly 4 KiB-aligned: buffers O_DIRECT takes as they are. */
+static uint64_t place_aligned(uint32_t len)
+{
+    if (below(5)) {
+        next_free = (next_free + 4095) & ~4095ull;
+        if (next_free + len > RAM0_SIZE)
+            return 0;
+        next_free += len;
+        return next_free - len;
+    }
+    return place(len);
+}
+
+/* Chain j of a batch: descriptors 8j .. 8j + n - 1, head 8j. */
+static void publish_chain(uint16_t first, const struct buf *b, uint32_t n, int make_available)
+{
+    uint32_t i;
+
+    for (i = 0; i < n; i++)
+        put_desc(first + i, b[i].gpa, b[i].len,
+                 (uint16_t)((b[i].writable ? VQ_DESC_F_WRITE : 0) | (i + 1 < n ? VQ_DESC_F_NEXT : 0)),
+                 (uint16_t)(first + i + 1));
+    if (make_available) {
+        memcpy(host(AVAIL_GPA + 4 + 2 * (avail_idx % NUM)), &first, 2);
+        avail_idx++;
+    }
+}
+
+struct pending { uint32_t type; uint64_t sector, status; uint32_t count, nbuf; struct buf b[10]; };
+
+/* Serves the queue until `count` more completions are there (small budgets, drains at
+ * random); the heads completed, in used-ring order, into heads. -1 if the ring broke. */
+static int serve_async(const struct blk_disk *d, uint32_t count, uint16_t *heads)
+{
+    uint32_t got = 0, spins = 0;
+    uint16_t used_idx;
+
+    for (;;) {
+        int rc = below(4) ? blk_pump(&q, d, &async_worker, 1 + (uint32_t)below(3))
+                          : blk_drain(&q, d, &async_worker);
+        CHECK(rc >= 0 || rc == -EINVAL);
+        if (rc == -EINVAL) {
+            CHECK(q.broken);
+            CHECK(blk_drain(&q, d, &async_worker) >= 0);
+            CHECK(engine.inflight == 0 && engine.queued == 0);
+            return -1;
+        }
+        memcpy(&used_idx, host(USED_GPA + 2), 2);
+        while (used_seen != used_idx) {
+            uint32_t elem[2];
+            memcpy(elem, host(USED_GPA + 4 + 8 * (used_seen % NUM)), 8);
+            CHECK(got < count);
+            heads[got++] = (uint16_t)elem[0];
+            used_seen++;
+        }
+        if (got == count)
+            return 0;
+        CHECK(++spins < 1000000);
+    }
+}
+
+static void async_batch(const struct blk_disk *d)
+{
+    static const uint32_t types[] = { BLK_T_IN, BLK_T_IN, BLK_T_OUT, BLK_T_OUT, BLK_T_OUT,
+                                      BLK_T_FLUSH, BLK_T_GET_ID };
+    struct pending p[8];
+    uint16_t heads[8];
+    uint32_t n = 1 + (uint32_t)below(8), j, i, seen = 0;
+
+    next_free = BUF_GPA;
+    for (j = 0; j < n; j++) {
+        struct pending *r = &p[j];
+        uint32_t sizes[8], nsizes;
+        uint64_t hdr = place(16);
+
+        r->type = types[below(sizeof types / sizeof types[0])];
+        /* Chain j owns sectors [32j, 32j + 32): nothing else in flight touches them. A
+         * read now and then reaches past the end of the disk. */
+        r->count = 1 + (uint32_t)below(16);
+        r->sector = 32ull * j + below(16);
+        if (r->type == BLK_T_IN && j == 7 && below(4) == 0)
+            r->sector = DISK_SECTORS - below(4);
+        header(hdr, r->type, r->sector);
+        r->nbuf = 0;
+        r->b[r->nbuf++] = (struct buf){ hdr, 16, 0 };
+        if (r->type == BLK_T_IN || r->type == BLK_T_OUT || r->type == BLK_T_GET_ID) {
+            uint32_t bytes = r->type == BLK_T_GET_ID ? 20 : r->count * BLK_SECTOR;
+            nsizes = r->type == BLK_T_GET_ID ? (sizes[0] = bytes, 1) : split(bytes, sizes, 6);
+            if (r->type != BLK_T_GET_ID && below(4))      /* whole 512-byte pieces */
+                for (i = 0, nsizes = 1 + (uint32_t)below(r->count < 6 ? r->count : 6),
+                     bytes = 0; i < nsizes; i++)
+                    bytes += sizes[i] = (i + 1 < nsizes ? 1 : r->count - (nsizes - 1)) * BLK_SECTOR;
+            for (i = 0; i < nsizes; i++) {
+                uint64_t at = place_aligned(sizes[i]);
+                uint32_t k;
+                CHECK(at != 0);
+                if (r->type == BLK_T_OUT)
+                    for (k = 0; k < sizes[i]; k++)
+                        *host(at + k) = (uint8_t)rnd();
+                else
+                    memset(host(at), 0xEE, sizes[i]);
+                r->b[r->nbuf++] = (struct buf){ at, sizes[i], r->type != BLK_T_OUT };
+            }
+        }
+        r->status = place(1);
+        CHECK(r->status != 0);
+        *host(r->status) = 0xFF;
+        r->b[r->nbuf++] = (struct buf){ r->status, 1, 1 };
+        publish_chain((uint16_t)(8 * j), r->b, r->nbuf, 1);
+    }
+    memcpy(host(AVAIL_GPA + 2), &avail_idx, 2);
+    CHECK(serve_async(d, n, heads) == 0);
+    async_batches++;
+    for (i = 0; i < n; i++) {
+        struct pending *r;
+        int fits;
+        uint8_t expect;
+
+        CHECK(heads[i] % 8 == 0 && heads[i] / 8 < n && !(seen & (1u << (heads[i] / 8))));
+        seen |= 1u << (heads[i] / 8);             /* each head exactly once */
+        r = &p[heads[i] / 8];
+        fits = r->sector + r->count <= DISK_SECTORS;
+        expect = (r->type == BLK_T_IN || r->type == BLK_T_OUT) && !fits ? BLK_S_IOERR : BLK_S_OK;
+        CHECK(status_at(r->status) == expect);
+        if (expect != BLK_S_OK || r->type == BLK_T_FLUSH)
+            continue;
+        if (r->type == BLK_T_GET_ID) {
+            CHECK(memcmp(host(r->b[1].gpa), "asan-serial", 11) == 0);
+            continue;
+        }
+        {
+            uint64_t pos = r->sector * BLK_SECTOR;
+            uint32_t k, m;
+            for (k = 1; k + 1 < r->nbuf; k++) {
+                uint8_t *buf = host(r->b[k].gpa);
+                if (r->type == BLK_T_OUT) {
+                    memcpy(model + pos, buf, r->b[k].len);
+                    memset(known + pos, 1, r->b[k].len);
+                } else {
+                    for (m = 0; m < r->b[k].len; m++)
+                        CHECK(!known[pos + m] || buf[m] == model[pos + m]);
+                }
+                pos += r->b[k].len;
+            }
+        }
+    }
+}
+
+static void async_hostile(const struct blk_disk *d)
+{
+    uint32_t n = 1 + (uint32_t)below(8), j, i;
+    uint16_t heads[8];
+
+    for (j = 0; j < n; j++) {
+        struct buf b[8];
+        uint32_t m = 1 + (uint32_t)below(8);
+        for (i = 0; i < m; i++) {
+            b[i] = (struct buf){ random_addr(), random_len(), (int)below(2) };
+            if (vq_translate(&q.mem, b[i].gpa, 16)) {
+                uint64_t v = below(4) ? below(DISK_SECTORS + 8) : rnd();
+                uint32_t t = (uint32_t)(below(3) ? below(2) : below(15));
+                memcpy(host(b[i].gpa), &t, 4);
+                memcpy(host(b[i].gpa + 8), &v, 8);
+            }
+        }
+        publish_chain((uint16_t)(8 * j), b, m, 1);
+    }
+    memcpy(host(AVAIL_GPA + 2), &avail_idx, 2);
+    /* The guest rewrites descriptors while its chains are in flight: what the engine
+     * has was copied at pop. */
+    if (below(2))
+        for (i = 0; i < NUM; i++)
+            put_desc(i, random_addr(), random_len(), (uint16_t)below(8), (uint16_t)below(NUM));
+    if (serve_async(d, n, heads) < 0) {
+        async_broken++;
+        setup();
+    }
+}
+
+static void async_phase(int kind, const char *name)
+{
+    unsigned long i;
+
+    if (blk_engine_init(&engine, &disk_direct, kind, 16) != 0) {
+        printf("blkio_asan: %s refused (%s): not tested\n", name, strerror(engine.error));
+        return;
+    }
+    CHECK(blk_worker_init(&async_worker, &disk_direct, bounce, 64 * 1024) == 0);
+    async_worker.engine = &engine;
+    setup();
+    for (i = 0; i < ASYNC_BATCHES; i++) {
+        if (below(5) == 0)
+            async_hostile(below(2) ? &disk_scratch_direct : &disk_scratch);
+        else
+            async_batch(&disk_direct);
+    }
+    CHECK(engine.inflight == 0 && engine.queued == 0 && engine.nfree == engine.depth);
+    async_started += engine.started;
+    printf("blkio_asan: %s: %lu requests through the engine\n", name,
+           (unsigned long)engine.started);
+    blk_engine_close(&engine);
+    memset(&engine, 0, sizeof engine);
+    setup();
+}
+
 int main(int argc, char **argv)
 {
     char path[] = "/tmp/blkio_asan.XXXXXX", scratch[] = "/tmp/blkio_asan.XXXXXX";
@@ -447,6 +664,9 @@ int main(int argc, char **argv)
         else
             well_formed();
     }
+    if (blk_have_io_uring())
+        async_phase(BLK_ENGINE_IO_URING, "io_uring");
+    async_phase(BLK_ENGINE_AIO, "aio");
     /* The file ends up as the model says, where the model knows. */
     {
         static uint8_t file[DISK_BYTES];
@@ -455,8 +675,9 @@ int main(int argc, char **argv)
             CHECK(!known[i] || file[i] == model[i]);
     }
     printf("blkio_asan: %d iterations, %lu ok, %lu ioerr, %lu unsupp, %lu broken,"
-           " %lu bounced\n", ITERATIONS, ok, ioerr, unsupp, broken_rings,
-           (unsigned long)worker.bounced);
+           " %lu bounced, %lu async_batches, %lu async_started, %lu async_broken\n",
+           ITERATIONS, ok, ioerr, unsupp, broken_rings, (unsigned long)worker.bounced,
+           async_batches, async_started, async_broken);
     close(fd);
     close(fd_scratch_direct);
     close(fd_direct);

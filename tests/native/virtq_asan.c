@@ -109,26 +109,63 @@ static void consume(const struct vq_chain *c)
     CHECK(readable + writable <= (1ull << 32));
 }
 
-/* Pops until empty or broken; pushes every chain back. Returns the last vq_pop result. */
+/* Pops until empty or broken; gives every chain back, half the time in the order
+ * popped, else as an asynchronous backend would: held, then completed in a random order,
+ * some of them only after the queue broke (vq_add_used_late). Half the time with
+ * EVENT_IDX, kicks turned off and on as a worker does. Returns the last vq_pop result. */
 static int drain(void)
 {
-    int rc, rounds = 0;
+    static uint16_t held[32768];
+    static uint32_t lens[32768];
+    uint32_t nheld = 0, i;
+    int rc, rounds = 0, later = below(2);
 
+    if (below(2))
+        vq_set_event_idx(&q, 1);
+    vq_set_notify(&q, 0);
     while ((rc = vq_pop(&q, &chain)) == 1) {
         chains++;
         consume(&chain);
-        vq_push(&q, chain.head, (uint32_t)chain.writable_bytes);
-        (void)vq_needs_interrupt(&q);
+        if (later) {
+            held[nheld] = chain.head;
+            lens[nheld++] = (uint32_t)chain.writable_bytes;
+        } else {
+            vq_push(&q, chain.head, (uint32_t)chain.writable_bytes);
+            (void)vq_needs_interrupt(&q);
+        }
         CHECK(++rounds <= (int)q.num);   /* at most num chains can be pending */
+        if (below(16) == 0) {
+            vq_set_notify(&q, 1);
+            (void)vq_pending(&q);
+            vq_set_notify(&q, 0);
+        }
+    }
+    for (i = nheld; i > 1; i--) {        /* shuffled: completions out of order */
+        uint32_t j = (uint32_t)below(i), t = lens[i - 1];
+        uint16_t h = held[i - 1];
+        held[i - 1] = held[j];
+        lens[i - 1] = lens[j];
+        held[j] = h;
+        lens[j] = t;
+    }
+    for (i = 0; i < nheld; i++) {
+        vq_add_used_late(&q, held[i], lens[i]);
+        if (below(4) == 0 || i + 1 == nheld) {
+            vq_publish_used(&q);
+            (void)vq_needs_interrupt(&q);
+        }
     }
     if (rc == 0) {
         empties++;
+        vq_set_notify(&q, 1);
+        CHECK(vq_pending(&q) == 0);
     } else {
         CHECK(rc == -EINVAL && q.broken);
         brokens++;
         CHECK(vq_pop(&q, &chain) == -EINVAL);     /* and it stays broken */
         vq_push(&q, 0, 0);
-        CHECK(vq_needs_interrupt(&q) == 0);
+        vq_set_notify(&q, 1);
+        CHECK(vq_needs_interrupt(&q) == 0 && vq_pending(&q) == 0);
     }
     return rc;
 }

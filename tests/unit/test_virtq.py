@@ -768,3 +768,113 @@ def test_random_rings_never_escape_ram_and_match_the_reference(ram, spec):
         assert len(chain.writable) == sum(write for _, _, write in expected)
         queue.push(chain.head, popped)
         assert rings.used_elem(popped) == (head, popped)
+
+
+# --- VIRTIO_RING_F_EVENT_IDX --------------------------------------------------------------
+
+def used_event(rings, value):
+    """The driver's used_event: avail->ring[num]."""
+    rings.ram.write(rings.avail_gpa + 4 + 2 * rings.num, struct.pack("<H", value))
+
+
+def avail_event(rings) -> int:
+    """The device's avail_event: used->ring[num]."""
+    return struct.unpack("<H", rings.ram.read(rings.used_gpa + 4 + 8 * rings.num, 2))[0]
+
+
+def completed(rings, queue, count):
+    """count one-buffer chains made available, popped and pushed; the queue."""
+    for _ in range(count):
+        rings.desc(0, BUF, 16, WRITE)
+        rings.make_available(0)
+        queue.push(queue.pop().head, 16)
+    return queue
+
+
+def test_event_idx_interrupts_follow_used_event(ram):
+    rings = Rings(ram, 8)
+    queue = rings.queue()
+    queue.event_idx = True
+    rings.set_avail_flags(NO_INTERRUPT)        # ignored with EVENT_IDX
+    used_event(rings, 0)
+    completed(rings, queue, 1)
+    assert queue.needs_interrupt()             # the first decision: always
+    completed(rings, queue, 1)                 # used 1 -> 2, the driver asked for 0: past
+    assert not queue.needs_interrupt()
+    used_event(rings, 2)                       # "interrupt me when entry 2 is used"
+    completed(rings, queue, 2)                 # 2 -> 4 covers entry 2
+    assert queue.needs_interrupt()
+    assert not queue.needs_interrupt()         # nothing new since
+    used_event(rings, 10)
+    completed(rings, queue, 3)                 # 4 -> 7: not yet
+    assert not queue.needs_interrupt()
+    completed(rings, queue, 4)                 # 7 -> 11 covers 10
+    assert queue.needs_interrupt()
+
+
+def test_event_idx_across_the_16_bit_wrap(ram):
+    rings = Rings(ram, 8, avail_idx=0xFFFE, used_idx=0xFFFE)
+    queue = rings.queue(last_avail_idx=0xFFFE)
+    queue.event_idx = True
+    completed(rings, queue, 1)
+    assert queue.needs_interrupt() and rings.used_idx() == 0xFFFF
+    used_event(rings, 0xFFFF)
+    completed(rings, queue, 2)                 # 0xFFFF -> 1 covers 0xFFFF
+    assert queue.needs_interrupt() and rings.used_idx() == 1
+    used_event(rings, 3)
+    completed(rings, queue, 1)
+    assert not queue.needs_interrupt()
+
+
+def test_event_idx_kicks_follow_avail_event(ram):
+    rings = Rings(ram, 8)
+    used_flags_before = rings.ram.read(USED, 2)
+    queue = rings.queue()
+    queue.event_idx = True
+    completed(rings, queue, 3)
+    lib.vq_set_notify(queue.native, 0)         # off: avail_event is left where it was
+    assert avail_event(rings) == 0
+    queue.want_notifications()                 # on: the next index we take
+    assert avail_event(rings) == 3 == queue.last_avail_idx
+    assert rings.ram.read(USED, 2) == used_flags_before     # used->flags untouched
+    assert not queue.pending()
+    rings.make_available(0)
+    assert queue.pending()
+
+
+def test_without_event_idx_the_flags_do_it(ram):
+    rings = Rings(ram, 8)
+    queue = rings.queue()
+    lib.vq_set_notify(queue.native, 0)
+    assert struct.unpack("<H", ram.read(USED, 2))[0] == 1         # VRING_USED_F_NO_NOTIFY
+    queue.want_notifications()
+    assert struct.unpack("<H", ram.read(USED, 2))[0] == 0
+    assert avail_event(rings) == 0                                # not written
+    completed(rings, queue, 1)
+    assert queue.needs_interrupt()
+    rings.set_avail_flags(NO_INTERRUPT)
+    completed(rings, queue, 1)
+    assert not queue.needs_interrupt()
+
+
+def test_completions_out_of_order_and_after_a_break(ram):
+    """Chains complete in any order; one popped before the ring broke and finished after
+    (an asynchronous engine's I/O) still gets its used element, and nothing else does."""
+    rings = Rings(ram, 8)
+    for head in (1, 2, 3):
+        rings.desc(head, BUF + 16 * head, 16, WRITE)
+    rings.make_available(1, 2, 3, 7)
+    rings.desc(7, BUF, 16, NEXT, 9)                # next out of range: malformed
+    queue = rings.queue()
+    heads = [queue.pop().head for _ in range(3)]
+    assert heads == [1, 2, 3]
+    queue.push(3, 16)
+    queue.push(1, 16)
+    assert_broken(queue)
+    queue.push(2, 16)                              # a broken queue takes nothing new...
+    assert rings.used_idx() == 2
+    lib.vq_add_used_late(queue.native, 2, 16)      # ...except what was in flight
+    lib.vq_add_used_late(queue.native, 9, 16)      # (a head >= num never)
+    lib.vq_publish_used(queue.native)
+    assert [rings.used_elem(i)[0] for i in range(rings.used_idx())] == [3, 1, 2]
+    assert not queue.pending()

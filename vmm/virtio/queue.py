@@ -113,14 +113,31 @@ class Virtqueue:
         lib.vq_push(self._q, head, written)
 
     def want_notifications(self) -> None:
-        """Clear VRING_USED_F_NO_NOTIFY: a queue taken over from another device (a slot
-        whose backend was swapped) may have been left with kicks suppressed."""
+        """Clear VRING_USED_F_NO_NOTIFY (with EVENT_IDX: avail_event = the next index we
+        take): a queue taken over from another device (a slot whose backend was swapped)
+        may have been left with kicks suppressed. Look at the ring again after it (the
+        driver may have made chains available before it could see this)."""
         lib.vq_set_notify(self._q, 1)
 
     def needs_interrupt(self) -> bool:
-        """Whether the guest asked to be interrupted (VRING_AVAIL_F_NO_INTERRUPT clear).
-        EVENT_IDX is not offered, so this is the only suppression there is."""
+        """Whether the guest asked to be interrupted: VRING_AVAIL_F_NO_INTERRUPT clear,
+        or with EVENT_IDX the used index moved past used_event since the last call (so
+        call it once per batch pushed)."""
         return bool(lib.vq_needs_interrupt(self._q))
+
+    @property
+    def event_idx(self) -> bool:
+        """VIRTIO_RING_F_EVENT_IDX negotiated: interrupts follow the driver's used_event
+        and want_notifications() writes avail_event."""
+        return bool(self._q.event_idx)
+
+    @event_idx.setter
+    def event_idx(self, value: bool) -> None:
+        lib.vq_set_event_idx(self._q, int(bool(value)))
+
+    def pending(self) -> bool:
+        """Chains are available that pop() has not handed out yet."""
+        return bool(lib.vq_pending(self._q))
 
     def track_inflight(self, address: int, queue_size: int) -> int:
         """Record this queue's chains in the inflight region part at `address`

@@ -40,6 +40,8 @@ MS_RDONLY MS_NOSUID MS_NODEV MS_NOEXEC MS_REMOUNT MS_BIND MS_REC MS_PRIVATE MNT_
 SYS_pivot_root
 AT_EMPTY_PATH AT_FDCWD
 EACCES ENOSYS EPERM
+IORING_ENTER_GETEVENTS IORING_REGISTER_FILES IORING_REGISTER_RESTRICTIONS
+IORING_REGISTER_ENABLE_RINGS
 """.split()
 
 _INCLUDES = """
@@ -56,6 +58,7 @@ _INCLUDES = """
 #include <sys/syscall.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
+#include <linux/io_uring.h>
 #include <linux/kvm.h>
 #include <linux/if_tun.h>
 #include <linux/sockios.h>

@@ -230,6 +230,21 @@ BLK = [
          "against shrinking (a file that shrank under the mapping would fault us).",
          eq(1, "F_GET_SEALS")),
     rule("sendmsg", "GET_INFLIGHT_FD's reply carries the region's memfd (SCM_RIGHTS)."),
+    # O_DIRECT disks' I/O engines (native/blkio.c), made before this filter: the calls
+    # that make them are the launcher's (FORKED_BACKEND), never this role's, so a
+    # backend cannot make a ring without the restrictions. io_uring operations are not
+    # seen by seccomp; the ring's own restrictions (docs/seccomp.md, "io_uring") hold
+    # them to READV, WRITEV and FSYNC on the disk.
+    rule("io_uring_enter", "O_DIRECT disk: hand a batch of requests to the queue's "
+         "restricted ring (flags 0; liburing adds GETEVENTS when completions must be "
+         "flushed).", {"index": 3, "value": 0, "valueTwo": 0, "op": "SCMP_CMP_EQ"}),
+    rule("io_uring_enter", "O_DIRECT disk: wait for the ring's completions when a ring "
+         "stops or breaks with requests in flight (blk_drain).",
+         eq(3, "IORING_ENTER_GETEVENTS")),
+    rule("io_submit", "O_DIRECT disk where io_uring is refused: hand requests to the "
+         "queue's Linux AIO context (PREADV, PWRITEV, FDSYNC)."),
+    rule("io_getevents", "O_DIRECT disk where io_uring is refused: reap the AIO context's "
+         "completions (its eventfd says when)."),
 ]
 
 NET = [
@@ -336,7 +351,19 @@ FORKED_BACKEND = [
     rule("seccomp", "A forked backend installs its own filter, stacked on this one.",
          eq(0, "SECCOMP_SET_MODE_FILTER")),
     rule("eventfd2", "A restarted console or vsock backend makes its wake eventfds "
-         "(one per queue) before its own filter."),
+         "(one per queue) before its own filter; a forked disk backend on Linux AIO, the "
+         "eventfd its completions signal."),
+    rule("io_uring_setup", "A forked O_DIRECT disk backend makes one ring per queue "
+         "(disabled until restricted) before its own filter, which does not allow it."),
+    rule("io_uring_register", "... registers its disk as the ring's only file ...",
+         eq(1, "IORING_REGISTER_FILES")),
+    rule("io_uring_register", "... restricts the ring to READV, WRITEV and FSYNC on that "
+         "fixed file, and no register call after ...", eq(1, "IORING_REGISTER_RESTRICTIONS")),
+    rule("io_uring_register", "... and enables it.", eq(1, "IORING_REGISTER_ENABLE_RINGS")),
+    rule("io_setup", "A forked O_DIRECT disk backend where io_uring is refused makes a Linux "
+         "AIO context per queue before its own filter.",
+         stays="only where io_uring is refused (kernel.io_uring_disabled, an old kernel, a "
+         "container's policy); tests/unit/test_vhost_user_blk_engine.py makes that happen."),
     rule("statx", "A forked disk backend reads its image's direct-I/O alignment "
          "(STATX_DIOALIGN)."),
     ioctl("BLKSSZGET", "a forked disk backend reads a block device's sector size.",

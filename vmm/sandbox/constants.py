@@ -29,6 +29,8 @@ _ARG_FAMILIES = {
     ("unshare", 0): ("CLONE_",),
     ("mount", 3): ("MS_",),
     ("umount2", 1): ("MNT_",),
+    ("io_uring_enter", 3): ("IORING_ENTER_",),
+    ("io_uring_register", 1): ("IORING_REGISTER_",),
 }
 
 

@@ -252,7 +252,8 @@ class Broker:
                 if image is None:
                     raise Refused(f"no blockdev '{config}'")
                 drive = Drive(device, image.path, image.read_only, image.direct,
-                              _serial(message.get("serial")))
+                              _serial(message.get("serial")),
+                              layout.disk_queues(self.config.machine.vcpus))
                 attached = block_attach.attach(drive, slot, self.memory, self.config.seccomp,
                                                disk=image.fd)
             else:

@@ -47,6 +47,15 @@ POWER_BUTTON_GSI = 16            # the ACPI GED's interrupt: IOAPIC pin 16, abov
 # virtio-mmio slots (StratoVirt's): 6 disks, then 2 NICs, then the other devices.
 BLK_SLOTS, NET_SLOTS = 6, 2
 MAX_VIRTIO_SLOTS = 11            # IRQs 5..15
+# A disk slot's queues (virtio-blk MQ): one per vCPU, as QEMU gives a virtio-blk device,
+# at most this many (each is a thread and an I/O engine in the disk's backend, and an
+# ioeventfd in the vm process). Every disk slot has the same number, empty or not, so a
+# disk hot-plugged into a slot the guest already probed fits it.
+MAX_DISK_QUEUES = 8
+
+
+def disk_queues(vcpus: int) -> int:
+    return max(1, min(vcpus, MAX_DISK_QUEUES))
 
 
 def virtio_mmio_slot(index: int) -> tuple[int, int]:

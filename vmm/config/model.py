@@ -30,6 +30,7 @@ class Drive:
     read_only: bool
     direct: bool
     serial: str | None
+    num_queues: int = 1     # derived: one per vCPU, at most 8 (layout.disk_queues)
 
 
 @dataclass(frozen=True)

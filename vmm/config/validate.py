@@ -8,6 +8,7 @@ import re
 import string
 
 from ..boot.kernel import BadKernel, KernelImage, initrd_address, inspect, read_head
+from .. import layout
 from ..devices.virtio import discovery
 from . import limits as L
 from . import paths
@@ -248,7 +249,8 @@ def _with_host_checks(s: dict[str, Setting], devices: dict[str, list[Item]]) -> 
                               "a disk image may be shared only when every user is read-only")
         opened[key] = (f["path"].where, read_only)
         drives.append(Drive(item.id, paths.absolute(f["path"]), read_only, direct,
-                            f["serial"].value if "serial" in f else None))
+                            f["serial"].value if "serial" in f else None,
+                            layout.disk_queues(_value(s, "vcpus", L.DEFAULT_VCPUS))))
 
     console = None
     for item in devices["console"]:

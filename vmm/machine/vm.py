@@ -109,7 +109,7 @@ class Machine:
                 else:
                     fixed[slot.id] = slot.name
             elif index < layout.BLK_SLOTS:
-                device = EmptyDisk(self.memory)
+                device = EmptyDisk(self.memory, layout.disk_queues(self.config.machine.vcpus))
             elif index < layout.BLK_SLOTS + layout.NET_SLOTS:
                 device = EmptyNic(self.memory)
             else:

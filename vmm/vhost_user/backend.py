@@ -85,10 +85,13 @@ class Vring:
             os.close(old)
         setattr(self, name, fd)
 
-    def start(self, device: Device, ram: GuestRam) -> None:
+    def start(self, device: Device, ram: GuestRam, event_idx: bool = False) -> None:
+        """event_idx: VIRTIO_RING_F_EVENT_IDX was negotiated (the device offered it and
+        the frontend set it): interrupts follow used_event, kicks avail_event."""
         desc, avail, used = (ram.guest_address(a) for a in self.addresses)
         queue = Virtqueue(ram.table(), self.num, desc, avail, used, self.base)
         queue.index = self.index
+        queue.event_idx = event_idx
         if self.inflight is not None:
             resubmitted = queue.track_inflight(*self.inflight)
             if resubmitted:
@@ -145,6 +148,12 @@ class Vring:
                 served = Served(self.queue.needs_interrupt(), False)
             if served.notify and self.call >= 0:
                 os.eventfd_write(self.call, 1)
+            if not served.more and self.queue.event_idx:
+                # avail_event moves on, or the driver would not kick again; then one
+                # more look, for chains made available before it could see that.
+                self.queue.want_notifications()
+                if self.queue.pending():
+                    continue
             events = dict(poller.poll(0 if served.more else None))
             if self._stop_read in events:
                 return
@@ -378,7 +387,8 @@ class Backend:
             if (vring.queue is None and vring.enabled and vring.kick >= 0 and self.ram
                     and vring.addresses and vring.num):
                 try:
-                    vring.start(self.device, self.ram)
+                    vring.start(self.device, self.ram,
+                                bool(self.features & self.device.features & P.F_EVENT_IDX))
                 except (ValueError, P.ProtocolError) as error:
                     # Rings outside guest RAM: that queue stays dead, the backend lives.
                     log.error("ring %d cannot start: %s", vring.index, error)

@@ -44,6 +44,7 @@ PROTOCOL_F_INFLIGHT_SHMFD = 12
 
 # Virtio feature bit 30 in GET_FEATURES: the backend speaks protocol features.
 F_PROTOCOL_FEATURES = 1 << 30
+F_EVENT_IDX = 1 << 29                # VIRTIO_RING_F_EVENT_IDX, a ring feature the backend acts on
 
 U64 = struct.Struct("<Q")
 VRING_STATE = struct.Struct("<II")                 # index, num

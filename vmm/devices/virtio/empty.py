@@ -7,7 +7,9 @@
   read-only after a hot-plug). It runs in the vm process: its queue sees only what a
   guest asks of an empty disk (udev reading the serial, a flush), answered on the vCPU
   thread that kicked, with no backend process to spend on it. Reads and writes fail
-  with IOERR.
+  with IOERR. It has as many queues as a disk in that slot would (MQ: one per vCPU,
+  layout.disk_queues) and offers EVENT_IDX as a disk does, so the features and queues
+  the guest takes at its probe fit every disk plugged in later.
 - An empty NIC slot is a virtio-net device whose link is down (STATUS), as the spec's
   "an empty NIC slot drops what the guest sends" asks: what the guest transmits is
   completed and dropped on the vCPU thread that kicked, its receive queue is never
@@ -29,7 +31,8 @@ import struct
 from ...machine.memory import GuestMemory
 from ...virtio.queue import QueueBroken, Virtqueue
 from .block.attach import QUEUE_SIZE, VIRTIO_ID_BLOCK
-from .block.device import SECTOR, WRITABLE_FEATURES, WRITABLE_LIMITS, config_space
+from .block.device import SECTOR, VIRTIO_RING_F_EVENT_IDX, WRITABLE_LIMITS, config_space
+from .block.device import features as disk_features
 from .block.request import S_IOERR, S_OK, S_UNSUPP, T_FLUSH, T_GET_ID, T_IN, T_OUT
 from .net import device as net
 from .mmio import VIRTIO_F_VERSION_1, DeviceError, Interrupt, QueueSetup, config_bytes
@@ -44,12 +47,14 @@ HEADER = struct.Struct("<IIQ")            # struct virtio_blk_outhdr: type, iopr
 DISCARD_ALIGNMENT = 8                     # sectors: a 4 KiB file system block
 
 
-def _queue(memory: GuestMemory, queue: QueueSetup, base: int) -> Virtqueue:
+def _queue(memory: GuestMemory, queue: QueueSetup, base: int,
+           event_idx: bool = False) -> Virtqueue:
     try:
         ring = Virtqueue(memory.host_regions(), queue.num, queue.desc, queue.avail,
                          queue.used, base)
     except ValueError as error:
         raise DeviceError(str(error)) from None
+    ring.event_idx = event_idx
     ring.want_notifications()
     return ring
 
@@ -78,15 +83,19 @@ class Placeholder:
 
 class EmptyDisk:
     device_id = VIRTIO_ID_BLOCK
-    features = WRITABLE_FEATURES
-    queue_sizes = (QUEUE_SIZE,)
     uses_ioeventfd = False
+    # One queue's; an instance with more queues has its own.
+    features = disk_features(False, 1)
+    queue_sizes = (QUEUE_SIZE,)
     config = config_space(0, SECTOR, WRITABLE_LIMITS, DISCARD_ALIGNMENT)
 
-    def __init__(self, memory: GuestMemory):
+    def __init__(self, memory: GuestMemory, num_queues: int = 1):
         self.memory = memory
-        self.queue: Virtqueue | None = None
-        self.base = 0
+        self.features = disk_features(False, num_queues)
+        self.queue_sizes = (QUEUE_SIZE,) * num_queues
+        self.config = config_space(0, SECTOR, WRITABLE_LIMITS, DISCARD_ALIGNMENT, num_queues)
+        self.queues: list[Virtqueue | None] = [None] * num_queues
+        self.bases = [0] * num_queues
         self.interrupt: Interrupt | None = None
 
     def read_config(self, offset: int, size: int) -> bytes:
@@ -94,32 +103,42 @@ class EmptyDisk:
 
     def activate(self, features: int, queues: list[QueueSetup], kicks: list[int],
                  interrupt: Interrupt, bases: list[int]) -> None:
-        self.base = bases[0]
-        if queues[0].ready:
-            self.queue = _queue(self.memory, queues[0], bases[0])
+        self.bases = list(bases)
+        event_idx = bool(features & VIRTIO_RING_F_EVENT_IDX)
+        self.queues = [_queue(self.memory, queue, base, event_idx) if queue.ready else None
+                       for queue, base in zip(queues, bases)]
         self.interrupt = interrupt
 
     def suspend(self) -> list[int]:
-        if self.queue is not None and not self.queue.broken:
-            self.base = self.queue.last_avail_idx
-        self.queue = None
-        return [self.base]
+        for index, queue in enumerate(self.queues):
+            if queue is not None and not queue.broken:
+                self.bases[index] = queue.last_avail_idx
+        self.queues = [None] * len(self.queue_sizes)
+        return list(self.bases)
 
     def reset(self) -> None:
-        self.queue = None
-        self.base = 0
+        self.queues = [None] * len(self.queue_sizes)
+        self.bases = [0] * len(self.queue_sizes)
 
     def notify(self, index: int) -> None:
-        if self.queue is None:
+        queue = self.queues[index] if index < len(self.queues) else None
+        if queue is None:
             return
+        served = False
         try:
-            while (chain := self.queue.pop()) is not None:
-                self.queue.push(chain.head, self._answer(chain))
+            while True:
+                while (chain := queue.pop()) is not None:
+                    queue.push(chain.head, self._answer(chain))
+                    served = True
+                # Kicks on again (avail_event with EVENT_IDX), then a last look.
+                queue.want_notifications()
+                if not queue.pending():
+                    break
         except QueueBroken as error:
             log.error("empty disk slot: %s", error)
-            self.queue = None
+            self.queues[index] = None
             return
-        if self.queue.needs_interrupt():
+        if served and queue.needs_interrupt():
             self.interrupt.trigger()
 
     @staticmethod

@@ -115,5 +115,8 @@ class SlotTable:
         """Empty `slot`: its occupant, and its device for the caller to close (a
         backend process ends when it is)."""
         occupant = self.occupants.pop(slot)
-        old = self.transports[slot].replace_device(EMPTY[occupant.kind](self.memory))
+        transport = self.transports[slot]
+        empty = EmptyDisk(self.memory, len(transport.device.queue_sizes)) \
+            if occupant.kind == DISK else EMPTY[occupant.kind](self.memory)
+        old = transport.replace_device(empty)
         return occupant, old

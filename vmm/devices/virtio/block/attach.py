@@ -29,12 +29,13 @@ def attach(drive: Drive, index: int, memory: GuestMemory, seccomp: bool,
             disk = os.open(drive.path, open_flags(drive.read_only, drive.direct))
         except OSError as error:
             raise AttachError(f"-drive id={drive.id}: {drive.path}: {error.strerror}") from None
-    slot = Slot(index, drive.id, f"disk {drive.id}", VIRTIO_ID_BLOCK, (QUEUE_SIZE,), CONFIG_SIZE)
+    slot = Slot(index, drive.id, f"disk {drive.id}", VIRTIO_ID_BLOCK,
+                (QUEUE_SIZE,) * drive.num_queues, CONFIG_SIZE)
     try:
         return spawn_backend(slot, f"vmm-blk-{drive.id}", f"blk-{drive.id}", [disk],
                              lambda sock, fds, _: main.serve_disk(fds[0], sock, drive.read_only,
                                                                   drive.direct, drive.serial,
-                                                                  seccomp),
+                                                                  seccomp, drive.num_queues),
                              memory)
     finally:
         if own:

@@ -15,7 +15,8 @@ import click
 
 from .... import sandbox
 from .. import program
-from .device import BlockDevice
+from . import request
+from .device import MAX_QUEUES, BlockDevice
 
 
 
@@ -29,7 +30,15 @@ from .device import BlockDevice
 @click.option("--read-only", is_flag=True, help="Offer a read-only disk (VIRTIO_BLK_F_RO).")
 @click.option("--direct/--no-direct", default=False, help="Open the image with O_DIRECT.")
 @click.option("--serial", default=None, help="Disk serial (GET_ID), at most 20 ASCII bytes.")
-def main(socket_path, fd, print_capabilities, blk_file, read_only, direct, serial):
+@click.option("--num-queues", type=click.IntRange(1, MAX_QUEUES), default=1, show_default=True,
+              help="Queues offered (VIRTIO_BLK_F_MQ when more than one; QEMU's "
+                   "vhost-user-blk num-queues= may use up to this many).")
+@click.option("--aio", "engine", type=click.Choice([request.AUTO, *request.ENGINES]),
+              default=request.AUTO, show_default=True,
+              help="I/O engine: auto is io_uring, else Linux AIO (aio), with --direct; "
+                   "inline without it.")
+def main(socket_path, fd, print_capabilities, blk_file, read_only, direct, serial, num_queues,
+         engine):
     """vhost-user virtio-blk backend."""
     if print_capabilities:
         print(json.dumps({"type": "block", "features": ["blk-file", "read-only"]}))
@@ -42,18 +51,21 @@ def main(socket_path, fd, print_capabilities, blk_file, read_only, direct, seria
         disk = os.open(blk_file, flags)
     except OSError as error:
         raise click.ClickException(f"--blk-file: {blk_file}: {error.strerror}") from None
-    device = BlockDevice(disk, read_only, direct, serial)
+    device = BlockDevice(disk, read_only, direct, serial, num_queues, engine)
     program.exit_on_sigterm()
     program.serve(device, socket_path, fd)
 
 
 def serve_disk(disk_fd: int, sock: socket.socket, read_only: bool, direct: bool,
-               serial: str | None, seccomp: bool) -> int:
+               serial: str | None, seccomp: bool, num_queues: int = 1,
+               engine: str = request.AUTO) -> int:
     """The launcher's entry into a disk's backend process (forked, see vmm/children.py):
     the disk is already open with the right flags, the socket already connected. The
-    process is confined before it reads a byte from the vm process or the guest."""
+    process is confined before it reads a byte from the vm process or the guest; its
+    I/O engines (io_uring rings, AIO contexts) are made before that, so the calls that
+    make them are not in its profile."""
     program.exit_on_sigterm()
-    device = BlockDevice(disk_fd, read_only, direct, serial)
+    device = BlockDevice(disk_fd, read_only, direct, serial, num_queues, engine)
     sandbox.confine("virtio-blk", seccomp=seccomp)
     program.serve_connection(device, sock)
     return 0

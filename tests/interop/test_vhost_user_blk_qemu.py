@@ -65,11 +65,13 @@ def host_tsc_khz() -> int:
     raise AssertionError("no cpu MHz in /proc/cpuinfo")
 
 
-def qemu_guest(socket_path, reconnect: bool = False, smp: int = 1) -> Vm:
+def qemu_guest(socket_path, reconnect: bool = False, smp: int = 1,
+               num_queues: int | None = None) -> Vm:
     """Debian's kernel under QEMU TCG. Under TCG the kernel's early TSC calibration
     fails now and then and the boot hangs ("could not calculate TSC khz"); telling it
     the frequency (tsc_early_khz) skips the calibration. reconnect: QEMU connects again
-    (every second) to a backend that went away."""
+    (every second) to a backend that went away. num_queues: QEMU's vhost-user-blk
+    num-queues= (its default: 1 on virtio-mmio)."""
     assets = guest_assets()
     return Vm(["qemu-system-x86_64", "-M", "microvm,accel=tcg,memory-backend=mem",
                "-object", "memory-backend-memfd,id=mem,size=256M,share=on",
@@ -79,7 +81,9 @@ def qemu_guest(socket_path, reconnect: bool = False, smp: int = 1) -> Vm:
                "-append", f"console=ttyS0 quiet panic=-1 tsc_early_khz={host_tsc_khz()}",
                "-chardev", f"socket,id=c0,path={socket_path}"
                            + (",reconnect=1" if reconnect else ""),
-               "-device", "vhost-user-blk,chardev=c0", "-no-reboot"], timeout=300)
+               "-device", "vhost-user-blk,chardev=c0"
+                          + (f",num-queues={num_queues}" if num_queues else ""),
+               "-no-reboot"], timeout=300)
 
 
 def shell(vm: Vm, command: str, marker: str) -> str:
@@ -122,6 +126,46 @@ def test_guest_writes_a_pattern_and_reads_it_back(tmp_path, disk):
         f.seek(1024 * 4096)
         on_host = hashlib.md5(f.read(256 * 4096)).hexdigest()
     assert written == read == on_host
+
+
+def test_two_queues_and_o_direct_behind_qemu(tmp_path, disk):
+    """--num-queues 2 --direct behind QEMU's num-queues=2 with two vCPUs: Linux's
+    virtio_blk takes MQ and makes two hardware queues; a writer pinned to each vCPU
+    (so each submits on its own queue) writes and reads back its half of the disk with
+    O_DIRECT while the other runs; both queues' rings served (a worker thread each), the
+    backend's one engine line says io_uring, the data is on the image."""
+    backend, socket_path = start_backend(tmp_path, disk, "--num-queues", "2", "--direct")
+    vm = qemu_guest(socket_path, smp=2, num_queues=2)
+    try:
+        vm.expect("initramfs: ready")
+        queues = shell(vm, "ls /sys/block/vda/mq", "MQ")[1].split()
+        assert queues[-2:] == ["0", "1"], queues
+        for cpu in (0, 1):
+            shell(vm, f"{BUSYBOX} dd if=/dev/urandom of=/p{cpu} bs=4096 count=256 2>/dev/null",
+                  f"MADE{cpu}")
+        script = ("cpu=$1; i=0; while [ $i -lt 4 ]; do "
+                  "dd if=/p$cpu of=/dev/vda bs=64k seek=$((cpu * 64 + i * 16)) oflag=direct "
+                  "2>/dev/null || echo ERROR; i=$((i + 1)); done; echo DONE$cpu")
+        vm.send(f"cat > /w.sh << 'EOF'\n{script}\nEOF\n")
+        shell(vm, "true", "WRITTEN")
+        vm.send(f"{BUSYBOX} taskset -c 0 sh /w.sh 0 & {BUSYBOX} taskset -c 1 sh /w.sh 1 &\n")
+        for _ in range(2):
+            vm.expect(r"DONE(\d)")
+        sums = {cpu: md5_in(shell(vm, f"{BUSYBOX} md5sum /p{cpu}", f"SUM{cpu}")[1])
+                for cpu in (0, 1)}
+        threads = len(os.listdir(f"/proc/{backend.pid}/task"))
+        errors = shell(vm, "dmesg | grep -i -c -e 'I/O error' -e blk_update", "DMESG")[1]
+    finally:
+        stop(vm, backend)
+    output = backend.stdout.read().decode()
+    assert "I/O engine: io_uring" in output and "2 queues" in output, output
+    assert "ERROR" not in errors and errors.split()[-1] == "0", errors
+    assert threads >= 3, threads              # main, and one worker per ring
+    with open(disk, "rb") as f:
+        for cpu in (0, 1):
+            for i in range(4):
+                f.seek((cpu * 64 + i * 16) * 65536)
+                assert hashlib.md5(f.read(256 * 4096)).hexdigest() == sums[cpu], (cpu, i)
 
 
 def test_read_only_disk_refuses_writes(tmp_path, disk):
@@ -225,14 +269,19 @@ def holdable(tmp_path):
 
 
 @pytest.mark.needs_root
-def test_guest_io_survives_a_backend_killed_again_and_again(tmp_path, holdable):
+@pytest.mark.parametrize("options", [(), ("--direct", "--num-queues", "2")],
+                         ids=["buffered", "direct-io_uring-2-queues"])
+def test_guest_io_survives_a_backend_killed_again_and_again(tmp_path, holdable, options):
     """Four guest processes write and read back checksummed data (O_DIRECT and buffered,
     several requests in flight) while the backend is SIGKILLed and started again on the
     same socket, KILLS times. Every other kill waits until a write is surely in flight
     in the backend (its image's file system holds writes: a thread blocks in the write),
     so the new backend has something to resubmit from the region QEMU hands back. No
     I/O error in the guest, every read matches its write, the image holds the last
-    write of every slot."""
+    write of every slot. Once with the backend buffered (requests run inline, one at a
+    time per queue), once with O_DIRECT and two queues (many requests in flight on each
+    queue's io_uring, completed out of order, when it dies)."""
+    queues = 2 if "--num-queues" in options else None
     fs = holdable
     rng = random.Random(7)
     log = open(tmp_path / "backends.log", "w+")
@@ -241,8 +290,8 @@ def test_guest_io_survives_a_backend_killed_again_and_again(tmp_path, holdable):
         disk = fs.root / "disk.img"
         with open(disk, "wb") as f:
             f.truncate(DISK_BYTES)
-        backend, socket_path = start_backend(tmp_path, disk, output=log)
-        vm = qemu_guest(socket_path, reconnect=True, smp=2)
+        backend, socket_path = start_backend(tmp_path, disk, *options, output=log)
+        vm = qemu_guest(socket_path, reconnect=True, smp=2, num_queues=queues)
         vm.expect("initramfs: ready")
         vm.send("cat > /w.sh << 'EOF'\n" + WORKER.lstrip() + "EOF\n")
         shell(vm, "true", "WRITTEN")
@@ -257,7 +306,7 @@ def test_guest_io_survives_a_backend_killed_again_and_again(tmp_path, holdable):
             backend.send_signal(signal.SIGKILL)
             fs.release()                    # a held write keeps the process until then
             backend.wait(30)
-            backend, _ = start_backend(tmp_path, disk, output=log)
+            backend, _ = start_backend(tmp_path, disk, *options, output=log)
             # Serving again: QEMU reconnected and started the ring (its worker thread).
             assert wait_until(lambda: len(threads_in(backend.pid)) >= 2, 60), f"kill {kill}"
         vm.send("touch /stop\n")

@@ -12,7 +12,6 @@ import logging
 import os
 import socket
 
-import click
 
 from .... import sandbox
 from .. import program
@@ -22,39 +21,48 @@ from .device import NetDevice, format_mac, generated_mac, parse_mac
 log = logging.getLogger(__name__)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--socket-path", type=click.Path(dir_okay=False),
-              help="Listen on this unix socket (created; a stale one left by a killed "
-                   "backend is replaced).")
-@click.option("--fd", type=int, help="Serve this inherited, connected unix socket.")
-@click.option("--print-capabilities", is_flag=True, help="Print the backend's capabilities.")
-@click.option("--tap", "tap_name", help="The existing tap interface to use.")
-@click.option("--tap-fd", type=int,
-              help="An inherited fd of /dev/net/tun attached to a tap with "
-                   "IFF_TAP|IFF_NO_PI|IFF_VNET_HDR.")
-@click.option("--mac", help="The MAC address the device offers (default: one derived "
-                            "from the tap's name, locally administered).")
-def main(socket_path, fd, print_capabilities, tap_name, tap_fd, mac):
-    """vhost-user virtio-net backend on a host tap."""
-    if print_capabilities:
-        print(json.dumps({"type": "net"}))
-        return
-    if (socket_path is None) == (fd is None) or (tap_name is None) == (tap_fd is None):
-        raise click.UsageError("give one of --tap or --tap-fd, and one of --socket-path or --fd")
-    logging.basicConfig(level=logging.INFO, format="vhost-user-net: %(message)s")
-    try:
-        mac_bytes = parse_mac(mac) if mac else None
-    except ValueError as error:
-        raise click.BadParameter(str(error), param_hint="--mac") from None
-    try:
-        tap = _inherited_tap(tap_fd) if tap_fd is not None else T.open_tap(tap_name)
-        name = T.name_of(tap)
-        device = NetDevice(tap, mac_bytes or generated_mac(name), _mtu(name))
-    except (T.TapError, OSError) as error:
-        raise click.ClickException(str(error)) from None
-    log.info("tap %s, MAC %s", name, format_mac(device.mac))
-    program.exit_on_sigterm()
-    program.serve(device, socket_path, fd)
+def main() -> None:
+    """The program (its console script). Its options are click's, imported here only:
+    the launcher imports this module for serve_nic() and needs none of click
+    (docs/performance.md)."""
+    import click
+
+    @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+    @click.option("--socket-path", type=click.Path(dir_okay=False),
+                  help="Listen on this unix socket (created; a stale one left by a killed "
+                       "backend is replaced).")
+    @click.option("--fd", type=int, help="Serve this inherited, connected unix socket.")
+    @click.option("--print-capabilities", is_flag=True, help="Print the backend's capabilities.")
+    @click.option("--tap", "tap_name", help="The existing tap interface to use.")
+    @click.option("--tap-fd", type=int,
+                  help="An inherited fd of /dev/net/tun attached to a tap with "
+                       "IFF_TAP|IFF_NO_PI|IFF_VNET_HDR.")
+    @click.option("--mac", help="The MAC address the device offers (default: one derived "
+                                "from the tap's name, locally administered).")
+    def command(socket_path, fd, print_capabilities, tap_name, tap_fd, mac):
+        """vhost-user virtio-net backend on a host tap."""
+        if print_capabilities:
+            print(json.dumps({"type": "net"}))
+            return
+        if (socket_path is None) == (fd is None) or (tap_name is None) == (tap_fd is None):
+            raise click.UsageError("give one of --tap or --tap-fd, and one of --socket-path "
+                                   "or --fd")
+        logging.basicConfig(level=logging.INFO, format="vhost-user-net: %(message)s")
+        try:
+            mac_bytes = parse_mac(mac) if mac else None
+        except ValueError as error:
+            raise click.BadParameter(str(error), param_hint="--mac") from None
+        try:
+            tap = _inherited_tap(tap_fd) if tap_fd is not None else T.open_tap(tap_name)
+            name = T.name_of(tap)
+            device = NetDevice(tap, mac_bytes or generated_mac(name), _mtu(name))
+        except (T.TapError, OSError) as error:
+            raise click.ClickException(str(error)) from None
+        log.info("tap %s, MAC %s", name, format_mac(device.mac))
+        program.exit_on_sigterm()
+        program.serve(device, socket_path, fd)
+
+    command()
 
 
 def _mtu(name: str) -> int | None:

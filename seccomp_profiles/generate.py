@@ -240,7 +240,10 @@ BLK = [
          "flushed).", {"index": 3, "value": 0, "valueTwo": 0, "op": "SCMP_CMP_EQ"}),
     rule("io_uring_enter", "O_DIRECT disk: wait for the ring's completions when a ring "
          "stops or breaks with requests in flight (blk_drain).",
-         eq(3, "IORING_ENTER_GETEVENTS")),
+         eq(3, "IORING_ENTER_GETEVENTS"),
+         stays="only when a ring stops or breaks while requests are in flight (or liburing "
+         "flushes completions); tests/unit/test_vhost_user_blk_engine.py stops a busy ring "
+         "and kills backends with writes held."),
     rule("io_submit", "O_DIRECT disk where io_uring is refused: hand requests to the "
          "queue's Linux AIO context (PREADV, PWRITEV, FDSYNC)."),
     rule("io_getevents", "O_DIRECT disk where io_uring is refused: reap the AIO context's "

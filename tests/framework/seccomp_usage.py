@@ -22,10 +22,11 @@ Host sessions (this machine's /dev/kvm, the tiny guest), each its own strace run
            a console client on the restarted console.
 - blk-io:  disk backends forked and confined exactly as the launcher does it
            (vmm.children.spawn + serve_disk), driven with real I/O by the host-side
-           virtio driver (tests/framework/virtio_driver.py): buffered, O_DIRECT and
-           read-only image files, and (as root) a loop device; reads, writes, flush, GET_ID, discard, write-zeroes, bad
-           requests, a ring stopped and restarted, a malformed ring; each with the
-           inflight region (GET/SET_INFLIGHT_FD).
+           virtio driver (tests/framework/virtio_driver.py): buffered, O_DIRECT (on
+           io_uring, and on Linux AIO as where io_uring is refused) and read-only image
+           files, and (as root) a loop device; reads, writes, flush, GET_ID, discard,
+           write-zeroes, bad requests, a batch in flight, a ring stopped and restarted, a
+           malformed ring; each with the inflight region (GET/SET_INFLIGHT_FD).
 
 Nested session (record_nested): inside L1, the nested suite's own L1 scripts
 (tests/nested/l1/boot_checks.py and disk_checks.py: Debian's kernel as L2 with disks
@@ -450,14 +451,14 @@ def _blk_io(workdir: Path) -> None:
         path.write_bytes(bytes(range(256)) * (8 * MiB // 256))
         return path
 
-    def backend(name, read_only, direct, serial, path=None):
+    def backend(name, read_only, direct, serial, path=None, engine="auto"):
         path = path or image(name)
         fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
                      | (os.O_DIRECT if direct else 0))
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         child = children.spawn(f"vmm-blk-{name}", "virtio-blk", [fd, theirs.fileno()],
                                functools.partial(serve_disk, fd, theirs, read_only, direct,
-                                                 serial, True))
+                                                 serial, True, 1, engine))
         theirs.close()
         os.close(fd)
         driver = Driver(Connection(ours), mem_size=64 * MiB, num=256)
@@ -501,10 +502,13 @@ def _blk_io(workdir: Path) -> None:
         assert request(driver, R.T_IN, 0, [(data, 4096)], writable=True) == R.S_OK
 
     ended = []
-    for name, read_only, direct, serial in (("buffered", False, False, "buf-serial"),
-                                            ("direct", False, True, None),
-                                            ("ro", True, False, "ro-serial")):
-        child, driver, connection = backend(name, read_only, direct, serial)
+    # O_DIRECT: io_uring (auto), and Linux AIO as where io_uring is refused.
+    for name, read_only, direct, serial, engine in (
+            ("buffered", False, False, "buf-serial", "auto"),
+            ("direct", False, True, None, "auto"),
+            ("direct-aio", False, True, None, "aio"),
+            ("ro", True, False, "ro-serial", "auto")):
+        child, driver, connection = backend(name, read_only, direct, serial, engine=engine)
         try:
             workload(driver, read_only)
         except Died:

@@ -67,6 +67,9 @@ def serve_disk(disk_fd: int, sock: socket.socket, read_only: bool, direct: bool,
     program.exit_on_sigterm()
     device = BlockDevice(disk_fd, read_only, direct, serial, num_queues, engine)
     sandbox.confine("virtio-blk", seccomp=seccomp)
-    program.serve_connection(device, sock)
+    try:
+        program.serve_connection(device, sock)
+    finally:
+        device.requests.leave_to_exit()
     return 0
 

@@ -192,6 +192,11 @@ class Requests:
         """Releases the engines (every queue's worker must have returned)."""
         self._finalizer()
 
+    def leave_to_exit(self) -> None:
+        """The process ends next: the kernel releases the rings and AIO contexts, and
+        nothing here does (io_destroy is not in a confined backend's profile)."""
+        self._finalizer.detach()
+
     def process(self, queue: Virtqueue) -> Served:
         """Serves up to one ring's worth of chains. QueueBroken if the ring is malformed."""
         rc = lib.blk_process(queue.native, self._disk, self._worker(queue).native, queue.num)

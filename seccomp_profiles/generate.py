@@ -193,8 +193,6 @@ VM = [
          "takes this path."),
     rule("prctl", "The vCPU and QMP threads name themselves (vmm-vcpuN, vmm-qmp): the names "
          "`stratovirt seccomp check` reads.", eq(0, "PR_SET_NAME")),
-    rule("prctl", "libseccomp sets no_new_privs again when a thread loads its own filter.",
-         eq(0, "PR_SET_NO_NEW_PRIVS")),
     rule("seccomp", "Each vCPU and the QMP thread stack their own filter on this one "
          "(a filter can only narrow what is allowed).", eq(0, "SECCOMP_SET_MODE_FILTER")),
 ]
@@ -333,8 +331,6 @@ FORKED_BACKEND = [
     rule("getppid", "A forked backend checks its parent is still the launcher after "
          "PR_SET_PDEATHSIG."),
     rule("set_robust_list", "glibc's fork sets up the new process's robust futex list."),
-    rule("getrandom", "Python's random module reseeds itself in a forked child "
-         "(os.register_at_fork)."),
     rule("prlimit64", "A forked backend reads its fd limit (os.sysconf) to close every fd "
          "above its own; reading only, no new limit (arg2 NULL).",
          {"index": 2, "value": 0, "valueTwo": 0, "op": "SCMP_CMP_EQ"}),

@@ -84,8 +84,10 @@ def test_one_backend_process_per_disk_holding_only_its_own(tmp_path, tiny_guest,
             assert [t for t in targets if t.endswith(".img")] == own, (name, targets)
             if name != "vmm-vm":
                 # Its disk, its socket, guest RAM (the memfd that came over vhost-user:
-                # Python's mmap keeps a dup of it), /dev/null as stdin, stdout and stderr.
-                assert len(targets) == 6, targets
+                # Python's mmap keeps a dup of it), its one queue's io_uring (an O_DIRECT
+                # disk, one vCPU), /dev/null as stdin, the VM's stdout and stderr.
+                assert len(targets) == 7, targets
+                assert targets.count("anon_inode:[io_uring]") == 1
                 assert sum(1 for t in targets if t.startswith("socket:")) == 1
                 assert sum(1 for t in targets if t.startswith("/memfd:guest-ram")) == 1
                 maps = Path(f"/proc/{pid}/maps").read_text()

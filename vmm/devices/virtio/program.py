@@ -37,11 +37,13 @@ def serve_connection(device: Device, client: socket.socket) -> None:
         client.close()
 
 
-def serve(device: Device, socket_path: str | None, fd: int | None,
+def serve(make_device: Callable[[], Device], socket_path: str | None, fd: int | None,
           after_each: Callable[[], None] = lambda: None) -> None:
-    """after_each() runs when a frontend goes (a device forgets that guest's state)."""
+    """make_device() runs once the socket is ours, so a program refused its socket says
+    so in one line, before the device has set anything up (or logged its I/O engine).
+    after_each() runs when a frontend goes (a device forgets that guest's state)."""
     if fd is not None:
-        serve_connection(device, socket.socket(fileno=fd))
+        serve_connection(make_device(), socket.socket(fileno=fd))
         return
     try:
         remove_stale(socket_path)
@@ -50,6 +52,7 @@ def serve(device: Device, socket_path: str | None, fd: int | None,
         import click            # the stand-alone programs' (a VM's backends never listen)
         raise click.ClickException(f"--socket-path: {socket_path}: {error.strerror}") from None
     try:
+        device = make_device()
         while True:
             client, _ = listener.accept()
             serve_connection(device, client)

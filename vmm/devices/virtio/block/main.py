@@ -19,7 +19,6 @@ from . import request
 from .device import MAX_QUEUES, BlockDevice
 
 
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--socket-path", type=click.Path(dir_okay=False),
               help="Listen on this unix socket (created; a stale one left by a killed "
@@ -51,9 +50,9 @@ def main(socket_path, fd, print_capabilities, blk_file, read_only, direct, seria
         disk = os.open(blk_file, flags)
     except OSError as error:
         raise click.ClickException(f"--blk-file: {blk_file}: {error.strerror}") from None
-    device = BlockDevice(disk, read_only, direct, serial, num_queues, engine)
     program.exit_on_sigterm()
-    program.serve(device, socket_path, fd)
+    program.serve(lambda: BlockDevice(disk, read_only, direct, serial, num_queues, engine),
+                  socket_path, fd)
 
 
 def serve_disk(disk_fd: int, sock: socket.socket, read_only: bool, direct: bool,

@@ -53,7 +53,8 @@ def main() -> None:
                                        f"{error.strerror}") from None
         program.exit_on_sigterm()
         try:
-            program.serve(ConsoleDevice(Port(listener, name).start()), socket_path, fd)
+            program.serve(lambda: ConsoleDevice(Port(listener, name).start()), socket_path,
+                          fd)
         finally:
             os.unlink(console_socket)
 

@@ -60,7 +60,7 @@ def main() -> None:
             raise click.ClickException(str(error)) from None
         log.info("tap %s, MAC %s", name, format_mac(device.mac))
         program.exit_on_sigterm()
-        program.serve(device, socket_path, fd)
+        program.serve(lambda: device, socket_path, fd)
 
     command()
 

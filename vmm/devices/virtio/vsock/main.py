@@ -60,7 +60,7 @@ def main() -> None:
         program.exit_on_sigterm()
         try:
             muxer = Muxer(guest_cid, listener, os.path.abspath(uds_path)).start()
-            program.serve(VsockDevice(muxer), socket_path, fd, after_each=muxer.reset)
+            program.serve(lambda: VsockDevice(muxer), socket_path, fd, after_each=muxer.reset)
         finally:
             os.unlink(uds_path)
 

@@ -30,8 +30,8 @@ import struct
 
 from ...machine.memory import GuestMemory
 from ...virtio.queue import QueueBroken, Virtqueue
-from .block.attach import QUEUE_SIZE, VIRTIO_ID_BLOCK
-from .block.device import SECTOR, VIRTIO_RING_F_EVENT_IDX, WRITABLE_LIMITS, config_space
+from .block.device import QUEUE_SIZE, SECTOR, VIRTIO_ID_BLOCK, VIRTIO_RING_F_EVENT_IDX, \
+    WRITABLE_LIMITS, config_space
 from .block.device import features as disk_features
 from .block.request import S_IOERR, S_OK, S_UNSUPP, T_FLUSH, T_GET_ID, T_IN, T_OUT
 from .net import device as net

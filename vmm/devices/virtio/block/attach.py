@@ -8,10 +8,7 @@ from ....config.model import Drive
 from ....machine.memory import GuestMemory
 from ..attach import Attached, AttachError, Slot, spawn_backend
 from . import main
-from .device import CONFIG_SIZE
-
-VIRTIO_ID_BLOCK = 2
-QUEUE_SIZE = 256            # QEMU's default for virtio-blk
+from .device import CONFIG_SIZE, QUEUE_SIZE, VIRTIO_ID_BLOCK
 
 
 def open_flags(read_only: bool, direct: bool) -> int:

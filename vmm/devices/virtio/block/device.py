@@ -28,6 +28,8 @@ VIRTIO_RING_F_INDIRECT_DESC = 1 << 28
 VIRTIO_RING_F_EVENT_IDX = 1 << 29
 VIRTIO_F_VERSION_1 = 1 << 32
 
+VIRTIO_ID_BLOCK = 2
+QUEUE_SIZE = 256                 # QEMU's default for virtio-blk
 MAX_QUEUE_SIZE = 1024            # QEMU's vhost-user-blk asks for 1024
 SEG_MAX = 254                     # fits any ring of 256 or more (a request's header and
                                   # status take two descriptors)

@@ -23,6 +23,7 @@ from typing import Callable
 import prctl
 
 from . import log as vmm_log, timeline
+from .log_limit import guest as guest_lines
 from .sandbox.empty_root import EmptyRootError
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ def spawn(name: str, role: str, keep_fds: list[int], body: Callable[[], int],
         except BaseException:
             log.exception("%s failed", role)
         finally:
+            guest_lines.flush()     # what a guest's mistakes left unsaid (log_limit.py)
             logging.shutdown()
             os._exit(status)
     timeline.mark(f"{name} forked")

@@ -33,6 +33,10 @@ completion is published (native/virtq.h, vq_inflight_start). A ring started with
 region a previous backend used resubmits what that one left in flight, oldest first,
 before anything new. The devices that complete in Python, in order, as they pop (net,
 console, vsock) do not track.
+
+A guest drives this process through its frontend: what it gets wrong here (a broken
+ring, a request the device refuses) is logged through vmm/log_limit.py, as the
+process's own device ("").
 """
 
 import fcntl
@@ -44,6 +48,7 @@ import threading
 from typing import Protocol
 
 from .._virtq import ffi
+from ..log_limit import guest
 from ..virtio.queue import INFLIGHT_MAX_QUEUE, QueueBroken, Served, Virtqueue, inflight_queue_bytes
 from . import protocol as P
 from .memory import GuestRam
@@ -127,7 +132,8 @@ class Vring:
             try:
                 serve(self.queue, self.kick, self.call, self._stop_read)
             except (QueueBroken, OSError) as error:
-                log.error("ring %d: the device stops serving it: %s", self.index, error)
+                guest.error(log, "", "broken ring", "ring %d: the device stops serving it: %s",
+                            self.index, error)
             return
         poller = select.poll()
         poller.register(self.kick, select.POLLIN)
@@ -142,7 +148,8 @@ class Vring:
             try:
                 served = device.process(self.queue)
             except QueueBroken as error:
-                log.error("ring %d is broken, the device stops serving it: %s", self.index, error)
+                guest.error(log, "", "broken ring", "ring %d is broken, the device stops "
+                            "serving it: %s", self.index, error)
                 return
             if served is None:
                 served = Served(self.queue.needs_interrupt(), False)
@@ -185,7 +192,7 @@ class Backend:
                     answer = self._handle(message)
                     failed = False
                 except P.ProtocolError as error:
-                    log.error("%s: %s", message.name, error)
+                    guest.error(log, "", "refused request", "%s: %s", message.name, error)
                     answer, failed = None, True
                 if isinstance(answer, tuple):           # a reply that carries fds
                     try:
@@ -391,4 +398,5 @@ class Backend:
                                 bool(self.features & self.device.features & P.F_EVENT_IDX))
                 except (ValueError, P.ProtocolError) as error:
                     # Rings outside guest RAM: that queue stays dead, the backend lives.
-                    log.error("ring %d cannot start: %s", vring.index, error)
+                    guest.error(log, "", "misprogrammed queue", "ring %d cannot start: %s",
+                                vring.index, error)

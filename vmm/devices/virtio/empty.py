@@ -19,13 +19,13 @@
   ethN names when a tap is plugged later.
 
 Both take over the rings a backend leaves when it is unplugged from a live slot, and
-hand them to the next one (activate's bases, suspend): mmio.py, replace_device.
+hand them to the next one (activate's bases, suspend): mmio.py, replace_device. A ring
+the guest broke is served no more: notify() says so with DeviceError, and the transport
+logs it (bounded: vmm/log_limit.py).
 - Any other empty slot is device ID 0, which the virtio spec (4.2.2) calls a
   placeholder: Linux's driver skips it without a message.
 """
 
-import logging
-import os
 import struct
 
 from ...machine.memory import GuestMemory
@@ -36,8 +36,6 @@ from .block.device import features as disk_features
 from .block.request import S_IOERR, S_OK, S_UNSUPP, T_FLUSH, T_GET_ID, T_IN, T_OUT
 from .net import device as net
 from .mmio import VIRTIO_F_VERSION_1, DeviceError, Interrupt, QueueSetup, config_bytes
-
-log = logging.getLogger(__name__)
 
 VIRTIO_ID_NET = 1
 NET_RX, NET_TX = 0, 1
@@ -135,9 +133,8 @@ class EmptyDisk:
                 if not queue.pending():
                     break
         except QueueBroken as error:
-            log.error("empty disk slot: %s", error)
             self.queues[index] = None
-            return
+            raise DeviceError(str(error)) from None
         if served and queue.needs_interrupt():
             self.interrupt.trigger()
 
@@ -205,8 +202,7 @@ class EmptyNic:
                 self.tx.push(chain.head, 0)
                 self.dropped += 1
         except QueueBroken as error:
-            log.error("empty NIC slot: %s", error)
             self.tx = None
-            return
+            raise DeviceError(str(error)) from None
         if self.tx.needs_interrupt():
             self.interrupt.trigger()

@@ -14,6 +14,8 @@ bit is ours and is exact.
 
 A device that breaks (a ring the guest placed outside RAM, a backend that died) gets
 DEVICE_NEEDS_RESET and a configuration-change interrupt; the guest's driver decides.
+What the guest gets wrong is logged through vmm/log_limit.py, keyed by the slot's name:
+a guest that does it in a loop gets a few lines and then summaries.
 
 Hot-plug replaces the device behind a slot (replace_device): the guest's driver keeps
 the slot and the features it negotiated; a live slot's rings move to the new device
@@ -29,6 +31,7 @@ import threading
 from dataclasses import dataclass
 from typing import Protocol
 
+from ...log_limit import guest
 from ...machine.memory import GuestMemory, GuestMemoryError
 
 log = logging.getLogger(__name__)
@@ -95,7 +98,9 @@ class VirtioDevice(Protocol):
         """Stop serving a live device's queues; each queue's next available index.
         Every chain taken from a ring has been completed when it returns."""
     def reset(self) -> None: ...
-    def notify(self, index: int) -> None: ...
+    def notify(self, index: int) -> None:
+        """A kick for a device served here; DeviceError when the ring is broken (the
+        device stops serving it, the transport logs it)."""
 
 
 class Interrupt:
@@ -208,7 +213,7 @@ class MmioTransport:
             self.queue_sel = value
         elif offset == QUEUE_NOTIFY:
             if self.live and not self.device.uses_ioeventfd and value < len(self.queues):
-                self.device.notify(value)
+                self._notify(self.device, value)
         elif offset == INTERRUPT_ACK:
             self.interrupt_status &= ~value
         elif offset == STATUS:
@@ -244,8 +249,9 @@ class MmioTransport:
         if value & ~self.status & FEATURES_OK:
             wanted = self.driver_features
             if wanted & ~self.device.features or not wanted & VIRTIO_F_VERSION_1:
-                log.warning("%s: the driver asked for features %#x of %#x; FEATURES_OK refused",
-                            self.who, wanted, self.device.features)
+                guest.warning(log, self.name, "refused features", "%s: the driver asked for "
+                              "features %#x of %#x; FEATURES_OK refused", self.who, wanted,
+                              self.device.features)
                 value &= ~FEATURES_OK
         if value & ~self.status & DRIVER_OK:
             if not value & FEATURES_OK:
@@ -261,9 +267,13 @@ class MmioTransport:
             for index, queue in enumerate(self.queues):
                 if queue.ready:
                     self._check_queue(index, queue)
+        except DeviceError as error:
+            self.break_device(str(error), "misprogrammed queue")
+            return
+        try:
             self._start(self.device, [0] * len(self.queues))
         except DeviceError as error:
-            self.break_device(str(error))
+            self.break_device(str(error), "failed start")
             return
         self.live = True
 
@@ -352,7 +362,15 @@ class MmioTransport:
                 if device.uses_ioeventfd:
                     os.eventfd_write(self.kicks[index], 1)
                 else:
-                    device.notify(index)
+                    self._notify(device, index)
+
+    def _notify(self, device: VirtioDevice, index: int) -> None:
+        """A kick for a device served in this process."""
+        try:
+            device.notify(index)
+        except DeviceError as error:
+            guest.error(log, self.name, "broken ring", "%s: queue %d: %s", self.who, index,
+                        error)
 
     def _config_changed(self) -> None:
         self.interrupt_status |= INT_CONFIG
@@ -373,10 +391,11 @@ class MmioTransport:
             except GuestMemoryError:
                 raise DeviceError(f"queue {index}: {what} at {address:#x} is outside guest RAM") from None
 
-    def break_device(self, why: str) -> None:
-        """DEVICE_NEEDS_RESET and a configuration-change interrupt. Caller holds the lock
-        (or is the transport itself)."""
-        log.error("%s: %s; the device needs a reset", self.who, why)
+    def break_device(self, why: str, kind: str) -> None:
+        """DEVICE_NEEDS_RESET and a configuration-change interrupt, for what the guest
+        did (`kind`, as log_limit counts it). Caller holds the lock (or is the transport
+        itself)."""
+        guest.error(log, self.name, kind, "%s: %s; the device needs a reset", self.who, why)
         self.status |= DEVICE_NEEDS_RESET
         self._config_changed()
 
@@ -385,7 +404,7 @@ class MmioTransport:
             try:
                 self.device.reset()
             except DeviceError as error:
-                log.error("%s: reset: %s", self.who, error)
+                guest.error(log, self.name, "failed reset", "%s: reset: %s", self.who, error)
         self._drain_kicks()           # kicks from before the reset mean nothing now
         self._reset_state()
 

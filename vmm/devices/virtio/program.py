@@ -14,6 +14,7 @@ import socket
 import sys
 from typing import Callable
 
+from ...log_limit import guest
 from ...vhost_user.backend import Backend, Device
 from ...vhost_user.protocol import Connection, ProtocolError
 from .listener import listen_unix, remove_stale
@@ -35,6 +36,7 @@ def serve_connection(device: Device, client: socket.socket) -> None:
         log.error("frontend connection ended: %s", error)
     finally:
         client.close()
+        guest.flush()           # that guest's suppressed lines, summed up (log_limit.py)
 
 
 def serve(make_device: Callable[[], Device], socket_path: str | None, fd: int | None,

@@ -21,7 +21,7 @@ length beyond its buffers or over 64 KiB, a type other than STREAM, an unknown o
 packet for a stream that does not exist or is not in a state for it, more data than
 its credit) is answered with RST and resets the stream it names. Never a host crash:
 the guest only ever chooses which of these happen. Each kind is logged a few times,
-then counted.
+then summed up now and then (vmm/log_limit.py), as is a host client's bad CONNECT line.
 
 Bounds: MAX_CONNECTIONS streams (host clients still sending their CONNECT line
 included), each with at most BUF_ALLOC bytes of the guest's waiting for a slow host
@@ -39,6 +39,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from ....log_limit import guest
 from ....virtio import iov
 from ....virtio.queue import Served, Virtqueue
 from .connection import CONNECTING, ESTABLISHED, Connection
@@ -59,7 +60,6 @@ HANDSHAKE_TIMEOUT = 10.0        # a host client's CONNECT line
 DRAIN_TIMEOUT = 30.0            # a closed stream's last bytes to a slow host reader
 LINE_MAX = 32                   # "CONNECT 4294967295\n" is 19 bytes
 _NONBLOCK = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
-_COMPLAINTS = 10                # log lines per kind of guest mistake
 
 
 @dataclass
@@ -83,7 +83,6 @@ class Muxer:
         self.handshakes: dict[int, _Handshake] = {}
         self.draining: list[Connection] = []
         self.tx_stalled = False
-        self.complaints: dict[str, int] = {}
         self._next_port = LOCAL_PORT_BASE
         self.wake_fds = (os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK),
                          os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK), -1)
@@ -119,12 +118,13 @@ class Muxer:
     def _guest_packet(self, views: list[memoryview]) -> None:
         raw = iov.read(views, HEADER_SIZE)
         if len(raw) < HEADER_SIZE:
-            self._complain("short", "a packet of %d bytes, shorter than its header", len(raw))
+            self._complain("short packet", "a packet of %d bytes, shorter than its header",
+                           len(raw))
             return
         hdr = Header.parse(raw)
         if hdr.src_cid != self.guest_cid:
-            self._complain("src_cid", "a packet from CID %d, not the guest's %d: dropped",
-                           hdr.src_cid, self.guest_cid)
+            self._complain("packet from another CID", "a packet from CID %d, not the guest's "
+                           "%d: dropped", hdr.src_cid, self.guest_cid)
             return
         key = (hdr.dst_port, hdr.src_port)
         conn = self.conns.get(key)
@@ -137,7 +137,7 @@ class Muxer:
         elif hdr.len > min(payload, MAX_PAYLOAD):
             problem = f"len {hdr.len} with {payload} bytes of payload"
         if problem:
-            self._complain("malformed", "%s %s: %s", hdr.op_name, key, problem)
+            self._complain("malformed packet", "%s %s: %s", hdr.op_name, key, problem)
             if conn:
                 self._reset(conn)
             elif hdr.op != OP_RST:
@@ -147,7 +147,8 @@ class Muxer:
             if hdr.op == OP_REQUEST:
                 self._connect_host(hdr)
             elif hdr.op != OP_RST:
-                self._complain("unknown", "%s for no stream %s: RST", hdr.op_name, key)
+                self._complain("packet for no stream", "%s for no stream %s: RST", hdr.op_name,
+                               key)
                 self._queue(OP_RST, 0, hdr.dst_port, hdr.src_port)
             return
         had_credit = conn.can_send_to_guest()
@@ -165,8 +166,8 @@ class Muxer:
             if op == OP_CREDIT_REQUEST:
                 self._owe_credit(conn)
         else:
-            self._complain("state", "%s for stream %s while %s: RST", hdr.op_name, key,
-                           conn.state)
+            self._complain("packet out of state", "%s for stream %s while %s: RST",
+                           hdr.op_name, key, conn.state)
             self._reset(conn)
             return
         if not conn.closed and not had_credit and conn.can_send_to_guest():
@@ -176,8 +177,8 @@ class Muxer:
         key = (hdr.dst_port, hdr.src_port)
         path = f"{self.uds_path}_{hdr.dst_port}"
         if len(self.conns) + len(self.handshakes) >= MAX_CONNECTIONS:
-            log.warning("vsock: %d streams open; refusing the guest's connection to port %d",
-                        MAX_CONNECTIONS, hdr.dst_port)
+            guest.warning(log, "", "stream limit", "vsock: %d streams open; refusing the "
+                          "guest's connection to port %d", MAX_CONNECTIONS, hdr.dst_port)
             self._queue(OP_RST, 0, *key)
             return
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC |
@@ -186,8 +187,9 @@ class Muxer:
             sock.connect(path)
         except OSError as error:
             sock.close()
-            self._complain(f"connect-{error.errno}", "guest connection to port %d: %s: %s",
-                           hdr.dst_port, path, error.strerror or error)
+            refusal = errno.errorcode.get(error.errno, error.errno)
+            self._complain(f"refused connection ({refusal})", "guest connection to port %d: "
+                           "%s: %s", hdr.dst_port, path, error.strerror or error)
             self._queue(OP_RST, 0, *key)
             return
         conn = Connection(*key, sock, ESTABLISHED, self.buf_alloc)
@@ -207,8 +209,8 @@ class Muxer:
 
     def _guest_data(self, conn: Connection, views: list[memoryview], length: int) -> None:
         if length > conn.free():
-            self._complain("credit", "stream %s: %d bytes beyond the credit it was given: RST",
-                           conn.key, length - conn.free())
+            self._complain("credit overrun", "stream %s: %d bytes beyond the credit it was "
+                           "given: RST", conn.key, length - conn.free())
             self._reset(conn)
             return
         if not length:
@@ -293,7 +295,7 @@ class Muxer:
 
     def _write_header(self, views: list[memoryview], hdr: Header) -> int:
         if iov.size(views) < HEADER_SIZE:
-            self._complain("rx-buffer", "a receive buffer shorter than a header")
+            self._complain("short receive buffer", "a receive buffer shorter than a header")
             return 0
         return iov.write(views, hdr.pack())
 
@@ -326,7 +328,7 @@ class Muxer:
     def _write_data(self, views: list[memoryview], conn: Connection) -> int:
         room = iov.size(views) - HEADER_SIZE
         if room <= 0:
-            self._complain("rx-buffer", "a receive buffer shorter than a header")
+            self._complain("short receive buffer", "a receive buffer shorter than a header")
             self._mark_readable(conn)
             return 0
         limit = min(room, conn.peer_credit(), MAX_PAYLOAD)
@@ -393,12 +395,10 @@ class Muxer:
             conn.close()
         self._poll_changed()
 
-    def _complain(self, kind: str, message: str, *args) -> None:
-        count = self.complaints[kind] = self.complaints.get(kind, 0) + 1
-        if count <= _COMPLAINTS:
-            log.info("vsock: " + message, *args)
-        elif count in (100, 10_000, 1_000_000):
-            log.info("vsock: %d of these so far: %s", count, message % args)
+    @staticmethod
+    def _complain(kind: str, message: str, *args) -> None:
+        """A guest's (or host client's) mistake, logged bounded: vmm/log_limit.py."""
+        guest.info(log, "", kind, "vsock: " + message, *args)
 
     def _poll_changed(self) -> None:
         _wake(self._wake_self)
@@ -521,7 +521,7 @@ class Muxer:
         self._queue(OP_REQUEST, 0, *conn.key)
 
     def _end_handshake(self, handshake: _Handshake, why: str) -> None:
-        self._complain("handshake", "%s; closed", why)
+        self._complain("bad host handshake", "%s; closed", why)
         del self.handshakes[handshake.sock.fileno()]
         handshake.sock.close()
 
@@ -561,8 +561,8 @@ class Muxer:
         for handshake in [h for h in self.handshakes.values() if now >= h.deadline]:
             self._end_handshake(handshake, "a client sent no CONNECT line in time")
         for conn in [c for c in self.conns.values() if c.state == CONNECTING and c.expired(now)]:
-            log.info("vsock: the guest did not answer a connection to its port %d; closed",
-                     conn.guest_port)
+            guest.info(log, "", "unanswered connection", "vsock: the guest did not answer a "
+                       "connection to its port %d; closed", conn.guest_port)
             self._reset(conn)
         for conn in [c for c in self.draining if c.expired(now)]:
             log.info("vsock: a host reader did not take the last %d bytes of a closed "

@@ -12,8 +12,8 @@
  * Then it writes to isa-debug-exit (port 0x501; QEMU exits, our VMM ignores it) and
  * asks the i8042 for a reset (port 0x64, 0xfe), which ends the VM in our VMM.
  *
- * Three more modes, chosen by the command line's first word (`wait` and `watch` on
- * both paths, `echo` on the 64-bit one):
+ * Four more modes, chosen by the command line's first word (`wait` and `watch` on
+ * both paths, `echo` and `hostile` on the 64-bit one):
  *   wait ...   halt for ever after printing (HLT with interrupts off blocks the vCPU
  *              in the kernel without using the CPU): for tests that drive QMP.
  *   echo ...   copy bytes from the UART's receiver back to its transmitter until a
@@ -33,6 +33,16 @@
  *              present already, it maps 3-4 GiB itself there: a PD of 2 MiB pages,
  *              identity, uncached (pd_high below, in the image's .bss). The PVH path
  *              runs with paging off and reads the address as it is.
+ *   hostile ...  misprogram every virtio-mmio slot window (0..10, occupied or not) in
+ *              turn, HOSTILE_ROUNDS times in all, then print `hostile: done` and
+ *              reset: for the bounded-logging test. Round r takes slot r % 11 and
+ *              does thing (r / 11) % 4 to it after a reset and ACKNOWLEDGE|DRIVER:
+ *              0 FEATURES_OK without VERSION_1 (refused), 1 a ready queue of size 3,
+ *              2 a descriptor table at 1 TiB (outside RAM), 3 a valid ring whose one
+ *              available entry names head 0xffff (a broken ring, kicked), each of
+ *              1..3 then setting DRIVER_OK. The queue is 1 when the slot has one
+ *              (a NIC's, console's or vsock's transmit queue), else 0. Mapped as
+ *              `watch` maps the slots.
  */
 #define UART        0x3f8
 #define UART_LSR    0x3fd
@@ -52,6 +62,24 @@
 #define PTE_PWT_PCD 0x18
 #define PTE_PS      0x80
 #define HIGH_GIB    0xC0000000      /* the 1 GiB that the PDPT's entry 3 maps */
+#define WORD_HOST   0x74736f68      /* "host", then "ile" */
+#define MMIO_SLOTS  0xD0000000      /* slot s's window: MMIO_SLOTS + s * 0x1000 */
+#define SLOT_COUNT  11
+#define HOSTILE_ROUNDS 22000        /* 500 times each of the 11 slots x 4 things */
+#define R_FEATURES_SEL 0x024
+#define R_FEATURES  0x020
+#define R_QUEUE_SEL 0x030
+#define R_QUEUE_MAX 0x034
+#define R_QUEUE_NUM 0x038
+#define R_READY     0x044
+#define R_NOTIFY    0x050
+#define R_STATUS    0x070
+#define R_DESC      0x080           /* low; high at +4 */
+#define R_AVAIL     0x090
+#define R_USED      0x0A0
+#define RING_DESC   0x300000        /* the hostile ring, in the first 1 GiB */
+#define RING_AVAIL  0x301000
+#define RING_USED   0x302000
 
     .section .text
     .code64
@@ -75,6 +103,8 @@ start64:
     je wait64
     cmp $WORD_ECHO, %eax
     je echo64
+    cmp $WORD_HOST, %eax
+    je hostile64
     cmp $WORD_WATC, %eax
     jne finish64
     cmpb $'h', 4(%rsi)
@@ -105,7 +135,30 @@ echo64:
     jmp finish64
 
 watch64:
-    /* Map 3-4 GiB unless it is mapped: PDPT[3] -> pd_high, 512 identity 2 MiB pages. */
+    call map_high64
+    mov $SLOT1_CAPACITY, %edi
+    xor %ebx, %ebx                  /* BL: 1 while the slot's capacity is non-zero */
+3:  mov $WATCH_TICK, %ecx
+4:  mov (%rdi), %eax                /* the MMIO read: one exit to the VMM */
+    test %eax, %eax
+    setnz %al
+    cmp %bl, %al
+    je 5f
+    mov %al, %bl
+    mov $'-', %ah
+    test %al, %al
+    jz 6f
+    mov $'+', %ah
+6:  call putc64
+5:  dec %ecx
+    jnz 4b
+    mov $'.', %ah
+    call putc64
+    jmp 3b
+
+/* Map 3-4 GiB (the slots' windows) unless it is mapped. Clobbers RAX, RCX, RDX, RDI. */
+map_high64:
+    /* PDPT[3] -> pd_high, 512 identity 2 MiB pages. */
     mov %cr3, %rax
     mov $0x000ffffffffff000, %rcx   /* an entry's address bits */
     and %rcx, %rax
@@ -125,25 +178,58 @@ watch64:
     mov %rdi, 24(%rax)
     mov %cr3, %rax                  /* flush the TLB */
     mov %rax, %cr3
-2:  mov $SLOT1_CAPACITY, %edi
-    xor %ebx, %ebx                  /* BL: 1 while the slot's capacity is non-zero */
-3:  mov $WATCH_TICK, %ecx
-4:  mov (%rdi), %eax                /* the MMIO read: one exit to the VMM */
+2:  ret
+
+hostile64:
+    call map_high64
+    movl $0x00010000, RING_AVAIL    /* flags 0, idx 1 */
+    movw $0xffff, RING_AVAIL + 4    /* ring[0]: a head past the ring's end */
+    xor %r12d, %r12d                /* the round */
+1:  mov %r12d, %eax
+    xor %edx, %edx
+    mov $SLOT_COUNT, %ecx
+    div %ecx                        /* EAX: r / 11, EDX: the slot */
+    shl $12, %edx
+    mov $MMIO_SLOTS, %edi
+    add %edx, %edi
+    and $3, %eax                    /* the thing to do */
+    movl $0, R_STATUS(%rdi)
+    movl $3, R_STATUS(%rdi)
     test %eax, %eax
-    setnz %al
-    cmp %bl, %al
-    je 5f
-    mov %al, %bl
-    mov $'-', %ah
-    test %al, %al
-    jz 6f
-    mov $'+', %ah
-6:  call putc64
-5:  dec %ecx
-    jnz 4b
-    mov $'.', %ah
-    call putc64
-    jmp 3b
+    jz 4f
+    movl $1, R_FEATURES_SEL(%rdi)
+    movl $1, R_FEATURES(%rdi)       /* VERSION_1 */
+    movl $1, R_QUEUE_SEL(%rdi)
+    mov $1, %r13d
+    cmpl $0, R_QUEUE_MAX(%rdi)
+    jnz 2f
+    movl $0, R_QUEUE_SEL(%rdi)
+    xor %r13d, %r13d
+2:  movl $8, R_QUEUE_NUM(%rdi)
+    movl $RING_DESC, R_DESC(%rdi)
+    movl $0, R_DESC + 4(%rdi)
+    movl $RING_AVAIL, R_AVAIL(%rdi)
+    movl $0, R_AVAIL + 4(%rdi)
+    movl $RING_USED, R_USED(%rdi)
+    movl $0, R_USED + 4(%rdi)
+    cmp $1, %eax
+    jne 3f
+    movl $3, R_QUEUE_NUM(%rdi)
+3:  cmp $2, %eax
+    jne 5f
+    movl $0x100, R_DESC + 4(%rdi)
+5:  movl $1, R_READY(%rdi)
+    movl $0xb, R_STATUS(%rdi)
+    movl $0xf, R_STATUS(%rdi)
+    mov %r13d, R_NOTIFY(%rdi)
+    jmp 6f
+4:  movl $0xb, R_STATUS(%rdi)       /* FEATURES_OK without VERSION_1 */
+6:  inc %r12d
+    cmp $HOSTILE_ROUNDS, %r12d
+    jb 1b
+    lea hostile_done(%rip), %rsi
+    call puts64
+    jmp finish64
 
 /* RSI: a NUL-terminated string; waits for THRE before each byte, as a driver does. */
 puts64:
@@ -245,6 +331,7 @@ putc32:
 banner64: .asciz "tiny guest: 64-bit entry, cmdline: "
 banner32: .asciz "tiny guest: PVH entry, cmdline: "
 newline:  .asciz "\n"
+hostile_done: .asciz "hostile: done\n"
 
     /* watch64's page directory for 3-4 GiB (filled before use: no zeroing needed). */
     .section .bss, "aw", @nobits

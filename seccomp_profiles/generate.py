@@ -331,6 +331,12 @@ FORKED_BACKEND = [
     rule("getppid", "A forked backend checks its parent is still the launcher after "
          "PR_SET_PDEATHSIG."),
     rule("set_robust_list", "glibc's fork sets up the new process's robust futex list."),
+    rule("getrandom", "Python's random module reseeds itself in a forked child "
+         "(os.register_at_fork) once anything in the forking process imported it.",
+         stays="a launcher that compiled its filters in memory (no usable cache: in L1, "
+         "under the jailer) imported pyseccomp, whose ctypes.util imports tempfile and so "
+         "random; every backend it forks (hot-plug, restart) then calls it at once. It "
+         "only reads the kernel's random pool."),
     rule("prlimit64", "A forked backend reads its fd limit (os.sysconf) to close every fd "
          "above its own; reading only, no new limit (arg2 NULL).",
          {"index": 2, "value": 0, "valueTwo": 0, "op": "SCMP_CMP_EQ"}),

@@ -17,9 +17,23 @@ import sys
 import threading
 
 import prctl
+import pyseccomp
 
-from vmm.sandbox import seccomp
+from vmm.sandbox import privileges, seccomp
 from vmm.sandbox.profile import load
+
+
+def install(f) -> None:
+    """Load a libseccomp filter object into the calling thread with libseccomp's own load,
+    so that its attributes (CTL_LOG) reach seccomp(2) as they would for any libseccomp
+    user; the VMM itself loads exported programs (seccomp.install_program). libseccomp's
+    prctl(PR_SET_NO_NEW_PRIVS) is turned off: the caller sets it once, before any filter
+    (the vm role does not allow that prctl again under its filter). No TSYNC: filters are
+    per thread."""
+    if f.get_attr(pyseccomp.Attr.CTL_TSYNC):
+        raise ValueError("refusing a TSYNC filter: filters are per thread")
+    f.set_attr(pyseccomp.Attr.CTL_NNP, 0)
+    f.load()
 
 
 def roles(text: str) -> list[str]:
@@ -32,15 +46,16 @@ def main(argv: list[str]) -> None:
     built = {role: seccomp.build(load(role))
              for role in {*base, *(r for _, text in specs for r in roles(text))}}
     prctl.set_name(process_name)
+    privileges.no_new_privs()
     for role in base:
-        seccomp.install(built[role])
+        install(built[role])
     placed = threading.Semaphore(0)
     never = threading.Event()
 
     def thread(name: str, text: str) -> None:
         prctl.set_name(name)
         for role in roles(text):
-            seccomp.install(built[role])
+            install(built[role])
         placed.release()
         never.wait()                    # a futex: every role allows it
 

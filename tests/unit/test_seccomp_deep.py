@@ -15,8 +15,9 @@ from pathlib import Path
 import pyseccomp
 import pytest
 
+from tests.framework import filter_tree
 from vmm import cli
-from vmm.sandbox import audit, deep_check, live_filters, seccomp
+from vmm.sandbox import audit, deep_check, live_filters, privileges, seccomp
 from vmm.sandbox.live_filters import Filter, Gone, LiveFilterError
 from vmm.sandbox.profile import load, roles
 
@@ -44,8 +45,9 @@ class Child:
             try:
                 got = []
                 signal.signal(signal.SIGUSR1, lambda *_: got.append(1))
+                privileges.no_new_privs()
                 for f in filters:
-                    seccomp.install(f)
+                    filter_tree.install(f)
                 os.write(self.answers_w, b"r")
                 while os.read(self.commands_r, 1) == b"s":
                     os.write(self.answers_w, b"1" if got else b"0")

@@ -11,7 +11,7 @@ and the kernel keeps the program exactly as loaded, so for the same profile and 
 libseccomp the bytes are equal (tests/unit/test_seccomp_deep.py installs every role and
 reads it back). The filter attributes that are not in the program are flags of the
 seccomp(2) call: of those the kernel keeps only SECCOMP_FILTER_FLAG_LOG (libseccomp's
-CTL_LOG), which is compared too; TSYNC (install() refuses it) and SPEC_ALLOW leave no
+CTL_LOG), which is compared too; TSYNC (never used: filters are per thread) and SPEC_ALLOW leave no
 trace in a filter, and no_new_privs is the thread's (/proc's NoNewPrivs), not a filter's.
 The expected side is built now from today's profiles with this libseccomp: a profile
 edited, or libseccomp upgraded, since the VM started is reported as a difference, which

@@ -29,13 +29,11 @@ means compiling in memory, as before. A failure to write the cache is not an err
 import _sha256
 import os
 import stat
-import threading
 
 from .._sigsys import ffi, lib
 from . import profile_dir
 
 _ATTR_ACT_BADARCH = 2          # SCMP_FLTATR_ACT_BADARCH
-_load_lock = threading.Lock()  # one libseccomp context may be loaded by several threads
 CACHE_VARIABLE = "STRATOVIRT_SECCOMP_CACHE"
 # The sources whose code decides what a profile compiles to.
 _COMPILER_SOURCES = ("seccomp.py", "profile.py")
@@ -75,15 +73,6 @@ def build(profile):
         for number in rule.numbers:
             f.add_rule_exactly(_action(rule.action, rule.errno), number, *args)
     return f
-
-
-def install(f) -> None:
-    """Load a libseccomp filter into the calling thread with libseccomp's own
-    seccomp_load (it stacks on any the thread has already)."""
-    if f.get_attr(_pyseccomp().Attr.CTL_TSYNC):
-        raise ValueError("refusing a TSYNC filter: filters are per thread")
-    with _load_lock:
-        f.load()
 
 
 def export(f, fmt: str) -> bytes:

@@ -16,9 +16,10 @@ one (the requests in flight are the writers' processes', not its CPUs'). In orde
   O_DIRECT block with a counter as fast as it can, logging L2's uptime at each
   completion. Meanwhile L1 kills vmm-blk-d0 fourteen times, SIGKILL ten times, then
   SIGSYS four times (the death a seccomp violation is), each once the device serves
-  again: at a random moment, and every other time at the first moment after it that a
-  backend thread is in a request's syscall (preadv or pwritev of 8 segments or more,
-  fdatasync), so that a request it took dies with it. Per kill: the counter in the
+  again: at a random moment, and every other time at the first moment after it that the
+  backend holds a request it took and has not completed (queued in its io_uring, d0
+  being O_DIRECT; or a thread in preadv/pwritev of 8 segments or more or fdatasync, as
+  a buffered disk's would be), so that a request it took dies with it. Per kill: the counter in the
   image once the old process is dead (v0); kill to BACKEND_RESTARTED and to the first
   later probe write in the image (L1's clock); the restart's delay the launcher
   logged; the requests the new backend logged it resubmitted from the in-flight
@@ -265,24 +266,37 @@ def status_of(pid: int) -> dict:
             if k in ("Seccomp", "Seccomp_filters", "NoNewPrivs", "CapEff")}
 
 
-# A disk backend's request in progress (x86_64 numbers): preadv and pwritev of 8
-# segments or more (the O_DIRECT writes of 64 KiB and up, long enough that the kill
-# comes before the syscall returns), fdatasync (a FLUSH).
+# A disk backend's request in progress (x86_64 numbers). A buffered disk's requests run
+# inline: preadv and pwritev of 8 segments or more (the writes of 64 KiB and up, long
+# enough that the kill comes before the syscall returns), fdatasync (a FLUSH). An
+# O_DIRECT disk's (d0's) run in its io_uring: entries the backend queued and has not
+# reaped (its fdinfo: SqTail, the backend's, ahead of CqHead, the backend's too).
 VECTORED, FDATASYNC = {"295", "296"}, "75"
 
 
-class Syscalls:
-    """/proc/<pid>/task/*/syscall of one process, opened once and read fast."""
+class Requests:
+    """Whether backend `pid` holds a request it took and has not completed, read from
+    /proc fast: its threads' current syscalls, its io_urings' fdinfo."""
 
     def __init__(self, pid: int):
-        self.fds = []
+        self.pid, self.fds, self.rings = pid, [], []
         try:
             for tid in os.listdir(f"/proc/{pid}/task"):
                 self.fds.append(os.open(f"/proc/{pid}/task/{tid}/syscall", os.O_RDONLY))
         except OSError:
             pass
 
-    def in_request(self) -> bool:
+    def find_rings(self):
+        """The rings appear once the frontend has started the queues: looked for until
+        one is there."""
+        try:
+            for fd in os.listdir(f"/proc/{self.pid}/fd"):
+                if os.readlink(f"/proc/{self.pid}/fd/{fd}") == "anon_inode:[io_uring]":
+                    self.rings.append(f"/proc/{self.pid}/fdinfo/{fd}")
+        except OSError:
+            pass
+
+    def in_syscall(self) -> bool:
         for fd in self.fds:
             try:
                 words = os.pread(fd, 128, 0).split()
@@ -293,6 +307,23 @@ class Syscalls:
                 return True
         return False
 
+    def in_ring(self) -> bool:
+        if not self.rings:
+            self.find_rings()
+        for path in self.rings:
+            try:
+                with open(path) as f:
+                    info = dict(line.split(":", 1) for line in f if ":" in line)
+                if (int(info["SqTail"]) - int(info["CqHead"])) % (1 << 32):
+                    return True
+            except (OSError, KeyError, ValueError):
+                continue
+        return False
+
+    def held(self) -> str | None:
+        """Where a request is held ("syscall" or "ring"), or None."""
+        return "syscall" if self.in_syscall() else "ring" if self.in_ring() else None
+
     def close(self):
         for fd in self.fds:
             os.close(fd)
@@ -301,9 +332,9 @@ class Syscalls:
 async def kill(name: str, number: int, old: int | None = None, in_request: float = 0) -> dict:
     """Kill the live process `name` (not `old`, the one killed before) and wait until it
     is dead (a zombie or reaped): its pid and the L1 time of the kill. With `in_request`,
-    wait up to that many seconds for a moment it is in a disk request's syscall (a
-    request it took and has not completed: the signal is acted on before the syscall
-    returns to it), and say whether one came."""
+    wait up to that many seconds for a moment it holds a disk request it took and has
+    not completed (Requests: in its syscall, or queued in its io_uring), and say where
+    one was held, if one was."""
     deadline = time.monotonic() + 60
     while (pid := live(name)) is None or pid == old:
         if time.monotonic() > deadline:
@@ -311,13 +342,13 @@ async def kill(name: str, number: int, old: int | None = None, in_request: float
         await asyncio.sleep(0.01)
     caught = None
     if in_request:
-        syscalls = Syscalls(pid)
+        requests = Requests(pid)
         until = time.monotonic() + in_request
-        while not (caught := syscalls.in_request()) and time.monotonic() < until:
+        while not (caught := requests.held()) and time.monotonic() < until:
             pass
     os.kill(pid, number)
     if in_request:
-        syscalls.close()
+        requests.close()
     at = time.monotonic()
     while not gone(pid):
         time.sleep(0.001)

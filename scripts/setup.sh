@@ -27,4 +27,8 @@ fi
 if [ ! -x .venv/bin/python ]; then
     /usr/bin/python3 -m venv .venv
 fi
-.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+# Editable in setuptools' compat mode: a .pth line puts the checkout on sys.path. The
+# default mode's import hook costs every start of every process ~7 ms of imports
+# (pathlib, importlib.util, urllib.parse...) before our first line (docs/performance.md).
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]' \
+    --config-settings editable_mode=compat

@@ -34,12 +34,19 @@ import termios
 import time
 import tty
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import children, control, daemon, layout, sandbox, timeline, vm_process
 from .config.errors import one_line
 from .config.model import MachineConfig
 from .log import setup as setup_logging
 from .machine.kvm import KVM_PATH, open_kvm
+
+if TYPE_CHECKING:       # imported where they are first used (the start-up order above)
+    from .broker import Broker
+    from .devices.virtio.attach import Attached
+    from .machine.memory import GuestMemory
+    from .restart import RestartPolicy
 
 log = logging.getLogger(__name__)
 EXIT_FAILURE = 1
@@ -130,9 +137,7 @@ def _launch(config: MachineConfig, cleanup: _Cleanup, readiness, inherited: set[
     # Only now what the launcher alone needs (the vm process imports its own meanwhile).
     from .boot import loader
     from .boot.kernel import BadKernel
-    from .broker import Broker
     from .machine.memory import GuestMemory, create_memfd
-    from .restart import RestartPolicy
     memory = GuestMemory(create_memfd(config.machine.mem_size), config.machine.mem_size,
                          dont_dump=config.machine.omit_vm_memory)
     try:
@@ -162,6 +167,10 @@ def _launch(config: MachineConfig, cleanup: _Cleanup, readiness, inherited: set[
     for a in attached:
         a.connection.close()
     log.info("vm process %d started", vm.pid)
+    # What only hot-plug and restarts use, imported while the guest starts, and before
+    # the launcher's filter closes the files its modules are in.
+    from .broker import Broker
+    from .restart import RestartPolicy
     broker = Broker(config, memory, attached, inherited)
     return _supervise(vm, ours, readiness, broker, cleanup, config.seccomp,
                       RestartPolicy(config.backend_restart))
@@ -172,16 +181,14 @@ def _attach_devices(config: MachineConfig, memory: GuestMemory,
     """One backend process per device, in slot order (disks fill slots 0..5, NICs 6
     and 7, then the console and vsock)."""
     from .devices.virtio.attach import AttachError
-    from .devices.virtio.block import attach as block_attach
-    from .devices.virtio.console import attach as console_attach
-    from .devices.virtio.net import attach as net_attach
-    from .devices.virtio.vsock import attach as vsock_attach
-    attached = []
+    attached = []           # each kind's module imported only when the VM has one
     try:
         for index, drive in enumerate(config.drives):
+            from .devices.virtio.block import attach as block_attach
             attached.append(block_attach.attach(drive, index, memory, config.seccomp))
             cleanup.children.append(attached[-1].backend)
         for index, nic in enumerate(config.nics, layout.BLK_SLOTS):
+            from .devices.virtio.net import attach as net_attach
             attached.append(net_attach.attach(nic, index, config.machine.name, memory,
                                               config.seccomp))
             cleanup.children.append(attached[-1].backend)
@@ -189,11 +196,13 @@ def _attach_devices(config: MachineConfig, memory: GuestMemory,
         # (discovery.slot_count). Their sockets are removed on every exit path.
         index = layout.BLK_SLOTS + layout.NET_SLOTS
         if config.console:
+            from .devices.virtio.console import attach as console_attach
             attached.append(console_attach.attach(config.console, index, memory,
                                                   cleanup.paths, config.seccomp))
             cleanup.children.append(attached[-1].backend)
             index += 1
         if config.vsock:
+            from .devices.virtio.vsock import attach as vsock_attach
             attached.append(vsock_attach.attach(config.vsock, index, memory, cleanup.paths,
                                                 config.seccomp))
             cleanup.children.append(attached[-1].backend)

@@ -11,48 +11,55 @@ import logging
 import os
 import socket
 
-import click
-
 from .... import sandbox
 from .. import program
 from . import request
 from .device import MAX_QUEUES, BlockDevice
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--socket-path", type=click.Path(dir_okay=False),
-              help="Listen on this unix socket (created; a stale one left by a killed "
-                   "backend is replaced).")
-@click.option("--fd", type=int, help="Serve this inherited, connected unix socket.")
-@click.option("--print-capabilities", is_flag=True, help="Print the backend's capabilities.")
-@click.option("--blk-file", type=click.Path(dir_okay=False), help="The disk image.")
-@click.option("--read-only", is_flag=True, help="Offer a read-only disk (VIRTIO_BLK_F_RO).")
-@click.option("--direct/--no-direct", default=False, help="Open the image with O_DIRECT.")
-@click.option("--serial", default=None, help="Disk serial (GET_ID), at most 20 ASCII bytes.")
-@click.option("--num-queues", type=click.IntRange(1, MAX_QUEUES), default=1, show_default=True,
-              help="Queues offered (VIRTIO_BLK_F_MQ when more than one; QEMU's "
-                   "vhost-user-blk num-queues= may use up to this many).")
-@click.option("--aio", "engine", type=click.Choice([request.AUTO, *request.ENGINES]),
-              default=request.AUTO, show_default=True,
-              help="I/O engine: auto is io_uring, else Linux AIO (aio), with --direct; "
-                   "inline without it.")
-def main(socket_path, fd, print_capabilities, blk_file, read_only, direct, serial, num_queues,
-         engine):
-    """vhost-user virtio-blk backend."""
-    if print_capabilities:
-        print(json.dumps({"type": "block", "features": ["blk-file", "read-only"]}))
-        return
-    if (socket_path is None) == (fd is None) or not blk_file:
-        raise click.UsageError("give --blk-file and one of --socket-path or --fd")
-    logging.basicConfig(level=logging.INFO, format="vhost-user-blk: %(message)s")
-    flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC | (os.O_DIRECT if direct else 0)
-    try:
-        disk = os.open(blk_file, flags)
-    except OSError as error:
-        raise click.ClickException(f"--blk-file: {blk_file}: {error.strerror}") from None
-    program.exit_on_sigterm()
-    program.serve(lambda: BlockDevice(disk, read_only, direct, serial, num_queues, engine),
-                  socket_path, fd)
+def main() -> None:
+    """The program (its console script). Its options are click's, imported here only:
+    the launcher imports this module for serve_disk() and needs none of click
+    (docs/performance.md)."""
+    import click
+
+    @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+    @click.option("--socket-path", type=click.Path(dir_okay=False),
+                  help="Listen on this unix socket (created; a stale one left by a killed "
+                       "backend is replaced).")
+    @click.option("--fd", type=int, help="Serve this inherited, connected unix socket.")
+    @click.option("--print-capabilities", is_flag=True, help="Print the backend's capabilities.")
+    @click.option("--blk-file", type=click.Path(dir_okay=False), help="The disk image.")
+    @click.option("--read-only", is_flag=True, help="Offer a read-only disk (VIRTIO_BLK_F_RO).")
+    @click.option("--direct/--no-direct", default=False, help="Open the image with O_DIRECT.")
+    @click.option("--serial", default=None, help="Disk serial (GET_ID), at most 20 ASCII bytes.")
+    @click.option("--num-queues", type=click.IntRange(1, MAX_QUEUES), default=1, show_default=True,
+                  help="Queues offered (VIRTIO_BLK_F_MQ when more than one; QEMU's "
+                       "vhost-user-blk num-queues= may use up to this many).")
+    @click.option("--aio", "engine", type=click.Choice([request.AUTO, *request.ENGINES]),
+                  default=request.AUTO, show_default=True,
+                  help="I/O engine: auto is io_uring, else Linux AIO (aio), with --direct; "
+                       "inline without it.")
+    def command(socket_path, fd, print_capabilities, blk_file, read_only, direct, serial,
+                num_queues, engine):
+        """vhost-user virtio-blk backend."""
+        if print_capabilities:
+            print(json.dumps({"type": "block", "features": ["blk-file", "read-only"]}))
+            return
+        if (socket_path is None) == (fd is None) or not blk_file:
+            raise click.UsageError("give --blk-file and one of --socket-path or --fd")
+        logging.basicConfig(level=logging.INFO, format="vhost-user-blk: %(message)s")
+        flags = ((os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC |
+                 (os.O_DIRECT if direct else 0))
+        try:
+            disk = os.open(blk_file, flags)
+        except OSError as error:
+            raise click.ClickException(f"--blk-file: {blk_file}: {error.strerror}") from None
+        program.exit_on_sigterm()
+        program.serve(lambda: BlockDevice(disk, read_only, direct, serial, num_queues, engine),
+                      socket_path, fd)
+
+    command()
 
 
 def serve_disk(disk_fd: int, sock: socket.socket, read_only: bool, direct: bool,

@@ -1,7 +1,8 @@
 """The configuration: command line and JSON file in, one MachineConfig out.
 
-This package is the only reader of argv and of the `-config` file. Its entry point,
-`parse`, returns the validated MachineConfig, the notes the log should carry (which
+This package is the only reader of argv and of the `-config` file; a command line is
+read in the seed's form or in StratoVirt 2.x's (Kata's) into the same Draft (form.py).
+Its entry point, `parse`, returns the validated MachineConfig, the notes the log should carry (which
 command-line option overrode which file setting), and whether -print-config was asked.
 """
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 
 from .cmdline import draft_from_options, parse_command_line
 from .errors import ConfigError
+from .form import marker_2x
 from .model import MachineConfig
 from .validate import build
 
@@ -25,6 +27,14 @@ class Invocation:
 def parse(argv: list[str]) -> Invocation | int:
     """argv without the program name -> Invocation, or the exit status of --help or
     --version. Raises ConfigError for any user mistake."""
+    marker = marker_2x(argv)
+    if marker:
+        from .cmdline2x import read                 # only for a 2.x line (start-up time)
+        parsed = read(argv, marker)
+        if isinstance(parsed, int):
+            return parsed
+        draft, print_config = parsed
+        return Invocation(build(draft), (), print_config)
     parsed = parse_command_line(argv)
     if isinstance(parsed, int):
         return parsed

@@ -20,8 +20,8 @@ from . import limits as L
 from .draft import Draft, Item, Setting
 from .errors import ConfigError
 from .schema import DEVICE_LISTS, DEVICE_OBJECTS, SECTIONS
-from .values import (SIZE_HELP, check_text, parse_bool, parse_int, parse_size,
-                     show, split_properties)
+from .values import (SIZE_HELP, check_text, memory_out_of_range, parse_bool, parse_int,
+                     parse_serial, parse_size, parse_smp, show, split_properties)
 
 _EPILOG = f"""\b
 Kernel formats: an uncompressed ELF vmlinux (64-bit entry, or the PVH entry note)
@@ -40,6 +40,10 @@ line win over the file (the log says which); a -drive or -netdev whose id is in 
 file replaces that entry, others are added after the file's. Relative paths are
 taken from the current directory. -print-config shows the result in this schema.
 {{json_keys}}
+\b
+StratoVirt 2.x's command line, as Kata Containers writes it (-qmp, -machine,
+-device virtio-blk-device with its -drive, ...), is read too, one form per line; in
+it -m N is N MiB. See docs/configuration.md.
 \b
 Errors: one line on stderr, exit status 2; nothing is created on disk.
 """
@@ -237,10 +241,10 @@ def draft_from_options(values: dict) -> Draft:
     one("-kernel", "kernel")
     one("-append", "boot_args")
     one("-initrd", "initrd")
-    one("-smp", "vcpus", _parse_smp)
-    one("-m", "mem_size", parse_size)
+    one("-smp", "vcpus", parse_smp)
+    one("-m", "mem_size", _parse_memory)
     one("-api-channel", "api_channel", _parse_api_channel)
-    one("-serial", "serial_stdio", _parse_serial)
+    one("-serial", "serial_stdio", parse_serial)
     one("-D", "log_file")
     one("-pidfile", "pidfile")
     for text in values.get("backend_restart") or ():
@@ -298,12 +302,15 @@ def _item(kind: str, where: str, text: str, table: dict) -> Item:
     return item
 
 
-def _parse_smp(text: str, where: str) -> int:
-    count = text[len("cpus="):] if text.startswith("cpus=") else text
-    if count.isascii() and count.isdigit():
-        return int(count)
-    raise ConfigError(where, f"{show(text)} is not a vCPU count",
-                      f"write -smp N or -smp cpus=N, N in {L.VCPUS[0]}..{L.VCPUS[1]}")
+def _parse_memory(text: str, where: str) -> int:
+    """The seed's -m: a plain number is bytes, where StratoVirt 2.x reads MiB; a plain
+    number that is in range only as MiB gets that hint."""
+    size = parse_size(text, where)
+    low, high = L.MEM_SIZE
+    if text.strip().isdigit() and size < low and low <= size * L.MiB <= high:
+        raise memory_out_of_range(size, where, f" (a plain number is bytes: for {size} MiB "
+                                               f"write {size}M)")
+    return size
 
 
 def _parse_api_channel(text: str, where: str) -> str:
@@ -312,9 +319,3 @@ def _parse_api_channel(text: str, where: str) -> str:
         raise ConfigError(where, f"{show(text)} is not a unix socket address",
                           "write unix:/path/to/socket")
     return path
-
-
-def _parse_serial(text: str, where: str) -> bool:
-    if text != "stdio":
-        raise ConfigError(where, f"{show(text)} is not supported", "the only serial backend is stdio")
-    return True

@@ -16,7 +16,7 @@ from .draft import Draft, Item, Setting
 from .errors import ConfigError
 from .model import (BackendRestart, BootSource, Console, Drive, MachineConfig, MachineSpec, Nic,
                     Vsock)
-from .values import show
+from .values import human_size, memory_out_of_range, show
 
 _ID = re.compile(L.ID_PATTERN)
 _MAC = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}")
@@ -39,13 +39,6 @@ def _require(s: dict[str, Setting], name: str, options: str, hint: str) -> Setti
     if name not in s:
         raise ConfigError(options, "missing", hint)
     return s[name]
-
-
-def _human(size: int) -> str:
-    for unit, factor in (("GiB", L.GiB), ("MiB", L.MiB), ("KiB", L.KiB)):
-        if size >= factor and size % factor == 0:
-            return f"{size // factor} {unit}"
-    return f"{size} bytes"
 
 
 def _check_range(setting: Setting, low: int, high: int, what: str) -> None:
@@ -87,11 +80,7 @@ def _check_scalars(s: dict[str, Setting]) -> None:
 def _check_memory(mem: Setting) -> None:
     low, high = L.MEM_SIZE
     if not low <= mem.value <= high:
-        hint = ""
-        if mem.where == "-m" and mem.value < low and low <= mem.value * L.MiB <= high:
-            hint = f" (a plain number is bytes: for {mem.value} MiB write {mem.value}M)"
-        raise ConfigError(mem.where, f"{_human(mem.value)} of memory is out of range",
-                          f"allowed {_human(low)}..{_human(high)}{hint}")
+        raise memory_out_of_range(mem.value, mem.where)
     if mem.value % L.MEM_ALIGN:
         raise ConfigError(mem.where, f"{mem.value} bytes is not a multiple of 4 KiB",
                           f"round it to a multiple of {L.MEM_ALIGN} bytes")
@@ -230,8 +219,8 @@ def _with_host_checks(s: dict[str, Setting], devices: dict[str, list[Item]]) -> 
         try:
             initrd_address(image, mem_size, size)
         except BadKernel as error:
-            raise ConfigError(initrd.where, f"an initrd of {_human(size)} does not fit in "
-                              f"{_human(mem_size)} of memory: the kernel {error}",
+            raise ConfigError(initrd.where, f"an initrd of {human_size(size)} does not fit in "
+                              f"{human_size(mem_size)} of memory: the kernel {error}",
                               "give more memory (-m) or a smaller initrd") from None
 
     drives, opened = [], {}

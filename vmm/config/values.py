@@ -7,6 +7,7 @@ returns a typed value or raises ConfigError naming that option.
 import json
 import re
 
+from . import limits as L
 from .errors import ConfigError
 from .limits import KiB, MiB, GiB
 
@@ -28,6 +29,22 @@ def show(value) -> str:
     return str(value)
 
 
+def human_size(size: int) -> str:
+    """Bytes as the largest unit that divides them: `128 MiB`, `512 bytes`."""
+    for unit, factor in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor} {unit}"
+    return f"{size} bytes"
+
+
+def memory_out_of_range(size: int, where: str, hint: str = "") -> ConfigError:
+    """The one message for memory out of range; each command-line form adds its own hint
+    about units, since each reads a plain -m number differently."""
+    low, high = L.MEM_SIZE
+    return ConfigError(where, f"{human_size(size)} of memory is out of range",
+                       f"allowed {human_size(low)}..{human_size(high)}{hint}")
+
+
 def check_text(value: str, where: str) -> str:
     """Refuse text the host cannot pass to the kernel: NUL bytes, lone surrogates."""
     if "\0" in value:
@@ -47,6 +64,21 @@ def parse_size(text: str, where: str) -> int:
     if not unit:
         raise ConfigError(where, f"{show(text)} is not a size", SIZE_HELP)
     return int(match.group(1)) * unit
+
+
+def parse_smp(text: str, where: str) -> int:
+    """-smp N or -smp cpus=N (both forms): the microVM has no sockets or cores."""
+    count = text[len("cpus="):] if text.startswith("cpus=") else text
+    if count.isascii() and count.isdigit():
+        return int(count)
+    raise ConfigError(where, f"{show(text)} is not a vCPU count",
+                      f"write -smp N or -smp cpus=N, N in {L.VCPUS[0]}..{L.VCPUS[1]}")
+
+
+def parse_serial(text: str, where: str) -> bool:
+    if text != "stdio":
+        raise ConfigError(where, f"{show(text)} is not supported", "the only serial backend is stdio")
+    return True
 
 
 def parse_int(text: str, where: str) -> int:

@@ -1,0 +1,62 @@
+"""A StratoVirt 2.x command line, in Kata's syntax, runs the tiny guest on this host's
+/dev/kvm: QMP on -qmp through qemu.qmp, the disk of -drive + -device virtio-blk-device
+under its -device id, and the VM's exit through QMP leaves nothing behind."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.framework.microvm import Microvm
+from tests.framework.qmp import session
+
+pytestmark = pytest.mark.needs_kvm
+MiB = 1 << 20
+
+
+def test_2x_line_boots_and_answers_qmp(tmp_path, tiny_guest):
+    image = tmp_path / "rootfs.img"
+    image.write_bytes(bytes(4 * MiB))
+    vm = Microvm(tmp_path, tiny_guest)
+    vm.argv = [sys.executable, "-m", "vmm", "-name", "sandbox-2x",
+               "-uuid", "0e90df9f-a888-4f3b-9a2c-1234567890ab", "-smp", "2", "-m", "256",
+               "-kernel", str(tiny_guest), "-append", "wait",
+               "-qmp", f"unix:{vm.api},server,nowait", "-D",
+               "-machine", "type=microvm,dump-guest-core=off",
+               "-drive", f"id=rootfs,file={image},readonly=on,direct=off",
+               "-device", "virtio-blk-device,drive=rootfs,id=virtio-blk0",
+               "-serial", "stdio"]
+    vm.spawn()
+    try:
+        vm.wait_for_api()
+        [vm_pid] = [pid for pid in vm.children()
+                    if Path(f"/proc/{pid}/comm").read_text().strip() == "vmm-vm"]
+        assert "dd" in ram_flags(vm_pid)        # dump-guest-core=off: MADV_DONTDUMP
+
+        async def steps(qmp, events):
+            answers = {command: await qmp.execute(command)
+                       for command in ("query-status", "query-cpus", "query-block")}
+            await qmp.execute("quit")
+            answers["SHUTDOWN"] = await events.wait("SHUTDOWN")
+            return answers
+
+        answers = session(vm.api, steps)
+        assert answers["query-status"]["status"] == "running"
+        assert [cpu["CPU"] for cpu in answers["query-cpus"]] == [0, 1]
+        disk = answers["query-block"][0]
+        assert disk["device"] == "virtio-blk0"
+        assert disk["inserted"]["file"] == str(image) and disk["inserted"]["ro"] is True
+        assert disk["inserted"]["cache"]["direct"] is False
+        code, out, err = vm.communicate()
+        assert code == 0, err
+        assert out.startswith("tiny guest: 64-bit entry, cmdline: wait ")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["rootfs.img"]
+    finally:
+        vm.kill()
+
+
+def ram_flags(pid: int) -> list[str]:
+    """The VmFlags of the guest RAM mapping in /proc/PID/smaps."""
+    lines = Path(f"/proc/{pid}/smaps").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if "memfd:guest-ram" in line)
+    return next(line for line in lines[start:] if line.startswith("VmFlags:")).split()[1:]

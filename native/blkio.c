@@ -905,7 +905,7 @@ int blk_pump(struct vq *q, const struct blk_disk *d, struct blk_worker *w, uint3
     int rc = 0, more = 0, full = 0, retry = 0, added, n;
 
     if (!e || e->kind == BLK_ENGINE_INLINE)
-        return blk_process(q, d, w, budget);
+        return blk_process(q, d, w, budget < BLK_INLINE_BATCH ? budget : BLK_INLINE_BATCH);
     n = reap(q, d, w, e, 0);
     if (n < 0)
         return n;

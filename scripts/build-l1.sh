@@ -75,8 +75,10 @@ run in_root apt-get update -q
 # libcap2/libffi8: python-prctl's and cffi's compiled modules; libseccomp2: pyseccomp;
 # qemu-system-x86: a reference VMM inside L1; kmod: modprobe of the modules copied below;
 # strace: `stratovirt seccomp usage` records what each role calls (scripts/seccomp_usage.py).
+# liburing2: the host-built vmm/_virtq links it (O_DIRECT disks' io_uring engine); named
+# here rather than left to qemu-system-x86's dependencies.
 run in_root apt-get install -y -q --no-install-recommends python3 python3-venv libcap2 \
-    libffi8 libseccomp2 qemu-system-x86 iproute2 busybox e2fsprogs kmod strace
+    libffi8 libseccomp2 liburing2 qemu-system-x86 iproute2 busybox e2fsprogs kmod strace
 umount "$root/var/cache/apt/archives"
 rm -rf "$root"/var/lib/apt/lists/*
 

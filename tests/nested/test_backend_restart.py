@@ -116,13 +116,14 @@ def test_the_image_holds_every_completed_write(checks):
 
 def test_requests_in_flight_at_a_kill_are_resubmitted_and_complete(checks):
     """Every other kill waits for the backend to hold a request it took and has not
-    completed (d0 is O_DIRECT: an entry queued in its io_uring and not reaped; the
-    check also knows a buffered disk's preadv/pwritev/fdatasync in progress): that
+    completed (d0 is O_DIRECT: an entry queued in its io_uring and not reaped, looked
+    at with the backend stopped; the check also knows a buffered disk's
+    preadv/pwritev/fdatasync in progress): that
     request never completes in that process, and the next one resubmits it from the
     in-flight region (its log line). A request may still finish between the look and
     the signal (a handled SIGSYS is acted on later than a SIGKILL), so the count is over
-    all seven; before the io_uring engine, with the requests in preadv/pwritev, two runs
-    had one request resubmitted at each of the fourteen kills. That the resubmitted
+    all seven. On 2026-12-07 each of the seven caught ('ring'; five SIGKILLs, two
+    SIGSYS) had one request resubmitted and none of the others had. That the resubmitted
     requests completed without an error is the other tests' (no I/O error, every
     read-back and the image match)."""
     disk = _one(checks, "disk_kills")

@@ -270,7 +270,11 @@ def status_of(pid: int) -> dict:
 # inline: preadv and pwritev of 8 segments or more (the writes of 64 KiB and up, long
 # enough that the kill comes before the syscall returns), fdatasync (a FLUSH). An
 # O_DIRECT disk's (d0's) run in its io_uring: entries the backend queued and has not
-# reaped (its fdinfo: SqTail, the backend's, ahead of CqHead, the backend's too).
+# reaped (its fdinfo: SqTail, the backend's, ahead of CqHead, the backend's too, which
+# it advances only after it has put those requests in the used ring). That is looked at
+# with the backend stopped (SIGSTOP), so that what was held at the look is still held
+# when the kill comes: a look at a running backend lost the race to its reaping (a CI
+# run had 0 resubmitted after 'ring' catches).
 VECTORED, FDATASYNC = {"295", "296"}, "75"
 
 
@@ -320,21 +324,52 @@ class Requests:
                 continue
         return False
 
+    def stopped(self, within: float) -> bool:
+        """Whether every thread of the backend is stopped (a group stop ends a thread's
+        disk syscall first), waiting up to `within` seconds."""
+        until = time.monotonic() + within
+        while time.monotonic() < until:
+            try:
+                states = [open(f"/proc/{self.pid}/task/{tid}/stat").read().rpartition(")")[2]
+                          .split()[0] for tid in os.listdir(f"/proc/{self.pid}/task")]
+            except OSError:
+                return False
+            if all(state in "tTZ" for state in states):
+                return True
+        return False
+
     def held(self) -> str | None:
-        """Where a request is held ("syscall" or "ring"), or None."""
-        return "syscall" if self.in_syscall() else "ring" if self.in_ring() else None
+        """Where a request is held, or None: "syscall" (looked at while it runs, so
+        that the kill comes before the syscall returns), or "ring" (looked at, and
+        left, stopped: the caller kills it, then sends SIGCONT)."""
+        if self.in_syscall():
+            return "syscall"
+        _signal(self.pid, signal.SIGSTOP)
+        if self.stopped(0.5) and self.in_ring():
+            return "ring"
+        _signal(self.pid, signal.SIGCONT)
+        time.sleep(0.002)                   # L1 has one CPU: let it run before the next look
+        return None
 
     def close(self):
         for fd in self.fds:
             os.close(fd)
 
 
+def _signal(pid: int, number: int) -> None:
+    """A stop or continue for a backend that may have died meanwhile."""
+    try:
+        os.kill(pid, number)
+    except ProcessLookupError:
+        pass
+
+
 async def kill(name: str, number: int, old: int | None = None, in_request: float = 0) -> dict:
     """Kill the live process `name` (not `old`, the one killed before) and wait until it
     is dead (a zombie or reaped): its pid and the L1 time of the kill. With `in_request`,
     wait up to that many seconds for a moment it holds a disk request it took and has
-    not completed (Requests: in its syscall, or queued in its io_uring), and say where
-    one was held, if one was."""
+    not completed (Requests: in its syscall, or queued in its io_uring while it is
+    stopped), and say where one was held, if one was."""
     deadline = time.monotonic() + 60
     while (pid := live(name)) is None or pid == old:
         if time.monotonic() > deadline:
@@ -347,6 +382,8 @@ async def kill(name: str, number: int, old: int | None = None, in_request: float
         while not (caught := requests.held()) and time.monotonic() < until:
             pass
     os.kill(pid, number)
+    if caught == "ring" and number != signal.SIGKILL:
+        _signal(pid, signal.SIGCONT)        # a handled signal (SIGSYS) needs it to run
     if in_request:
         requests.close()
     at = time.monotonic()

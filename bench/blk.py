@@ -37,7 +37,6 @@ import os
 import random
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -46,11 +45,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.framework.virtio_driver import DATA_GPA, Driver  # noqa: E402
+from tests.framework.blk_load import ClosedLoop  # noqa: E402
+from tests.framework.virtio_driver import Driver  # noqa: E402
 from vmm.vhost_user.protocol import Connection  # noqa: E402
 
 DISK_BYTES = 256 << 20
-HEADER = struct.Struct("<IIQ")
 OURS = str(ROOT / ".venv/bin/stratovirt-vhost-user-blk")
 VERSION_1 = 1 << 32
 EVENT_IDX = 1 << 29
@@ -115,45 +114,14 @@ def run(setup: str, disk: str, workload, seconds: float, ours: str, log) -> dict
     driver = Driver(Connection(client), num=256)
     try:
         driver.start(VERSION_1 | EVENT_IDX)
-        # Slot i: descriptors 3i..3i+2 (header, data, status), written once.
-        headers = []
-        for slot in range(depth):
-            base = DATA_GPA + slot * 0x10_0000
-            driver.write_chain(3 * slot, [(base, 16, False), (base + 4096, size, op == 0),
-                                          (base + 16, 1, True)])
-            headers.append(driver.offset(base, 16))
-        sectors = DISK_BYTES // 512 - size // 512
-        position = 0
-        sent, latencies = [0.0] * depth, []
-        view = driver.view
-
-        def prepare(slot, now):
-            nonlocal position
-            sector = random.randrange(0, sectors, 8) if randomly else position
-            position = (position + size // 512) % sectors
-            HEADER.pack_into(view, headers[slot], op, 0, sector)
-            sent[slot] = now
-            return 3 * slot
-
+        load = ClosedLoop(driver, op, size, depth, DISK_BYTES, randomly)
         cpu_before = cpu_seconds(backend.pid)
-        started = time.perf_counter()
-        driver.post([prepare(slot, started) for slot in range(depth)])
-        done = 0
-        while True:
-            completed = driver.reap()
-            now = time.perf_counter()
-            for head, _ in completed:
-                latencies.append(now - sent[head // 3])
-            done += len(completed)
-            if now - started >= seconds:
-                break
-            # Resubmit the batch with one kick, as a guest's block layer would.
-            driver.post([prepare(head // 3, now) for head, _ in completed])
-        elapsed = time.perf_counter() - started
+        result = load.run(seconds)
         cpu = cpu_seconds(backend.pid) - cpu_before
-        latencies.sort()
-        return {"iops": done / elapsed, "p50": latencies[len(latencies) // 2] * 1e6,
-                "p99": latencies[int(len(latencies) * 0.99)] * 1e6, "cpu_us": cpu / done * 1e6}
+        latencies = sorted(result.latencies)
+        return {"iops": result.iops, "p50": latencies[len(latencies) // 2] * 1e6,
+                "p99": latencies[int(len(latencies) * 0.99)] * 1e6,
+                "cpu_us": cpu / len(latencies) * 1e6}
     finally:
         client.close()
         driver.close()

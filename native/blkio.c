@@ -83,6 +83,7 @@
 #define DWZ_BYTES    16
 #define MAX_CAPACITY (UINT64_C(1) << 54)     /* sectors: byte offsets fit in off_t */
 #define PENDING      (-1)                    /* request(): the engine has it */
+#define FOREVER      UINT64_MAX              /* blk_serve: no timeout */
 
 static pthread_mutex_t rmw_lock = PTHREAD_MUTEX_INITIALIZER;
 
@@ -469,18 +470,44 @@ static int64_t request(const struct blk_disk *d, struct blk_worker *w, struct bl
     return written;
 }
 
+/* Pops the next chain into w->chain, or takes the one held back; asks the limiter.
+ * 1: run it now; 0: none there; BLK_THROTTLED: it waits (held, w->wait_ns); -EINVAL:
+ * the ring is malformed. */
+static int next_chain(struct vq *q, const struct blk_disk *d, struct blk_worker *w)
+{
+    int first = !w->held;
+    uint64_t data;
+
+    if (first) {
+        int rc = vq_pop(q, &w->chain);
+
+        if (rc <= 0)
+            return rc;
+    }
+    /* One op and the data bytes: the buffers less a header and a status byte. */
+    data = (w->chain.readable_bytes > HEADER_BYTES ? w->chain.readable_bytes - HEADER_BYTES : 0) +
+           (w->chain.writable_bytes > 1 ? w->chain.writable_bytes - 1 : 0);
+    w->wait_ns = rl_consume(d->limiter, data, first);
+    w->held = w->wait_ns != 0;
+    return w->held ? BLK_THROTTLED : 1;
+}
+
 int blk_process(struct vq *q, const struct blk_disk *d, struct blk_worker *w,
                 uint32_t budget)
 {
     uint32_t done = 0;
-    int rc = 0, more = 0;
+    int rc = 0, more = 0, throttled = 0;
 
     for (;;) {
         if (done == budget) {
             more = 1;
             break;
         }
-        rc = vq_pop(q, &w->chain);
+        rc = next_chain(q, d, w);
+        if (rc == BLK_THROTTLED) {
+            throttled = 1;
+            rc = 0;
+        }
         if (rc <= 0)
             break;
         vq_add_used(q, w->chain.head, (uint32_t)request(d, w, NULL));
@@ -491,7 +518,8 @@ int blk_process(struct vq *q, const struct blk_disk *d, struct blk_worker *w,
         vq_publish_used(q);
     if (rc < 0)
         return -EINVAL;
-    return (done && vq_needs_interrupt(q) ? BLK_NOTIFY : 0) | (more ? BLK_MORE : 0);
+    return (done && vq_needs_interrupt(q) ? BLK_NOTIFY : 0) | (more ? BLK_MORE : 0) |
+           (throttled ? BLK_THROTTLED : 0);
 }
 
 /* ---- engines ---------------------------------------------------------------------- */
@@ -902,7 +930,7 @@ int blk_pump(struct vq *q, const struct blk_disk *d, struct blk_worker *w, uint3
     struct blk_engine *e = w->engine;
     uint64_t completed = w->requests;
     uint32_t popped = 0;
-    int rc = 0, more = 0, full = 0, retry = 0, added, n;
+    int rc = 0, more = 0, full = 0, retry = 0, throttled = 0, added, n;
 
     if (!e || e->kind == BLK_ENGINE_INLINE)
         return blk_process(q, d, w, budget < BLK_INLINE_BATCH ? budget : BLK_INLINE_BATCH);
@@ -920,7 +948,11 @@ int blk_pump(struct vq *q, const struct blk_disk *d, struct blk_worker *w, uint3
             full = 1;
             break;
         }
-        rc = vq_pop(q, &w->chain);
+        rc = next_chain(q, d, w);
+        if (rc == BLK_THROTTLED) {
+            throttled = 1;
+            rc = 0;
+        }
         if (rc <= 0)
             break;
         popped++;
@@ -944,7 +976,7 @@ int blk_pump(struct vq *q, const struct blk_disk *d, struct blk_worker *w, uint3
     if (rc < 0)
         return -EINVAL;
     return (added && vq_needs_interrupt(q) ? BLK_NOTIFY : 0) | (more ? BLK_MORE : 0) |
-           (full ? BLK_FULL : 0) | (retry ? BLK_RETRY : 0);
+           (full ? BLK_FULL : 0) | (retry ? BLK_RETRY : 0) | (throttled ? BLK_THROTTLED : 0);
 }
 
 int blk_drain(struct vq *q, const struct blk_disk *d, struct blk_worker *w)
@@ -952,8 +984,17 @@ int blk_drain(struct vq *q, const struct blk_disk *d, struct blk_worker *w)
     struct blk_engine *e = w->engine;
     uint64_t completed = w->requests;
 
-    if (!e || e->kind == BLK_ENGINE_INLINE)
-        return 0;
+    if (w->held) {
+        w->held = 0;
+        vq_add_used_late(q, w->chain.head, (uint32_t)request(d, w, NULL));
+        w->requests++;
+    }
+    if (!e || e->kind == BLK_ENGINE_INLINE) {
+        if (w->requests == completed)
+            return 0;
+        vq_publish_used(q);
+        return vq_needs_interrupt(q) || q->broken ? BLK_NOTIFY : 0;
+    }
     while (e->queued || e->inflight) {
         int n;
 
@@ -1011,12 +1052,13 @@ int blk_serve(struct vq *q, const struct blk_disk *d, struct blk_worker *w, int 
                              { .fd = e && e->kind != BLK_ENGINE_INLINE ? e->fd : -1,
                                .events = POLLIN } };
     int quiet = 1;           /* kicks are off (VRING_USED_F_NO_NOTIFY) */
-    uint64_t count;
+    uint64_t count, wait;    /* ns to sleep at most */
+    struct timespec until;
 
     for (;;) {
         /* Serve what is there first: the driver may have made chains available before
          * we started, with a kick we will never see. */
-        int rc = blk_pump(q, d, w, q->num), timeout;
+        int rc = blk_pump(q, d, w, q->num);
 
         if (rc < 0)
             return finish_serving(q, d, w, call_fd, rc);
@@ -1026,9 +1068,15 @@ int blk_serve(struct vq *q, const struct blk_disk *d, struct blk_worker *w, int 
                 return finish_serving(q, d, w, call_fd, sent);
         }
         if (rc & BLK_MORE) {
-            timeout = 0;
+            wait = 0;
+        } else if (rc & BLK_THROTTLED) {
+            /* The next chain waits for the limiter: no kick can help (kicks stay off),
+             * sleep until it may run; completions still wake us. */
+            wait = w->wait_ns < BLK_RECHECK_NS ? w->wait_ns : BLK_RECHECK_NS;
+            if ((rc & BLK_RETRY) && wait > 1000000)
+                wait = 1000000;
         } else {
-            timeout = rc & BLK_RETRY ? 1 : -1;
+            wait = rc & BLK_RETRY ? 1000000 : FOREVER;
             /* Kicks on, then one more look: chains made available before the driver
              * could see that would get no kick. Every time: with EVENT_IDX, "on" is
              * avail_event at the index we stopped at, which moves with us. With every
@@ -1041,7 +1089,9 @@ int blk_serve(struct vq *q, const struct blk_disk *d, struct blk_worker *w, int 
                     continue;
             }
         }
-        if (poll(fds, 3, timeout) < 0) {
+        until.tv_sec = (time_t)(wait / 1000000000u);
+        until.tv_nsec = (long)(wait % 1000000000u);
+        if (ppoll(fds, 3, wait == FOREVER ? NULL : &until, NULL) < 0) {
             if (errno == EINTR)
                 continue;
             return finish_serving(q, d, w, call_fd, -errno);

@@ -21,6 +21,7 @@
 #include <liburing.h>
 #endif
 
+#include "ratelimit.h"
 #include "virtq.h"
 
 #define BLK_SECTOR      512
@@ -44,6 +45,7 @@
 #define BLK_MORE   2   /* the budget ran out: call again before waiting for a kick */
 #define BLK_FULL   4   /* every engine slot is busy: wait for a completion, not a kick */
 #define BLK_RETRY  8   /* the engine refused a submission for now (EAGAIN): try again soon */
+#define BLK_THROTTLED 16  /* a chain waits for the rate limiter: w->wait_ns, not a kick */
 
 /* I/O engines. */
 #define BLK_ENGINE_INLINE   0  /* each request runs to its end in the worker's thread */
@@ -54,6 +56,8 @@
                                   publishes them: the driver reaps and refills the ring
                                   while the rest run (bench/blk.py, buffered 4k QD32:
                                   207k IOPS with the whole ring per batch, 624k with 8) */
+#define BLK_RECHECK_NS (100 * 1000000)  /* a throttled ring looks again at least this often:
+                                          a changed limit counts (Firecracker's timer) */
 #define BLK_SLOT_IOVS  256     /* data buffers of one request the engine takes (SEG_MAX
                                   254); a request with more runs inline */
 
@@ -71,6 +75,7 @@ struct blk_disk {
     uint32_t max_discard_sectors, max_discard_seg;
     uint32_t max_write_zeroes_sectors, max_write_zeroes_seg;
     uint8_t id[BLK_ID_BYTES];
+    struct rl_limiter *limiter;   /* the disk's rate limits, shared by its queues; NULL: none */
 };
 
 /* One discard / write-zeroes segment as copied out of guest memory. */
@@ -123,6 +128,10 @@ struct blk_worker {
     uint32_t no_punch_hole, no_zero_range;
     /* Counters, for tests and statistics. */
     uint64_t requests, errors, bounced, zeroes_written;
+    /* A chain popped and held back until the disk's limiter lets it run (ratelimit.h):
+     * it is in w->chain, and wait_ns says how long at the last look. */
+    uint32_t held;
+    uint64_t wait_ns;
     struct vq_chain chain;
     struct iovec iov[VQ_MAX_SEGS];
     struct blk_dwz dwz[BLK_MAX_DWZ_SEG];
@@ -141,7 +150,9 @@ int blk_worker_init(struct blk_worker *w, const struct blk_disk *d, uint8_t *bou
                     size_t bounce_size);
 
 /* Serves up to `budget` chains of q: pops, executes and completes them, publishing
- * the used index once at the end. -EINVAL when the ring is malformed (the queue is
+ * the used index once at the end. A chain the disk's limiter holds back stays popped in
+ * the worker (BLK_THROTTLED) and runs first at a later call; it costs one op and its
+ * data bytes (the chain's buffers less the header and the status byte). -EINVAL when the ring is malformed (the queue is
  * then broken, see virtq.h; the completions before it are published); otherwise the
  * BLK_NOTIFY and BLK_MORE bits. The worker must have been through blk_worker_init with
  * the same disk. */
@@ -160,13 +171,15 @@ int blk_process(struct vq *q, const struct blk_disk *d, struct blk_worker *w,
 int blk_pump(struct vq *q, const struct blk_disk *d, struct blk_worker *w, uint32_t budget);
 
 /* Waits until nothing is in flight on the worker's engine, completing each request as
- * it ends, then publishes. BLK_NOTIFY when the driver should be interrupted (always,
+ * it ends, then publishes. A chain held for the limiter runs first, unlimited: a ring
+ * that stops owes the driver every chain it popped. BLK_NOTIFY when the driver should be interrupted (always,
  * when something completed on a broken queue: the driver may be waiting for it), 0, or
  * -errno if the engine fails. */
 int blk_drain(struct vq *q, const struct blk_disk *d, struct blk_worker *w);
 
 /* A queue worker's whole loop: blk_pump, interrupt through call_fd (an eventfd; -1:
- * none) when it says so; kicks are suppressed while there is work (VRING_USED_F_NO_NOTIFY,
+ * none) when it says so; while a chain waits for the limiter, sleep until it may run
+ * (at most BLK_RECHECK_NS); kicks are suppressed while there is work (VRING_USED_F_NO_NOTIFY,
  * or avail_event left behind with EVENT_IDX) and asked for again, with a last look at
  * the ring, before it sleeps; then wait on kick_fd (an eventfd), stop_fd and the
  * engine's fd; again. Returns 0 once stop_fd is readable (it is not read) and every

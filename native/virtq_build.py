@@ -80,6 +80,15 @@ void vq_set_last_avail_idx(struct vq *q, uint16_t idx);
 uint64_t vq_inflight_queue_bytes(uint32_t queue_size);
 int vq_inflight_start(struct vq *q, uint8_t *region, uint32_t queue_size);
 
+struct rl_params { uint64_t size; uint64_t one_time_burst; uint64_t refill_ns; };
+struct rl_config { uint64_t sequence; struct rl_params ops, bytes; ...; };
+struct rl_limiter { uint64_t throttled; ...; };
+#define RL_MAX_REFILL_NS ...
+int rl_init(struct rl_limiter *l, const volatile struct rl_config *config);
+void rl_configure(volatile struct rl_config *config, const struct rl_params *ops,
+                  const struct rl_params *bytes);
+uint64_t rl_consume(struct rl_limiter *l, uint64_t bytes, int first);
+
 #define BLK_SECTOR ...
 #define BLK_ID_BYTES ...
 #define BLK_MAX_DWZ_SEG ...
@@ -97,6 +106,7 @@ int vq_inflight_start(struct vq *q, uint8_t *region, uint32_t queue_size);
 #define BLK_MORE ...
 #define BLK_FULL ...
 #define BLK_RETRY ...
+#define BLK_THROTTLED ...
 #define BLK_ENGINE_INLINE ...
 #define BLK_ENGINE_IO_URING ...
 #define BLK_ENGINE_AIO ...
@@ -117,6 +127,7 @@ struct blk_disk {
     uint32_t max_discard_sectors, max_discard_seg;
     uint32_t max_write_zeroes_sectors, max_write_zeroes_seg;
     uint8_t id[...];
+    struct rl_limiter *limiter;
 };
 struct blk_engine {
     int kind;
@@ -132,6 +143,8 @@ struct blk_worker {
     struct blk_engine *engine;
     uint32_t no_punch_hole, no_zero_range;
     uint64_t requests, errors, bounced, zeroes_written;
+    uint32_t held;
+    uint64_t wait_ns;
     ...;
 };
 
@@ -203,8 +216,9 @@ int net_tx_serve(struct vq *q, int tap, struct net_tx *tx, int kick_fd, int call
 """)
 
 ffibuilder.set_source("vmm._virtq",
-                      '#include "virtq.h"\n#include "blkio.h"\n#include "netio.h"',
-                      sources=["native/virtq.c", "native/blkio.c", "native/netio.c"], include_dirs=["native"],
+                      '#include "virtq.h"\n#include "ratelimit.h"\n#include "blkio.h"\n#include "netio.h"',
+                      sources=["native/virtq.c", "native/ratelimit.c", "native/blkio.c",
+                               "native/netio.c"], include_dirs=["native"],
                       libraries=["uring"] if LIBURING else [],
                       define_macros=[] if LIBURING else [("BLK_NO_IO_URING", "1")],
                       extra_compile_args=["-std=c99", "-Wall", "-Wextra"])

@@ -31,12 +31,13 @@ def spawn(image: Path, name: str = "vmm-blk-test", read_only: bool = False,
           before: Callable[[], None] | None = None,
           keep: tuple[int, ...] = (),
           under_launcher: bool = False, num_queues: int = 1,
-          engine: str = "auto") -> tuple[children.Child, Connection]:
+          engine: str = "auto", limits=None) -> tuple[children.Child, Connection]:
     """A confined virtio-blk backend on `image`, connected to the returned Connection.
     before(): runs in the child first (e.g. redirect its stderr to a kept fd).
     under_launcher: forked by a process under the launcher's filter, as hot-plug and
     restarts fork it (tests/framework/confined.py). engine: its I/O engine
-    (vmm/devices/virtio/block/request.py; "auto": io_uring with direct)."""
+    (vmm/devices/virtio/block/request.py; "auto": io_uring with direct). limits: a
+    LimitsPage (vmm/virtio/ratelimit.py) the child inherits, as from the launcher."""
     fd = os.open(image, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC |
                  (os.O_DIRECT if direct else 0))
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -44,7 +45,8 @@ def spawn(image: Path, name: str = "vmm-blk-test", read_only: bool = False,
     def body() -> int:
         if before is not None:
             before()
-        return serve_disk(fd, theirs, read_only, direct, serial, True, num_queues, engine)
+        return serve_disk(fd, theirs, read_only, direct, serial, True, num_queues, engine,
+                          limits)
 
     try:
         fork = spawn_under_launcher if under_launcher else children.spawn

@@ -17,6 +17,7 @@ import functools
 
 from .. import __version__
 from . import limits as L
+from . import ratelimit
 from .draft import Draft, Item, Setting
 from .errors import ConfigError
 from .schema import DEVICE_LISTS, DEVICE_OBJECTS, SECTIONS
@@ -78,10 +79,13 @@ _VALUE_OPTIONS = {
     "-smp": ("[cpus=]N", f"Number of vCPUs, {L.VCPUS[0]}..{L.VCPUS[1]} (default {L.DEFAULT_VCPUS})."),
     "-m": ("SIZE", f"Memory, 128 MiB..512 GiB, a multiple of 4 KiB (default 256 MiB): "
                    f"{SIZE_HELP}."),
-    "-drive": ("id=ID,file=PATH[,readonly=BOOL][,direct=BOOL][,serial=S]",
+    "-drive": ("id=ID,file=PATH[,readonly=BOOL][,direct=BOOL][,serial=S]"
+               "[,throttling.iops-total=N][,throttling.bps-total=N]",
                f"A virtio-blk disk; repeatable, 0..{L.MAX_DRIVES}. readonly defaults to false, "
                f"direct (O_DIRECT) to true, serial is 1..{L.DRIVE_SERIAL_BYTES[1]} printable "
-               "ASCII characters."),
+               "ASCII characters. throttling.iops-total and throttling.bps-total limit "
+               "requests and bytes per second (QEMU's names; also -max and -max-length "
+               "bursts; docs/limits.md)."),
     "-netdev": ("id=ID,netdev=TAP[,mac=MAC]",
                 f"A virtio-net NIC on host tap TAP (1..{L.TAP_NAME_BYTES[1]} bytes, no '/', ':' "
                 f"or whitespace); repeatable, 0..{L.MAX_NICS}. MAC: six hex pairs with ':', "
@@ -257,6 +261,7 @@ def draft_from_options(values: dict) -> Draft:
 
     for index, text in enumerate(values.get("drive") or ()):
         draft.devices["drive"].append(_item("drive", f"-drive[{index}]", text, _DRIVE))
+        ratelimit.throttling_setting(draft.devices["drive"][-1])
     for index, text in enumerate(values.get("netdev") or ()):
         draft.devices["nic"].append(_item("nic", f"-netdev[{index}]", text, _NETDEV))
     for index, text in enumerate(values.get("chardev") or ()):
@@ -275,7 +280,9 @@ def draft_from_options(values: dict) -> Draft:
 # Property tables: cmdline key -> (internal field, converter, required).
 _DRIVE = {"id": ("id", None, True), "file": ("path", None, True),
           "readonly": ("read_only", parse_bool, False), "direct": ("direct", parse_bool, False),
-          "serial": ("serial", None, False)}
+          "serial": ("serial", None, False),
+          **{f"throttling.{name}": (f"throttling.{name}", None, False)
+             for name in ratelimit.THROTTLING}}
 _NETDEV = {"id": ("id", None, True), "netdev": ("tap", None, True), "mac": ("mac", None, False)}
 _CHARDEV = {"id": ("id", None, True), "path": ("socket", None, True)}
 _VSOCK = {"id": ("id", None, True), "guest-cid": ("guest_cid", parse_int, True)}

@@ -10,6 +10,7 @@ Only called for a line form.marker_2x recognised.
 """
 
 from . import limits as L
+from . import ratelimit
 from .cmdline import parse_command_line
 from .draft import Draft, Item, Setting
 from .errors import ConfigError
@@ -24,7 +25,7 @@ _VALUE_OPTIONS = {
     "-machine": "type=microvm[,dump-guest-core=on|off][,mem-share=on]",
     "-serial": "stdio", "-pidfile": "PATH",
     "-object": "rng-random,id=ID,filename=PATH", "-device": "DRIVER,id=ID,...",
-    "-drive": "id=ID,file=PATH[,readonly=on|off][,direct=on|off]",
+    "-drive": "id=ID,file=PATH[,readonly=on|off][,direct=on|off][,throttling.iops-total=N]",
     "-netdev": "tap,id=ID,ifname=TAP", "-chardev": "socket,id=ID,path=PATH,server,nowait",
 }
 _REPEATABLE = ("-object", "-device", "-drive", "-netdev", "-chardev")
@@ -47,7 +48,8 @@ _DEVICES = {
 # Backend options: (type word first, or None; properties).
 _BACKENDS = {
     "-drive": (None, {"id": (True, None), "file": (True, None),
-                      "readonly": (False, parse_bool), "direct": (False, parse_bool)}),
+                      "readonly": (False, parse_bool), "direct": (False, parse_bool),
+                      **{f"throttling.{name}": (False, None) for name in ratelimit.THROTTLING}}),
     "-netdev": ("tap", {"id": (True, None), "ifname": (False, None), "fds": (False, None)}),
     "-chardev": ("socket", {"id": (True, None), "path": (True, None),
                             "server": (True, _FLAG), "nowait": (True, _FLAG)}),
@@ -310,7 +312,12 @@ def _devices(given: dict[str, list], marker: str, draft: Draft) -> None:
             "nic": {"tap": backend.get("ifname"), "mac": props.get("mac")},
             "console": {"socket": backend.get("path")},
         }[item.kind]
+        if item.kind == "drive":
+            fields.update((name, setting) for name, setting in backend.items()
+                          if name.startswith("throttling."))
         item.fields.update((name, setting) for name, setting in fields.items() if setting)
+        if item.kind == "drive":
+            ratelimit.throttling_setting(item)
         draft.devices[item.kind].append(item)
 
 

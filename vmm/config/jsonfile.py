@@ -9,12 +9,15 @@ command line's are (StratoVirt's behaviour).
 import json
 from pathlib import Path
 
+from . import ratelimit
 from .draft import Draft, Item, Setting
 from .errors import ConfigError
 from .schema import DEVICE_LISTS, DEVICE_OBJECTS, SECTIONS, TOP_LEVEL, Key
 from .values import check_text, show
 
 _TYPE_WORDS = {str: "a string", int: "a whole number", bool: "true or false"}
+# Keys whose value is an object: read by their own parser (value, where) -> typed value.
+_OBJECT_PARSERS = {"rate_limit": ratelimit.from_json}
 
 
 def read_config_file(path: str) -> Draft:
@@ -95,7 +98,10 @@ def _object(value, where: str, keys: tuple[Key, ...]) -> dict[str, Setting]:
                 required = ", ".join(k.json for k in keys if k.required)
                 raise ConfigError(path, "missing", f"{where} requires {required}")
             continue
-        fields[key.name] = Setting(_typed(value[key.json], key.type, path), path)
+        if key.type is dict:
+            fields[key.name] = Setting(_OBJECT_PARSERS[key.name](value[key.json], path), path)
+        else:
+            fields[key.name] = Setting(_typed(value[key.json], key.type, path), path)
     return fields
 
 

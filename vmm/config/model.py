@@ -24,6 +24,22 @@ class MachineSpec:
 
 
 @dataclass(frozen=True)
+class Bucket:
+    """A token bucket, Firecracker's TokenBucket: `size` tokens, refilled at size per
+    `refill_time` ms, starting full; a one-time burst spent first and never refilled."""
+    size: int
+    refill_time: int          # ms
+    one_time_burst: int = 0
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """A device's limits (vmm/config/ratelimit.py says how each form maps here)."""
+    bandwidth: Bucket | None = None     # bytes
+    ops: Bucket | None = None           # requests
+
+
+@dataclass(frozen=True)
 class Drive:
     id: str
     path: Path
@@ -31,6 +47,7 @@ class Drive:
     direct: bool
     serial: str | None
     num_queues: int = 1     # derived: one per vCPU, at most 8 (layout.disk_queues)
+    rate_limit: RateLimit | None = None
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ line, as spec.md says.
 
 import json
 
+from . import ratelimit
 from .model import MachineConfig
 from .schema import DEVICE_LISTS, DEVICE_OBJECTS, SECTIONS
 
@@ -37,7 +38,8 @@ def to_json(config: MachineConfig) -> str:
 
 
 def _fields(device) -> dict:
-    return {name: str(value) if name in ("path", "socket") else value
+    return {name: str(value) if name in ("path", "socket") else
+            ratelimit.to_json(value) if name == "rate_limit" and value else value
             for name, value in vars(device).items()}
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 class Key:
     json: str
     name: str
-    type: type  # str, int or bool
+    type: type  # str, int, bool, or dict (an object read by its own parser, see jsonfile)
     required: bool = True
 
 
@@ -39,6 +39,7 @@ DEVICE_LISTS = {
         Key("read_only", "read_only", bool),
         Key("direct", "direct", bool),
         Key("serial_num", "serial", str, required=False),
+        Key("rate_limiter", "rate_limit", dict, required=False),
     )),
     "net": ("nic", (
         Key("iface_id", "id", str),

@@ -239,7 +239,8 @@ def _with_host_checks(s: dict[str, Setting], devices: dict[str, list[Item]]) -> 
         opened[key] = (f["path"].where, read_only)
         drives.append(Drive(item.id, paths.absolute(f["path"]), read_only, direct,
                             f["serial"].value if "serial" in f else None,
-                            layout.disk_queues(_value(s, "vcpus", L.DEFAULT_VCPUS))))
+                            layout.disk_queues(_value(s, "vcpus", L.DEFAULT_VCPUS)),
+                            f["rate_limit"].value if "rate_limit" in f else None))
 
     console = None
     for item in devices["console"]:

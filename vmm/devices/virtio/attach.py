@@ -12,6 +12,7 @@ backend that dies can be forked again with the same image, tap or listening sock
 import os
 import socket
 import struct
+import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -49,27 +50,32 @@ class Attached:
     backend: children.Child
     _recipe: tuple = field(default=(), repr=False)
     _kept: list[int] = field(default_factory=list, repr=False)
+    limits: object = None       # the device's LimitsPage (vmm/virtio/ratelimit.py), if any
 
     def respawn(self, restarts: int) -> "Attached":
         """A fresh backend for the same device, from the same kept fds; the new socket
         pair's vm end is in the result."""
-        return _fork(self.slot, *self._recipe, self._kept, restarts)
+        return _fork(self.slot, *self._recipe, self._kept, restarts, self.limits)
 
     def forget(self) -> None:
-        """The device is gone for good: the kept fds are closed."""
+        """The device is gone for good: the kept fds are closed, its limits unmapped."""
         for fd in self._kept:
             os.close(fd)
         self._kept.clear()
+        if self.limits is not None:
+            self.limits.close()
+            self.limits = None
 
 
 def spawn_backend(slot: Slot, process_name: str, role: str, fds: list[int],
-                  serve: Serve, memory: GuestMemory) -> Attached:
+                  serve: Serve, memory: GuestMemory, limits=None) -> Attached:
     """Fork the backend holding copies of `fds` and its end of a new socket pair; serve
     runs in it. The caller closes its own `fds` afterwards; the copies are kept for a
-    restart until forget()."""
+    restart until forget(). `limits`: the device's LimitsPage, the only one the backend
+    keeps mapped."""
     kept = [os.dup(fd) for fd in fds]
     try:
-        return _fork(slot, process_name, role, serve, memory, kept, 0)
+        return _fork(slot, process_name, role, serve, memory, kept, 0, limits)
     except BaseException:
         for fd in kept:
             os.close(fd)
@@ -77,7 +83,7 @@ def spawn_backend(slot: Slot, process_name: str, role: str, fds: list[int],
 
 
 def _fork(slot: Slot, process_name: str, role: str, serve: Serve, memory: GuestMemory,
-          kept: list[int], restarts: int) -> Attached:
+          kept: list[int], restarts: int, limits) -> Attached:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     # The vm process waits for the backend's replies on a vCPU or the QMP thread: a
     # backend that stops answering fails the request after REPLY_TIMEOUT instead of
@@ -88,6 +94,8 @@ def _fork(slot: Slot, process_name: str, role: str, serve: Serve, memory: GuestM
 
     def backend() -> int:
         memory.close()      # guest RAM comes again from the vm process, over vhost-user
+        if "vmm.virtio.ratelimit" in sys.modules:      # else no device has limits
+            sys.modules["vmm.virtio.ratelimit"].keep_only(limits)
         return serve(theirs, kept, restarts)
 
     try:
@@ -98,4 +106,4 @@ def _fork(slot: Slot, process_name: str, role: str, serve: Serve, memory: GuestM
     finally:
         theirs.close()
     child.what = slot.name
-    return Attached(slot, ours, child, (process_name, role, serve, memory), kept)
+    return Attached(slot, ours, child, (process_name, role, serve, memory), kept, limits)

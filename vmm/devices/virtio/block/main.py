@@ -40,14 +40,22 @@ def main() -> None:
                   default=request.AUTO, show_default=True,
                   help="I/O engine: auto is io_uring, else Linux AIO (aio), with --direct; "
                        "inline without it.")
+    @click.option("--iops-total", help="Requests per second, at most (QEMU's "
+                  "throttling.iops-total; a bucket of a tenth of a second: docs/limits.md).")
+    @click.option("--bps-total", help="Bytes per second, at most (throttling.bps-total).")
+    @click.option("--iops-total-max", help="Burst rate of requests (throttling.iops-total-max).")
+    @click.option("--bps-total-max", help="Burst rate of bytes (throttling.bps-total-max).")
+    @click.option("--iops-total-max-length", help="Seconds the request burst may last (default 1).")
+    @click.option("--bps-total-max-length", help="Seconds the byte burst may last (default 1).")
     def command(socket_path, fd, print_capabilities, blk_file, read_only, direct, serial,
-                num_queues, engine):
+                num_queues, engine, **throttling):
         """vhost-user virtio-blk backend."""
         if print_capabilities:
             print(json.dumps({"type": "block", "features": ["blk-file", "read-only"]}))
             return
         if (socket_path is None) == (fd is None) or not blk_file:
             raise click.UsageError("give --blk-file and one of --socket-path or --fd")
+        limits = _limits(throttling)
         logging.basicConfig(level=logging.INFO, format="vhost-user-blk: %(message)s")
         flags = ((os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC |
                  (os.O_DIRECT if direct else 0))
@@ -56,22 +64,41 @@ def main() -> None:
         except OSError as error:
             raise click.ClickException(f"--blk-file: {blk_file}: {error.strerror}") from None
         program.exit_on_sigterm()
-        program.serve(lambda: BlockDevice(disk, read_only, direct, serial, num_queues, engine),
-                      socket_path, fd)
+        program.serve(lambda: BlockDevice(disk, read_only, direct, serial, num_queues, engine,
+                                          limits), socket_path, fd)
 
     command()
 
 
+def _limits(throttling: dict):
+    """The --*-total options as the disk's LimitsPage (the same rules and messages as
+    -drive's throttling.*), or None."""
+    import click
+
+    from ....config import ratelimit
+    from ....config.errors import ConfigError
+    from ....virtio.ratelimit import LimitsPage
+    given = {name.replace("_", "-"): (text, "--" + name.replace("_", "-"))
+             for name, text in throttling.items() if text is not None}
+    if not given:
+        return None
+    try:
+        return LimitsPage((ratelimit.from_throttling(given, prefix="--"),))
+    except ConfigError as error:
+        raise click.UsageError(str(error)) from None
+
+
 def serve_disk(disk_fd: int, sock: socket.socket, read_only: bool, direct: bool,
                serial: str | None, seccomp: bool, num_queues: int = 1,
-               engine: str = request.AUTO) -> int:
+               engine: str = request.AUTO, limits=None) -> int:
     """The launcher's entry into a disk's backend process (forked, see vmm/children.py):
     the disk is already open with the right flags, the socket already connected. The
     process is confined before it reads a byte from the vm process or the guest; its
     I/O engines (io_uring rings, AIO contexts) are made before that, so the calls that
-    make them are not in its profile."""
+    make them are not in its profile. `limits`: the disk's LimitsPage, which the
+    launcher keeps writing."""
     program.exit_on_sigterm()
-    device = BlockDevice(disk_fd, read_only, direct, serial, num_queues, engine)
+    device = BlockDevice(disk_fd, read_only, direct, serial, num_queues, engine, limits)
     sandbox.confine("virtio-blk", seccomp=seccomp)
     try:
         program.serve_connection(device, sock)

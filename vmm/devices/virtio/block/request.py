@@ -160,11 +160,13 @@ class Requests:
     """Executes the requests of any number of queues against one disk."""
 
     def __init__(self, fd: int, capacity: int, read_only: bool, direct: bool, probe: Probe,
-                 serial: bytes, limits: Limits, num_queues: int = 1, engine: str = AUTO):
+                 serial: bytes, limits: Limits, num_queues: int = 1, engine: str = AUTO,
+                 rate_limits=None):
         """engine: "auto" (O_DIRECT: io_uring, else Linux AIO, else inline; buffered:
         inline), or one of ENGINES to ask for that one alone (inline if it is refused).
         The choice is logged once, as a warning when the disk did not get what it asked
-        for."""
+        for. rate_limits: a LimitsPage whose slot 0 the requests of every queue are
+        charged to (native/ratelimit.h), or None."""
         d = self._disk = ffi.new("struct blk_disk *")
         d.fd, d.capacity = fd, capacity
         d.read_only, d.direct, d.block_device = read_only, direct, probe.block_device
@@ -176,6 +178,9 @@ class Requests:
         d.max_write_zeroes_sectors = limits.max_write_zeroes_sectors
         d.max_write_zeroes_seg = limits.max_write_zeroes_seg
         d.id = list(serial[:ID_BYTES].ljust(ID_BYTES, b"\0"))
+        self._rate_limits = rate_limits       # the page must outlive the limiter
+        self._limiter = rate_limits.limiter(0) if rate_limits is not None else ffi.NULL
+        d.limiter = self._limiter
         _Worker(d)                                    # refuse a bad description now
         if engine != AUTO and engine not in ENGINES:
             raise ValueError(f"virtio-blk: no I/O engine {engine!r}")
@@ -238,12 +243,14 @@ class Requests:
 
     def counters(self) -> dict[str, int]:
         """Requests, errors, bounced (O_DIRECT through the bounce buffer) and
-        zeroes_written (write-zeroes done by writing), summed over the live queues."""
+        zeroes_written (write-zeroes done by writing), summed over the live queues;
+        throttled: requests that waited for the rate limiter."""
         names = ("requests", "errors", "bounced", "zeroes_written")
         totals = dict.fromkeys(names, 0)
         for worker in list(self._workers.values()):
             for name in names:
                 totals[name] += getattr(worker.native, name)
+        totals["throttled"] = self._limiter.throttled if self._limiter else 0
         return totals
 
 

@@ -1,0 +1,136 @@
+"""Rate limits as users write them, into one model.RateLimit (docs/limits.md).
+
+Two forms, as the two communities write them:
+
+- Firecracker's `rate_limiter` object in the JSON file (a drive's, a NIC's rx/tx):
+  `{"bandwidth": {"size", "one_time_burst", "refill_time"}, "ops": {...}}`, sizes in
+  bytes or requests, refill_time in ms. Kept as written.
+- QEMU's and StratoVirt 2.x's `throttling.*` properties of -drive (and QMP's
+  block_set_io_throttle, which takes the same numbers): `iops-total=N` is a bucket of
+  ceil(N/10) requests refilled in 100 ms -- N per second with QEMU's default burst of a
+  tenth of a second; `iops-total-max=M` (with `iops-total-max-length=L` seconds,
+  default 1) makes the bucket M*L requests, refilled at N per second, so a burst of M*L
+  may go at once. `bps-*` the same in bytes. Refill times are whole milliseconds,
+  rounded up: where N does not divide evenly the rate is at most N.
+
+A limit of 0 is refused here (omit the limit instead); QMP's 0 means "no limit", as
+in QEMU, and is handled by its caller. Every number is checked against the ranges
+below, with the option or JSON path it came from in the message.
+"""
+
+from .draft import Item, Setting
+from .errors import ConfigError
+from .model import Bucket, RateLimit
+from .values import parse_int, show
+
+MAX_TOKENS = (1 << 63) - 1
+REFILL_MS = (1, 3_600_000)                # at most an hour (native/ratelimit.h)
+MAX_LENGTH_S = (1, 3600)
+BUCKET_KEYS = ("size", "one_time_burst", "refill_time")
+LIMITER_KEYS = ("bandwidth", "ops")
+THROTTLING = ("iops-total", "bps-total", "iops-total-max", "bps-total-max",
+              "iops-total-max-length", "bps-total-max-length")
+
+
+def _check(value: int, where: str, low: int, high: int, unit: str = "") -> int:
+    if not low <= value <= high:
+        raise ConfigError(where, f"{value}{unit} is out of range", f"allowed {low}..{high}"
+                          + ("; omit the limit for none" if low == 1 and value == 0 else ""))
+    return value
+
+
+def _whole(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(where, f"is {show(value) if isinstance(value, str) else type(value).__name__}",
+                          "a whole number is expected")
+    return value
+
+
+def bucket_from_json(value, where: str) -> Bucket:
+    if not isinstance(value, dict):
+        raise ConfigError(where, "is not an object", f"an object with the keys {', '.join(BUCKET_KEYS)}")
+    for key in value:
+        if key not in BUCKET_KEYS:
+            raise ConfigError(f"{where}.{key}", "unknown key", f"the keys are {', '.join(BUCKET_KEYS)}")
+    if "size" not in value:
+        raise ConfigError(f"{where}.size", "missing", "a bucket needs a size and a refill_time")
+    size = _check(_whole(value["size"], f"{where}.size"), f"{where}.size", 1, MAX_TOKENS)
+    if "refill_time" not in value:
+        raise ConfigError(f"{where}.refill_time", "missing",
+                          f"a bucket with a size needs a refill_time in ms, {REFILL_MS[0]}..{REFILL_MS[1]}")
+    refill = _check(_whole(value["refill_time"], f"{where}.refill_time"), f"{where}.refill_time",
+                    *REFILL_MS, " ms")
+    burst = _check(_whole(value.get("one_time_burst", 0), f"{where}.one_time_burst"),
+                   f"{where}.one_time_burst", 0, MAX_TOKENS)
+    return Bucket(size, refill, burst)
+
+
+def from_json(value, where: str) -> RateLimit:
+    """A `rate_limiter` object."""
+    if not isinstance(value, dict):
+        raise ConfigError(where, "is not an object",
+                          f"an object with the keys {', '.join(LIMITER_KEYS)}")
+    for key in value:
+        if key not in LIMITER_KEYS:
+            raise ConfigError(f"{where}.{key}", "unknown key", f"the keys are {', '.join(LIMITER_KEYS)}")
+    if not value:
+        raise ConfigError(where, "has no bucket", "give bandwidth, ops or both; omit it for no limit")
+    return RateLimit(*(bucket_from_json(value[key], f"{where}.{key}") if key in value else None
+                       for key in LIMITER_KEYS))
+
+
+def to_json(limit: RateLimit) -> dict:
+    return {key: {"size": bucket.size, "one_time_burst": bucket.one_time_burst,
+                  "refill_time": bucket.refill_time}
+            for key, bucket in (("bandwidth", limit.bandwidth), ("ops", limit.ops)) if bucket}
+
+
+def rate_bucket(rate: int, burst: int | None, length: int | None) -> Bucket:
+    """QEMU's average rate per second, with an optional burst rate for `length` s."""
+    size = burst * (length or 1) if burst else -(-rate // 10)
+    return Bucket(size, -(-size * 1000 // rate))
+
+
+def throttling_setting(item: Item) -> None:
+    """Replaces a draft item's `throttling.*` fields (Settings of their text) by one
+    `rate_limit` Setting."""
+    given = {name[len("throttling."):]: (setting.value, setting.where)
+             for name, setting in item.fields.items() if name.startswith("throttling.")}
+    if given:
+        for name in given:
+            del item.fields[f"throttling.{name}"]
+        item.fields["rate_limit"] = Setting(from_throttling(given), f"{item.where}.throttling")
+
+
+def from_throttling(given: dict[str, tuple[str, str]], prefix: str = "throttling.") -> RateLimit:
+    """throttling.* properties: name -> (text, where written); messages name the other
+    properties as `prefix` + name (a backend program's options: "--")."""
+    values = {name: _check(parse_int(text, at), at, *(MAX_LENGTH_S if name.endswith("length")
+                                                      else (1, MAX_TOKENS)))
+              for name, (text, at) in given.items()}
+    buckets = {}
+    for kind in ("iops", "bps"):
+        rate, burst = values.get(f"{kind}-total"), values.get(f"{kind}-total-max")
+        length = values.get(f"{kind}-total-max-length")
+        if rate is None:
+            if burst is not None or length is not None:
+                name = f"{kind}-total-max" if burst is not None else f"{kind}-total-max-length"
+                raise ConfigError(given[name][1], f"without {prefix}{kind}-total",
+                                  f"a burst needs the average rate: add {prefix}{kind}-total=N")
+            continue
+        if length is not None and burst is None:
+            raise ConfigError(given[f"{kind}-total-max-length"][1], f"without {prefix}{kind}-total-max",
+                              f"the length is of a burst: add {prefix}{kind}-total-max=M")
+        if burst is not None and burst < rate:
+            raise ConfigError(given[f"{kind}-total-max"][1], f"{burst} is below the average rate {rate}",
+                              f"a burst rate is at least {prefix}{kind}-total")
+        bucket = rate_bucket(rate, burst, length)
+        if bucket.size > MAX_TOKENS:
+            raise ConfigError(given[f"{kind}-total-max"][1], "the burst (max x max-length) is "
+                              "too large", f"at most {MAX_TOKENS} {kind == 'iops' and 'requests' or 'bytes'}")
+        if bucket.refill_time > REFILL_MS[1]:
+            raise ConfigError(given[f"{kind}-total-max"][1], "the burst would take more than an "
+                              "hour to refill at the average rate",
+                              "give a smaller burst or a shorter max-length")
+        buckets["ops" if kind == "iops" else "bandwidth"] = bucket
+    return RateLimit(**buckets)

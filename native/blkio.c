@@ -1004,7 +1004,11 @@ int blk_drain(struct vq *q, const struct blk_disk *d, struct blk_worker *w)
                 return n;
         }
         if (!e->inflight) {
-            poll(NULL, 0, 1);            /* EAGAIN with nothing running: the kernel is short */
+            /* EAGAIN with nothing running: the kernel is short. A millisecond's nap
+             * (ppoll, the one wait this data path makes). */
+            struct timespec nap = { .tv_sec = 0, .tv_nsec = 1000000 };
+
+            ppoll(NULL, 0, &nap, NULL);
             continue;
         }
         n = reap(q, d, w, e, 1);

@@ -84,24 +84,19 @@ static int reload(struct rl_limiter *l, uint64_t sequence)
 
 static void refill(struct rl_bucket *b, uint64_t now)
 {
-    uint64_t elapsed = now - b->last_ns, added;
+    u128 added = (u128)(now - b->last_ns) * b->p.size / b->p.refill_ns;
+    __int128 budget = (__int128)b->budget + (__int128)added;
 
-    if (elapsed >= b->p.refill_ns) {             /* a whole refill time: full */
-        b->budget = (int64_t)b->p.size;
-        b->last_ns = now;
-        return;
-    }
-    added = (uint64_t)((u128)elapsed * b->p.size / b->p.refill_ns);
     if (added == 0)
         return;                                  /* keep last_ns: the time adds up */
-    if ((__int128)b->budget + added >= (__int128)b->p.size) {
+    if (budget >= (__int128)b->p.size) {         /* full (a debt is paid first) */
         b->budget = (int64_t)b->p.size;
         b->last_ns = now;
         return;
     }
-    b->budget += (int64_t)added;                 /* added < size <= INT64_MAX */
+    b->budget = (int64_t)budget;                 /* below size: fits */
     /* Advance by the time those tokens took, not to now: the rest counts next time. */
-    b->last_ns += (uint64_t)((u128)added * b->p.refill_ns / b->p.size);
+    b->last_ns += (uint64_t)(added * b->p.refill_ns / b->p.size);
 }
 
 /* What the bucket still needs from its regular budget for `tokens` after the one-time

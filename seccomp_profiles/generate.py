@@ -203,7 +203,9 @@ BLK = [
          "SCM_RIGHTS."),
     rule("recvfrom", "The payload of a vhost-user request."),
     rule("sendto", "vhost-user replies."),
-    rule("poll", "Each ring's worker waits for its kick eventfd or its stop pipe."),
+    rule("ppoll", "Each ring's worker (native/blkio.c) waits for its kick eventfd, its "
+         "stop pipe or its engine's completions; while a request waits for the disk's rate "
+         "limiter, until the limiter lets it go (a timeout finer than poll's milliseconds)."),
     rule("pipe2", "A ring's stop pipe, made when the frontend starts the ring."),
     rule("preadv pwritev", "Guest reads and writes: the disk to and from guest RAM, "
          "vectored, from the C request path (native/blkio.c)."),

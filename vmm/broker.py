@@ -20,7 +20,9 @@ for:
   No other fd of the launcher's can be named.
 - a backend: one per replaceable slot (disks 0..5, NICs 6..7), made from a disk or tap
   recorded here; its process is forked from the launcher like a cold-plugged one, so
-  it holds that image or tap, its vhost-user socket and nothing else.
+  it holds that image or tap, its vhost-user socket, its limits page and nothing else.
+- a disk's rate limits: new values, checked as the JSON file's are, written into that
+  disk's limits page (vmm/virtio/ratelimit.py), which only the launcher writes.
 - a backend again, for a device whose backend died: never on request. The launcher's
   restart policy (vmm/restart.py) decides, and respawn() forks it from the recipe kept
   since the device was plugged (the same image, tap or socket; attach.py).
@@ -36,6 +38,8 @@ import stat
 from dataclasses import asdict, dataclass
 
 from . import children, layout
+from .config import ratelimit
+from .config.errors import ConfigError
 from .config.model import Drive, MachineConfig, Nic
 from .devices.virtio.attach import Attached, AttachError
 from .devices.virtio.block import attach as block_attach
@@ -112,7 +116,8 @@ class Broker:
         handler = {"open-disk": self._open_disk, "close-disk": self._close_disk,
                    "open-tap": self._open_tap, "adopt-tap": self._adopt_tap,
                    "close-tap": self._close_tap, "plug": self._plug,
-                   "plugged": self._plugged, "unplug": self._unplug}.get(op)
+                   "plugged": self._plugged, "unplug": self._unplug,
+                   "set-limits": self._set_limits}.get(op)
         reply_fds: list[int] = []
         try:
             if handler is None:
@@ -293,6 +298,23 @@ class Broker:
         backend.attached.forget()
         if backend.child.status is None:
             self.leaving.append(backend)   # it ends when its socket closes
+        return {}
+
+    def _set_limits(self, message, fds, reply_fds) -> dict:
+        """New rate limits for a disk (block_set_io_throttle): checked as the JSON
+        file's rate_limiter is, written to the disk's limits page."""
+        slot = message.get("slot")
+        backend = self.backends.get(slot) if isinstance(slot, int) and slot < layout.BLK_SLOTS \
+            else None
+        if backend is None or backend.attached.limits is None:
+            raise Refused("no disk in that slot")
+        limits = message.get("limits")
+        try:
+            limit = ratelimit.from_json(limits, "limits") if limits else None
+        except ConfigError as error:
+            raise Refused(str(error)) from None
+        backend.attached.limits.write(0, limit)
+        log.info("broker: %s: limits %s", backend.attached.slot.name, limits or "none")
         return {}
 
     # The supervisor's questions.

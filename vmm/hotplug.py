@@ -22,7 +22,9 @@ import socket
 from dataclasses import dataclass
 
 from . import layout
-from .config.model import MachineConfig
+from .config import ratelimit
+from .config.errors import ConfigError
+from .config.model import MachineConfig, RateLimit
 from .control import ControlError, Refused, Requester
 from .devices.virtio.mmio import DeviceError
 from .devices.virtio.net.device import parse_mac
@@ -70,6 +72,9 @@ class Hotplug:
         self.cold = {drive.id: Blockdev(drive.id, str(drive.path), drive.read_only,
                                         drive.direct, -1) for drive in config.drives}
         self.restarts: dict[str, int] = {}      # device id -> its backend's restarts
+        # Disks' rate limits as they are now (query-block shows them), by device id.
+        self.limits: dict[str, RateLimit] = {drive.id: drive.rate_limit
+                                             for drive in config.drives if drive.rate_limit}
 
     def _ask(self, what: str, op: str, fds=(), **fields) -> tuple[dict, list[int]]:
         try:
@@ -229,6 +234,7 @@ class Hotplug:
         self._release(slot)             # first: the broker then expects the backend's end
         device.close()
         self.cold.pop(device_id, None)
+        self.limits.pop(device_id, None)
         log.info("hot-plug: %s %s left slot %d", occupant.kind, device_id,
                  self.slots.index_in_kind(slot))
         self.emit("DEVICE_DELETED", {"device": device_id,
@@ -241,6 +247,50 @@ class Hotplug:
             self.broker.ask("unplug", slot=slot)
         except (Refused, ControlError, OSError) as error:
             log.error("slot %d: the launcher did not take the backend back: %s", slot, error)
+
+    # block_set_io_throttle
+
+    def set_io_throttle(self, args: dict) -> None:
+        """QEMU's block_set_io_throttle for the totals and their bursts; the launcher
+        writes the disk's limits page (vmm/virtio/ratelimit.py)."""
+        if ("device" in args) == ("id" in args):
+            raise _error("Need exactly one of 'device' and 'id'")
+        name = args.get("id") or args["device"]
+        slot = self._disk_slot(name, by_id="id" in args)
+        for key in sorted(args):
+            if any(key.startswith(split) for split in ("bps_rd", "bps_wr", "iops_rd", "iops_wr")) \
+                    and args[key]:
+                raise _error(f"{key}: separate read and write limits are not supported; "
+                             "give the totals, bps and iops")
+        if args.get("iops_size"):
+            raise _error("iops_size: not supported (each request counts as one)")
+        if args.get("group"):
+            raise _error("group: throttle groups are not supported")
+        qmp = {"iops-total": "iops", "bps-total": "bps", "iops-total-max": "iops_max",
+               "bps-total-max": "bps_max", "iops-total-max-length": "iops_max_length",
+               "bps-total-max-length": "bps_max_length"}
+        try:
+            limit = ratelimit.from_rates({key: args[q] for key, q in qmp.items() if args.get(q)},
+                                         qmp.get)
+        except ConfigError as error:
+            raise _error(str(error)) from None
+        self._ask("block_set_io_throttle", "set-limits", slot=slot,
+                  limits=ratelimit.to_json(limit))
+        device = self.slots.occupants[slot].id
+        if limit.ops or limit.bandwidth:
+            self.limits[device] = limit
+        else:
+            self.limits.pop(device, None)
+        log.info("limits of disk %s: %s", device, ratelimit.to_json(limit) or "none")
+
+    def _disk_slot(self, name: str, by_id: bool) -> int:
+        """The disk slot of a device id, or of the drive (node) name it was made from."""
+        for index in range(self.slots.count(DISK)):
+            slot = self.slots.first(DISK) + index
+            occupant = self.slots.occupants.get(slot)
+            if occupant and name == (occupant.id if by_id else occupant.config or occupant.id):
+                return slot
+        raise QmpError("DeviceNotFound", f"Device '{name}' not found")
 
     # The launcher's news about backends (vmm/restart.py)
 
@@ -308,9 +358,19 @@ class Hotplug:
                     "drv": "raw", "encrypted": False, "backing_file_depth": 0,
                     "detect_zeroes": "off",
                     "cache": {"direct": disk.direct, "writeback": True, "no-flush": False}}
+                entry["inserted"].update(_throttle(self.limits.get(occupant.id)))
                 entry["restarts"] = self.restarts.get(occupant.id, 0)
             entries.append(entry)
         return entries
+
+
+def _throttle(limit: RateLimit | None) -> dict:
+    """query-block's limit fields (QEMU's BlockDeviceInfo), per second, 0: none."""
+    def rate(bucket):
+        return bucket.size * 1000 // bucket.refill_time if bucket else 0
+    limit = limit or RateLimit()
+    return {"bps": rate(limit.bandwidth), "bps_rd": 0, "bps_wr": 0,
+            "iops": rate(limit.ops), "iops_rd": 0, "iops_wr": 0}
 
 
 def _addr(text: str | None) -> int | None:

@@ -268,7 +268,8 @@ def test_huge_request_is_refused_without_io(make_blk):
     assert blk.request(R.T_OUT, 0, segments) == (R.S_IOERR, 1)
     assert blk.driver.memory.read(DATA, 16) == bytes(16)     # nothing read into it
     assert blk.thread.is_alive()
-    assert blk.counters() == {"requests": 2, "errors": 2, "bounced": 0, "zeroes_written": 0}
+    assert blk.counters() == {"requests": 2, "errors": 2, "bounced": 0, "zeroes_written": 0,
+                             "throttled": 0}
 
 
 def test_data_in_the_wrong_direction_is_refused(blk):

@@ -160,6 +160,7 @@ def test_the_ring_allows_its_three_opcodes_on_the_disk_and_nothing_else(tmp_path
     build = subprocess.run([gcc, "-std=c99", "-Wall", "-Wextra", "-Werror",
                             f"-I{ROOT / 'native'}", str(ROOT / "tests/native/uring_restricted.c"),
                             str(ROOT / "native/blkio.c"), str(ROOT / "native/virtq.c"),
+                            str(ROOT / "native/ratelimit.c"),
                             "-o", str(binary), "-luring"], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr
     run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=60)

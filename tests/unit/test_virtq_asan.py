@@ -1,8 +1,9 @@
-"""native/virtq.c and native/blkio.c under AddressSanitizer and UBSan:
+"""native/virtq.c, native/blkio.c and native/ratelimit.c under AddressSanitizer and UBSan:
 tests/native/virtq_asan.c feeds the walker hostile and random rings in malloc'ed guest
 RAM (completions in and out of order, EVENT_IDX on and off), tests/native/blkio_asan.c
 feeds the virtio-blk data path well-formed requests (checked against a model of the
-disk) and hostile ones, inline and with many in flight on io_uring and Linux AIO;
+disk) and hostile ones, inline and with many in flight on io_uring and Linux AIO,
+tests/native/ratelimit_asan.c the rate limiter hostile configurations;
 ASan's redzones catch any
 access outside RAM that the Python tests' guard pages might not (reads inside the
 process's other memory, a stray byte past a region)."""
@@ -44,7 +45,14 @@ def blkio_driver(tmp_path_factory):
     # liburing as the cffi module links it (native/virtq_build.py; scripts/setup.sh
     # installs liburing-dev).
     return build(tmp_path_factory, "blkio_asan", "tests/native/blkio_asan.c",
-                 "native/blkio.c", "native/virtq.c", libraries=["uring"])
+                 "native/blkio.c", "native/virtq.c", "native/ratelimit.c",
+                 libraries=["uring"])
+
+
+@pytest.fixture(scope="module")
+def ratelimit_driver(tmp_path_factory):
+    return build(tmp_path_factory, "ratelimit_asan", "tests/native/ratelimit_asan.c",
+                 "native/ratelimit.c", libraries=["pthread"])
 
 
 def run(binary, *args):
@@ -87,3 +95,15 @@ def test_blk_requests_under_asan_and_ubsan(blkio_driver):
     assert all(counts[name] > 1000 for name in ("async_batches", "async_started",
                                                 "async_broken")), output
     assert "requests through the engine" in output and "refused" not in output, output
+
+
+def test_rate_limiter_under_asan_and_ubsan(ratelimit_driver):
+    """Hostile and extreme bucket configurations (sizes past 2^63, refill times from 1 ns
+    to past an hour), random and extreme request sizes: no overflow, no budget above its
+    size, no throttling by an off limiter."""
+    status, output = run(ratelimit_driver)
+    assert status == 0, output
+    assert not any(error in output for error in SANITIZER_ERRORS), output
+    counts = {name: int(count) for count, name in re.findall(r"(\d+) (\w+)", output)}
+    assert "200000 iterations" in output and all(
+        counts[name] > 1000 for name in ("charged", "waits", "changes")), output

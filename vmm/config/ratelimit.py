@@ -103,34 +103,40 @@ def throttling_setting(item: Item) -> None:
 
 
 def from_throttling(given: dict[str, tuple[str, str]], prefix: str = "throttling.") -> RateLimit:
-    """throttling.* properties: name -> (text, where written); messages name the other
+    """throttling.* properties: name -> (text, where written); messages name the
     properties as `prefix` + name (a backend program's options: "--")."""
     values = {name: _check(parse_int(text, at), at, *(MAX_LENGTH_S if name.endswith("length")
                                                       else (1, MAX_TOKENS)))
               for name, (text, at) in given.items()}
+    return from_rates(values, lambda name: given[name][1] if name in given else prefix + name)
+
+
+def from_rates(values: dict[str, int], spell) -> RateLimit:
+    """QEMU's numbers by their -drive names (`iops-total`, `bps-total-max`, ...; each
+    already in range) -> RateLimit. spell(name): how the user wrote that name, for
+    messages (an option, a property's path, a QMP parameter)."""
     buckets = {}
     for kind in ("iops", "bps"):
-        rate, burst = values.get(f"{kind}-total"), values.get(f"{kind}-total-max")
-        length = values.get(f"{kind}-total-max-length")
+        avg, top, length = f"{kind}-total", f"{kind}-total-max", f"{kind}-total-max-length"
+        rate, burst, seconds = values.get(avg), values.get(top), values.get(length)
         if rate is None:
-            if burst is not None or length is not None:
-                name = f"{kind}-total-max" if burst is not None else f"{kind}-total-max-length"
-                raise ConfigError(given[name][1], f"without {prefix}{kind}-total",
-                                  f"a burst needs the average rate: add {prefix}{kind}-total=N")
+            if burst is not None or seconds is not None:
+                raise ConfigError(spell(top if burst is not None else length),
+                                  f"without {spell(avg)}",
+                                  f"a burst needs the average rate: give {spell(avg)}")
             continue
-        if length is not None and burst is None:
-            raise ConfigError(given[f"{kind}-total-max-length"][1], f"without {prefix}{kind}-total-max",
-                              f"the length is of a burst: add {prefix}{kind}-total-max=M")
+        if seconds is not None and burst is None:
+            raise ConfigError(spell(length), f"without {spell(top)}",
+                              f"the length is of a burst: give {spell(top)}")
         if burst is not None and burst < rate:
-            raise ConfigError(given[f"{kind}-total-max"][1], f"{burst} is below the average rate {rate}",
-                              f"a burst rate is at least {prefix}{kind}-total")
-        bucket = rate_bucket(rate, burst, length)
+            raise ConfigError(spell(top), f"{burst} is below the average rate {rate}",
+                              f"a burst rate is at least {spell(avg)}")
+        bucket = rate_bucket(rate, burst, seconds)
         if bucket.size > MAX_TOKENS:
-            raise ConfigError(given[f"{kind}-total-max"][1], "the burst (max x max-length) is "
-                              "too large", f"at most {MAX_TOKENS} {kind == 'iops' and 'requests' or 'bytes'}")
+            raise ConfigError(spell(top), "the burst (max x max-length) is too large",
+                              f"at most {MAX_TOKENS} {'requests' if kind == 'iops' else 'bytes'}")
         if bucket.refill_time > REFILL_MS[1]:
-            raise ConfigError(given[f"{kind}-total-max"][1], "the burst would take more than an "
-                              "hour to refill at the average rate",
-                              "give a smaller burst or a shorter max-length")
+            raise ConfigError(spell(top), "the burst would take more than an hour to refill "
+                              "at the average rate", "give a smaller burst or a shorter max-length")
         buckets["ops" if kind == "iops" else "bandwidth"] = bucket
     return RateLimit(**buckets)

@@ -147,6 +147,11 @@ def _query_block(ctx, args):
     return ctx.hotplug.query_block()
 
 
+def _block_set_io_throttle(ctx, args):
+    ctx.hotplug.set_io_throttle(args)
+    return {}
+
+
 def _shut_down(reason: str) -> Callable[[Context], None]:
     def then(ctx):
         ctx.machine.shutdown(reason, guest=False)
@@ -165,6 +170,18 @@ FILE = Object({
     "aio": opt(Enum(("threads", "native", "io_uring"))),
 })
 CACHE = Object({"direct": opt(Bool()), "no-flush": opt(Bool())})
+# block_set_io_throttle's numbers (QEMU's BlockIOThrottle): 0 is no limit.
+LIMIT = Int(0, (1 << 63) - 1)
+MAX_LENGTH = Int(0, 3600)
+THROTTLE = Object({
+    "device": opt(ID), "id": opt(ID),
+    **{name: req(LIMIT) for name in ("bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr")},
+    **{f"{name}_max": opt(LIMIT) for name in ("bps", "bps_rd", "bps_wr", "iops", "iops_rd",
+                                              "iops_wr")},
+    **{f"{name}_max_length": opt(MAX_LENGTH) for name in ("bps", "bps_rd", "bps_wr", "iops",
+                                                          "iops_rd", "iops_wr")},
+    "iops_size": opt(LIMIT), "group": opt(Str(max_length=128)),
+})
 
 TABLE: tuple[Command, ...] = (
     Command("qmp_capabilities", Object({"enable": opt(List(Enum(()), max_items=8))}), _nothing,
@@ -187,6 +204,10 @@ TABLE: tuple[Command, ...] = (
     Command("query-events", NONE, _query_events, "The events this server emits."),
     Command("query-block", NONE, _query_block,
             "Every disk slot: its device, image, read-only, direct, empty or not."),
+    Command("block_set_io_throttle", THROTTLE, _block_set_io_throttle,
+            "Change a disk's limits (device: its drive/node name, or id: the device's): "
+            "bps and iops totals, bursts with *_max and *_max_length; 0 is no limit. The "
+            "disk's next request finds them, its buckets full (docs/limits.md)."),
     Command("getfd", Object({"fdname": req(FDNAME)}), _getfd,
             "Keep the fd passed with this command (SCM_RIGHTS) under a name."),
     Command("closefd", Object({"fdname": req(FDNAME)}), _closefd, "Close a kept fd."),

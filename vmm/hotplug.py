@@ -365,9 +365,10 @@ class Hotplug:
 
 
 def _throttle(limit: RateLimit | None) -> dict:
-    """query-block's limit fields (QEMU's BlockDeviceInfo), per second, 0: none."""
+    """query-block's limit fields (QEMU's BlockDeviceInfo), per second, 0: none (to the
+    nearest: a burst's refill time is rounded up to whole ms)."""
     def rate(bucket):
-        return bucket.size * 1000 // bucket.refill_time if bucket else 0
+        return round(bucket.size * 1000 / bucket.refill_time) if bucket else 0
     limit = limit or RateLimit()
     return {"bps": rate(limit.bandwidth), "bps_rd": 0, "bps_wr": 0,
             "iops": rate(limit.ops), "iops_rd": 0, "iops_wr": 0}

@@ -399,3 +399,76 @@ def test_the_vm_ends_cleanly_with_hot_plugged_devices_in_place(ns, tmp_path, tin
     finally:
         vm.kill()
     os.close(ns.call(open_tap, "tap3"))      # nothing holds it any more
+
+
+@pytest.fixture
+def limited(tmp_path, tiny_guest):
+    """A VM whose disk has limits on its command line."""
+    (tmp_path / "lim.img").write_bytes(bytes(4 * MiB))
+    (tmp_path / "h2.img").write_bytes(bytes(4 * MiB))
+    vm = Microvm(tmp_path, tiny_guest, "-drive", f"file={tmp_path / 'lim.img'},id=cold,"
+                 "throttling.iops-total=4000,throttling.bps-total=1048576", append="wait")
+    vm.spawn().wait_for_api()
+    yield vm
+    vm.kill()
+
+
+def test_block_set_io_throttle_and_its_refusals(limited):
+    """QEMU's block_set_io_throttle on a cold disk (by drive name) and on a hot-plugged
+    one (by device id): query-block shows the limits, the command line's first; 0 clears
+    them; refusals are one error each and change nothing. That the backend holds a
+    changed limit is tests/unit/test_blk_rate_limit.py's (and the nested suite's, with a
+    Linux guest)."""
+    vm = limited
+    zeros = {name: 0 for name in ("bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr")}
+
+    def limits(block, index):
+        inserted = block[index]["inserted"]
+        return {name: inserted[name] for name in zeros}
+
+    [start] = qmp(vm, ("query-block", {}))
+    assert limits(start, 0) == {**zeros, "iops": 4000, "bps": 1048576}
+    results = qmp(vm, ("block_set_io_throttle", {"device": "cold", **zeros, "iops": 5000,
+                                                 "bps": 50 * MiB}),
+                  ("query-block", {}),
+                  ("block_set_io_throttle", {"device": "nope", **zeros}),
+                  ("block_set_io_throttle", {"device": "cold", "id": "cold", **zeros}),
+                  ("block_set_io_throttle", {"device": "cold", **zeros, "iops": -1}),
+                  ("block_set_io_throttle", {"device": "cold", **zeros, "bps_rd": 5}),
+                  ("block_set_io_throttle", {"device": "cold", **zeros, "iops": 100,
+                                             "iops_max": 50}),
+                  ("block_set_io_throttle", {"device": "cold", **zeros, "iops_max": 50}),
+                  ("block_set_io_throttle", {"device": "cold", **zeros, "group": "g"}),
+                  ("query-block", {}),
+                  ("block_set_io_throttle", {"device": "cold", **zeros}),
+                  ("query-block", {}))
+    (ok, block, unknown, both, negative, split, below, alone, group, unchanged, cleared,
+     after) = results
+    assert ok == {} and limits(block, 0) == {**zeros, "iops": 5000, "bps": 50 * MiB}
+    assert unknown == {"class": "DeviceNotFound", "desc": "Device 'nope' not found"}
+    assert both["desc"] == "Need exactly one of 'device' and 'id'"
+    assert negative["desc"] == f"Parameter 'iops' is -1; allowed 0..{(1 << 63) - 1}"
+    assert split["desc"].startswith("bps_rd: separate read and write limits are not supported")
+    assert below["desc"] == ("iops_max: 50 is below the average rate 100; a burst rate is "
+                             "at least iops")
+    assert alone["desc"].startswith("iops_max: without iops; a burst needs the average rate")
+    assert group["desc"] == "group: throttle groups are not supported"
+    assert limits(unchanged, 0) == limits(block, 0)
+    assert cleared == {} and limits(after, 0) == zeros
+
+    # A hot-plugged disk, by its device id.
+    plugged = qmp(vm, disk_args(vm, "h2"),
+                  ("device_add", {"id": "h2dev", "driver": "virtio-blk-mmio", "drive": "h2"}),
+                  ("block_set_io_throttle", {"id": "h2dev", **zeros, "iops": 7}),
+                  ("block_set_io_throttle", {"id": "h2", **zeros, "iops": 7}),
+                  ("query-block", {}))
+    by_id, by_node_as_id, block = plugged[2:]
+    assert by_id == {} and by_node_as_id["class"] == "DeviceNotFound"
+    [entry] = [e for e in block if e["device"] == "h2dev"]
+    assert entry["inserted"]["iops"] == 7
+
+    async def unplug(client, events):
+        await client.execute("device_del", {"id": "h2dev"})
+        await events.wait("DEVICE_DELETED")
+        return await client.execute("blockdev-del", {"node-name": "h2"})
+    assert qmp(vm, unplug) == [{}]

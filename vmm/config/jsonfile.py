@@ -13,7 +13,7 @@ from . import ratelimit
 from .draft import Draft, Item, Setting
 from .errors import ConfigError
 from .schema import DEVICE_LISTS, DEVICE_OBJECTS, SECTIONS, TOP_LEVEL, Key
-from .values import check_text, show
+from .values import check_text, kind_of, show
 
 _TYPE_WORDS = {str: "a string", int: "a whole number", bool: "true or false"}
 # Keys whose value is an object: read by their own parser (value, where) -> typed value.
@@ -24,7 +24,7 @@ def read_config_file(path: str) -> Draft:
     document = _load(path)
     draft = Draft()
     if not isinstance(document, dict):
-        raise ConfigError(path, f"the document is {_kind(document)}",
+        raise ConfigError(path, f"the document is {kind_of(document)}",
                           f"a JSON object with the keys {', '.join(TOP_LEVEL)}")
     for key, value in document.items():
         if key in SECTIONS:
@@ -33,7 +33,7 @@ def read_config_file(path: str) -> Draft:
         elif key in DEVICE_LISTS:
             kind, keys = DEVICE_LISTS[key]
             if not isinstance(value, list):
-                raise ConfigError(key, f"is {_kind(value)}", "a list of objects")
+                raise ConfigError(key, f"is {kind_of(value)}", "a list of objects")
             for index, entry in enumerate(value):
                 where = f"{key}[{index}]"
                 draft.devices[kind].append(Item(kind, where, _object(entry, where, keys)))
@@ -85,7 +85,7 @@ def _no_constant(word):
 def _object(value, where: str, keys: tuple[Key, ...]) -> dict[str, Setting]:
     names = ", ".join(k.json for k in keys)
     if not isinstance(value, dict):
-        raise ConfigError(where, f"is {_kind(value)}", f"an object with the keys {names}")
+        raise ConfigError(where, f"is {kind_of(value)}", f"an object with the keys {names}")
     by_json = {k.json: k for k in keys}
     for key in value:
         if key not in by_json:
@@ -110,23 +110,7 @@ def _typed(value, expected: type, where: str):
     ok = isinstance(value, bool) if expected is bool else (
         isinstance(value, expected) and not isinstance(value, bool))
     if not ok:
-        raise ConfigError(where, f"is {_kind(value)}", f"{_TYPE_WORDS[expected]} is expected")
+        raise ConfigError(where, f"is {kind_of(value)}", f"{_TYPE_WORDS[expected]} is expected")
     if expected is str:
         check_text(value, where)
     return value
-
-
-def _kind(value) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "a number"
-    if isinstance(value, float):
-        return "a fractional number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    return "an object"

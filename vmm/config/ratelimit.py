@@ -7,21 +7,25 @@ Two forms, as the two communities write them:
   bytes or requests, refill_time in ms. Kept as written.
 - QEMU's and StratoVirt 2.x's `throttling.*` properties of -drive (and QMP's
   block_set_io_throttle, which takes the same numbers): `iops-total=N` is a bucket of
-  ceil(N/10) requests refilled in 100 ms -- N per second with QEMU's default burst of a
-  tenth of a second; `iops-total-max=M` (with `iops-total-max-length=L` seconds,
-  default 1) makes the bucket M*L requests, refilled at N per second, so a burst of M*L
-  may go at once. `bps-*` the same in bytes. Refill times are whole milliseconds,
-  rounded up: where N does not divide evenly the rate is at most N.
+  N/10 requests refilled in 100 ms -- N per second with QEMU's default burst of a
+  tenth of a second -- or, where N/10 is not whole, the shortest refill time (whole
+  ms, up to a second) in which N is a whole number of tokens: the rate is always exact,
+  the burst between a tenth of a second's worth and a second's. `iops-total-max=M`
+  (with `iops-total-max-length=L` seconds, default 1) makes the bucket M*L requests,
+  refilled at N per second (the refill time rounded up to whole ms), so a burst of M*L
+  may go at once. `bps-*` the same in bytes.
 
 A limit of 0 is refused here (omit the limit instead); QMP's 0 means "no limit", as
 in QEMU, and is handled by its caller. Every number is checked against the ranges
 below, with the option or JSON path it came from in the message.
 """
 
+import math
+
 from .draft import Item, Setting
 from .errors import ConfigError
 from .model import Bucket, RateLimit
-from .values import parse_int, show
+from .values import kind_of, parse_int
 
 MAX_TOKENS = (1 << 63) - 1
 REFILL_MS = (1, 3_600_000)                # at most an hour (native/ratelimit.h)
@@ -41,14 +45,13 @@ def _check(value: int, where: str, low: int, high: int, unit: str = "") -> int:
 
 def _whole(value, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(where, f"is {show(value) if isinstance(value, str) else type(value).__name__}",
-                          "a whole number is expected")
+        raise ConfigError(where, f"is {kind_of(value)}", "a whole number is expected")
     return value
 
 
 def bucket_from_json(value, where: str) -> Bucket:
     if not isinstance(value, dict):
-        raise ConfigError(where, "is not an object", f"an object with the keys {', '.join(BUCKET_KEYS)}")
+        raise ConfigError(where, f"is {kind_of(value)}", f"an object with the keys {', '.join(BUCKET_KEYS)}")
     for key in value:
         if key not in BUCKET_KEYS:
             raise ConfigError(f"{where}.{key}", "unknown key", f"the keys are {', '.join(BUCKET_KEYS)}")
@@ -68,7 +71,7 @@ def bucket_from_json(value, where: str) -> Bucket:
 def from_json(value, where: str) -> RateLimit:
     """A `rate_limiter` object."""
     if not isinstance(value, dict):
-        raise ConfigError(where, "is not an object",
+        raise ConfigError(where, f"is {kind_of(value)}",
                           f"an object with the keys {', '.join(LIMITER_KEYS)}")
     for key in value:
         if key not in LIMITER_KEYS:
@@ -86,9 +89,15 @@ def to_json(limit: RateLimit) -> dict:
 
 
 def rate_bucket(rate: int, burst: int | None, length: int | None) -> Bucket:
-    """QEMU's average rate per second, with an optional burst rate for `length` s."""
-    size = burst * (length or 1) if burst else -(-rate // 10)
-    return Bucket(size, -(-size * 1000 // rate))
+    """QEMU's average rate per second, with an optional burst rate for `length` s. Without
+    a burst: the shortest refill time of at least 100 ms (a whole number of ms) in which
+    the rate is a whole number of tokens, so the rate is exact."""
+    if burst:
+        size = burst * (length or 1)
+        return Bucket(size, -(-size * 1000 // rate))
+    step = 1000 // math.gcd(rate, 1000)            # refill times with whole tokens
+    refill = step * -(-100 // step)
+    return Bucket(rate * refill // 1000, refill)
 
 
 def throttling_setting(item: Item) -> None:

@@ -138,3 +138,20 @@ def split_properties(text: str, where: str) -> list[tuple[str, str | None]]:
         seen.add(key)
         pairs.append((key, value if sep else None))
     return pairs
+
+
+def kind_of(value) -> str:
+    """What a JSON value is, for messages: `is a string`."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "a number"
+    if isinstance(value, float):
+        return "a fractional number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    return "an object"

@@ -42,6 +42,7 @@
 #include <errno.h>
 #include <poll.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 /* Copies len bytes of src into the writable segments of c, in order;
@@ -195,6 +196,14 @@ int net_rx_process(struct vq *q, int tap, struct net_rx *rx, uint32_t budget)
             }
             rx->pending = (uint32_t)n;
         }
+        if (!rx->charged) {
+            rx->wait_ns = rl_consume(rx->limiter, rx->pending - rx->hdr_len, !rx->wait_ns);
+            if (rx->wait_ns) {
+                result |= NET_THROTTLED;
+                break;
+            }
+            rx->charged = 1;
+        }
         rc = deliver(q, rx);
         if (rc < 0) {
             vq_publish_used(q);
@@ -204,6 +213,7 @@ int net_rx_process(struct vq *q, int tap, struct net_rx *rx, uint32_t budget)
             result |= NET_STARVED;
             break;
         }
+        rx->charged = 0;
         delivered++;
     }
     rx->starved = (result & NET_STARVED) != 0;
@@ -213,50 +223,69 @@ int net_rx_process(struct vq *q, int tap, struct net_rx *rx, uint32_t budget)
     return result;
 }
 
+/* Writes tx->chain's frame to the tap and completes the chain. */
+static void send_frame(struct vq *q, int tap, struct net_tx *tx)
+{
+    struct vq_chain *c = &tx->chain;
+    uint32_t i;
+    ssize_t n;
+
+    for (i = 0; i < c->nreadable; i++) {
+        tx->iov[i].iov_base = c->segs[i].addr;
+        tx->iov[i].iov_len = c->segs[i].len;
+    }
+    do
+        n = writev(tap, tx->iov, (int)c->nreadable);
+    while (n < 0 && errno == EINTR);
+    if (n < 0) {
+        tx->dropped++;
+        tx->last_errno = errno;
+    } else {
+        tx->frames++;
+        tx->bytes += c->readable_bytes - tx->hdr_len;
+    }
+    vq_add_used(q, c->head, 0);
+}
+
 int net_tx_process(struct vq *q, int tap, struct net_tx *tx, uint32_t budget)
 {
     struct vq_chain *c = &tx->chain;
-    uint32_t completed = 0, i;
+    uint32_t completed = 0;
     int result = 0, rc;
 
     if (q->broken)
         return -EINVAL;
     for (;;) {
-        ssize_t n;
+        int first = !tx->held;
 
         if (completed == budget) {
             result |= NET_MORE;
             break;
         }
-        rc = vq_pop(q, c);
-        if (rc < 0) {
-            vq_publish_used(q);
-            return -EINVAL;
+        if (first) {
+            rc = vq_pop(q, c);
+            if (rc < 0) {
+                vq_publish_used(q);
+                return -EINVAL;
+            }
+            if (rc == 0)
+                break;
+            if (c->nsegs != c->nreadable || c->readable_bytes < tx->hdr_len
+                    || c->readable_bytes > NET_FRAME_MAX) {
+                completed++;
+                tx->bad_chains++;
+                vq_add_used(q, c->head, 0);
+                continue;
+            }
         }
-        if (rc == 0)
+        tx->wait_ns = rl_consume(tx->limiter, c->readable_bytes - tx->hdr_len, first);
+        tx->held = tx->wait_ns != 0;
+        if (tx->held) {
+            result |= NET_THROTTLED;
             break;
+        }
         completed++;
-        if (c->nsegs != c->nreadable || c->readable_bytes < tx->hdr_len
-                || c->readable_bytes > NET_FRAME_MAX) {
-            tx->bad_chains++;
-            vq_add_used(q, c->head, 0);
-            continue;
-        }
-        for (i = 0; i < c->nreadable; i++) {
-            tx->iov[i].iov_base = c->segs[i].addr;
-            tx->iov[i].iov_len = c->segs[i].len;
-        }
-        do
-            n = writev(tap, tx->iov, (int)c->nreadable);
-        while (n < 0 && errno == EINTR);
-        if (n < 0) {
-            tx->dropped++;
-            tx->last_errno = errno;
-        } else {
-            tx->frames++;
-            tx->bytes += c->readable_bytes - tx->hdr_len;
-        }
-        vq_add_used(q, c->head, 0);
+        send_frame(q, tap, tx);
     }
     vq_publish_used(q);
     if (completed && vq_needs_interrupt(q))
@@ -274,13 +303,25 @@ static int interrupt(int call_fd)
     return 0;
 }
 
-/* Waits on fds[0] (kick), fds[1] (stop) and, when nfds is 3, fds[2] (the tap); the
- * kick is consumed. 1: stop, 0: go on, -errno. */
-static int wait_round(struct pollfd *fds, int nfds, int more)
+/* How long a worker may sleep after a call that answered rc: 0 with more to do, until
+ * the limiter lets the held frame go (at most NET_RECHECK_NS), or forever (-1). */
+static int64_t sleep_ns(int rc, uint64_t wait_ns)
 {
+    if (rc & NET_MORE)
+        return 0;
+    if (rc & NET_THROTTLED)
+        return (int64_t)(wait_ns < NET_RECHECK_NS ? wait_ns : NET_RECHECK_NS);
+    return -1;
+}
+
+/* Waits on fds[0] (kick), fds[1] (stop) and, when nfds is 3, fds[2] (the tap), at most
+ * `ns` (-1: no limit); the kick is consumed. 1: stop, 0: go on, -errno. */
+static int wait_round(struct pollfd *fds, int nfds, int64_t ns)
+{
+    struct timespec until = { .tv_sec = ns / 1000000000, .tv_nsec = ns % 1000000000 };
     uint64_t count;
 
-    if (poll(fds, (nfds_t)nfds, more ? 0 : -1) < 0)
+    if (ppoll(fds, (nfds_t)nfds, ns < 0 ? NULL : &until, NULL) < 0)
         return errno == EINTR ? 0 : -errno;
     if (fds[1].revents)
         return 1;
@@ -302,11 +343,12 @@ int net_rx_serve(struct vq *q, int tap, struct net_rx *rx, int kick_fd, int call
 
     for (;;) {
         /* Frames (and buffers) may be waiting from before we started. */
-        int rc = net_rx_process(q, tap, rx, NET_BUDGET), watch, more;
+        int rc = net_rx_process(q, tap, rx, NET_BUDGET), watch;
+        int64_t ns;
 
         if (rc < 0)
             return rc;
-        more = rc & NET_MORE;
+        ns = sleep_ns(rc, rx->wait_ns);
         if ((rc & NET_NOTIFY) && (rc = interrupt(call_fd)) < 0)
             return rc;
         /* Buffers matter only when a frame waits for them: the driver's kicks (a VM
@@ -322,9 +364,10 @@ int net_rx_serve(struct vq *q, int tap, struct net_rx *rx, int kick_fd, int call
             kicks = 0;
         }
         /* The tap only while a frame read from it could go somewhere, and while reads
-         * work: a deleted tap polls readable forever. */
-        watch = !rx->starved && !rx->last_errno;
-        rc = wait_round(fds, watch ? 3 : 2, more);
+         * work: a deleted tap polls readable forever. Not while a frame waits for the
+         * limiter either. */
+        watch = !rx->starved && !rx->last_errno && !rx->wait_ns;
+        rc = wait_round(fds, watch ? 3 : 2, ns);
         if (rc)
             return rc > 0 ? 0 : rc;
     }
@@ -337,27 +380,38 @@ int net_tx_serve(struct vq *q, int tap, struct net_tx *tx, int kick_fd, int call
         { .fd = kick_fd, .events = POLLIN }, { .fd = stop_fd, .events = POLLIN } };
 
     for (;;) {
-        int rc, more;
+        int rc;
+        int64_t ns;
 
         /* No kicks while we drain the ring (each is a VM exit); then kicks again, and
-         * one more look for what came before the driver saw that. */
+         * one more look for what came before the driver saw that. Not while a chain
+         * waits for the limiter: the ring's next chains wait behind it anyway. */
         vq_set_notify(q, 0);
         rc = net_tx_process(q, tap, tx, NET_BUDGET);
         if (rc < 0)
             return rc;
-        more = rc & NET_MORE;
+        ns = sleep_ns(rc, tx->wait_ns);
         if ((rc & NET_NOTIFY) && (rc = interrupt(call_fd)) < 0)
             return rc;
-        if (!more) {
+        if (ns < 0) {
             vq_set_notify(q, 1);
             rc = net_tx_process(q, tap, tx, NET_BUDGET);
             if (rc < 0)
                 return rc;
-            more = rc & NET_MORE;
+            ns = sleep_ns(rc, tx->wait_ns);
             if ((rc & NET_NOTIFY) && (rc = interrupt(call_fd)) < 0)
                 return rc;
         }
-        rc = wait_round(fds, 2, more);
+        rc = wait_round(fds, 2, ns);
+        if (rc > 0 && tx->held) {
+            /* Stopping: a chain we popped is the driver's again only once completed. */
+            tx->held = 0;
+            send_frame(q, tap, tx);
+            vq_publish_used(q);
+            if (vq_needs_interrupt(q) && (rc = interrupt(call_fd)) < 0)
+                return rc;
+            return 0;
+        }
         if (rc)
             return rc > 0 ? 0 : rc;
     }

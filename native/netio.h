@@ -16,6 +16,7 @@
 #include <stdint.h>
 #include <sys/uio.h>
 
+#include "ratelimit.h"
 #include "virtq.h"
 
 #define NET_HDR_LEN        12      /* struct virtio_net_hdr_v1 (with num_buffers) */
@@ -31,6 +32,9 @@
 #define NET_MORE    2   /* the budget ran out: call again before waiting */
 #define NET_STARVED 4   /* rx: a frame waits and the driver gave no buffer for it: stop
                          * watching the tap until the driver kicks (adds buffers) */
+#define NET_THROTTLED 8 /* a frame waits for the queue's rate limiter: wait_ns */
+#define NET_RECHECK_NS (100 * 1000000)  /* a throttled queue looks again at least this
+                                           often: a changed limit counts */
 
 struct net_rx {
     uint8_t *buf;                 /* NET_RX_BUF bytes: the frame being delivered */
@@ -46,6 +50,9 @@ struct net_rx {
                                    * not watched any more (detached, deleted) */
     uint32_t starved;             /* a frame waits for buffers (the last call's
                                    * NET_STARVED) */
+    struct rl_limiter *limiter;   /* frames delivered are charged here; NULL: none */
+    uint32_t charged;             /* the pending frame has been charged */
+    uint64_t wait_ns;             /* the pending frame waits this long for the limiter */
     uint16_t heads[VQ_MAX_QUEUE_SIZE];   /* the chains holding the current frame */
     uint32_t lens[VQ_MAX_QUEUE_SIZE];
     struct vq_chain chain;
@@ -57,24 +64,31 @@ struct net_tx {
     uint64_t dropped;             /* the tap refused them (bad header, link down, ...) */
     uint64_t bad_chains;          /* malformed: no header, writable buffers, too large */
     int last_errno;               /* of the last refused write */
+    struct rl_limiter *limiter;   /* frames sent are charged here; NULL: none */
+    uint32_t held;                /* chain is popped and waits for the limiter ... */
+    uint64_t wait_ns;             /* ... this long at the last look */
     struct vq_chain chain;
     struct iovec iov[VQ_MAX_SEGS];
 };
 
 /* Moves frames from the tap (non-blocking) into the receive queue until the tap is
  * empty, the driver has no buffer left (NET_STARVED; the frame is kept for the next
- * call) or `budget` frames were delivered (NET_MORE). used->idx is published once at
+ * call), the limiter holds the next frame (NET_THROTTLED: it is kept; the tap's queue
+ * fills and the kernel drops what overflows it, as on a slow link) or `budget` frames
+ * were delivered (NET_MORE). A frame costs one op and its bytes after the header. used->idx is published once at
  * the end. -EINVAL when the ring is malformed (the queue is broken, see virtq.h). */
 int net_rx_process(struct vq *q, int tap, struct net_rx *rx, uint32_t budget);
 
 /* Writes up to `budget` frames from the transmit queue to the tap and completes them
- * (0 bytes written, as the spec says for the transmit queue). -EINVAL when the ring is
+ * (0 bytes written, as the spec says for the transmit queue). A chain the limiter holds
+ * stays popped in tx (NET_THROTTLED) and goes first at a later call. -EINVAL when the ring is
  * malformed; otherwise NET_NOTIFY and NET_MORE bits. */
 int net_tx_process(struct vq *q, int tap, struct net_tx *tx, uint32_t budget);
 
 /* A queue worker's whole loop, run with the GIL released: process, interrupt through
  * call_fd, wait for the kick (and, for receive, for the tap while a frame could be
- * delivered), until stop_fd is readable (0). -EINVAL when the ring is malformed, -errno
+ * delivered; while throttled, for the limiter, at most NET_RECHECK_NS), until stop_fd
+ * is readable (0; a transmit chain held for the limiter is sent first). -EINVAL when the ring is malformed, -errno
  * when waiting fails. NET_BUDGET frames per round between looks at stop_fd. */
 #define NET_BUDGET 256
 int net_rx_serve(struct vq *q, int tap, struct net_rx *rx, int kick_fd, int call_fd,

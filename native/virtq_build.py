@@ -168,6 +168,7 @@ int blk_have_io_uring(void);
 #define NET_NOTIFY ...
 #define NET_MORE ...
 #define NET_STARVED ...
+#define NET_THROTTLED ...
 
 struct net_rx {
     uint8_t *buf;
@@ -178,12 +179,18 @@ struct net_rx {
     uint64_t frames, bytes, dropped, bad_chains;
     int last_errno;
     uint32_t starved;
+    struct rl_limiter *limiter;
+    uint32_t charged;
+    uint64_t wait_ns;
     ...;
 };
 struct net_tx {
     uint32_t hdr_len;
     uint64_t frames, bytes, dropped, bad_chains;
     int last_errno;
+    struct rl_limiter *limiter;
+    uint32_t held;
+    uint64_t wait_ns;
     ...;
 };
 

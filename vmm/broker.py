@@ -21,8 +21,9 @@ for:
 - a backend: one per replaceable slot (disks 0..5, NICs 6..7), made from a disk or tap
   recorded here; its process is forked from the launcher like a cold-plugged one, so
   it holds that image or tap, its vhost-user socket, its limits page and nothing else.
-- a disk's rate limits: new values, checked as the JSON file's are, written into that
-  disk's limits page (vmm/virtio/ratelimit.py), which only the launcher writes.
+- a disk's or NIC's rate limits: new values, checked as the JSON file's are, written
+  into that device's limits page (vmm/virtio/ratelimit.py), which only the launcher
+  writes.
 - a backend again, for a device whose backend died: never on request. The launcher's
   restart policy (vmm/restart.py) decides, and respawn() forks it from the recipe kept
   since the device was plugged (the same image, tap or socket; attach.py).
@@ -301,20 +302,26 @@ class Broker:
         return {}
 
     def _set_limits(self, message, fds, reply_fds) -> dict:
-        """New rate limits for a disk (block_set_io_throttle): checked as the JSON
-        file's rate_limiter is, written to the disk's limits page."""
+        """New rate limits for a disk or a NIC (block_set_io_throttle,
+        set_nic_io_throttle): `limits` is a list, the disk's one or the NIC's rx and
+        tx, each checked as the JSON file's rate_limiter is (null: none), all written
+        to the device's limits page or none."""
         slot = message.get("slot")
-        backend = self.backends.get(slot) if isinstance(slot, int) and slot < layout.BLK_SLOTS \
-            else None
+        backend = self.backends.get(slot) if isinstance(slot, int) else None
         if backend is None or backend.attached.limits is None:
-            raise Refused("no disk in that slot")
+            raise Refused("no disk or NIC in that slot")
+        wanted = 1 if slot < layout.BLK_SLOTS else 2
         limits = message.get("limits")
+        if not isinstance(limits, list) or len(limits) != wanted:
+            raise Refused(f"limits: a list of {wanted}")
         try:
-            limit = ratelimit.from_json(limits, "limits") if limits else None
+            parsed = [ratelimit.from_json(limit, f"limits[{i}]") if limit else None
+                      for i, limit in enumerate(limits)]
         except ConfigError as error:
             raise Refused(str(error)) from None
-        backend.attached.limits.write(0, limit)
-        log.info("broker: %s: limits %s", backend.attached.slot.name, limits or "none")
+        for index, limit in enumerate(parsed):
+            backend.attached.limits.write(index, limit)
+        log.info("broker: %s: limits %s", backend.attached.slot.name, limits)
         return {}
 
     # The supervisor's questions.

@@ -275,13 +275,34 @@ class Hotplug:
         except ConfigError as error:
             raise _error(str(error)) from None
         self._ask("block_set_io_throttle", "set-limits", slot=slot,
-                  limits=ratelimit.to_json(limit))
+                  limits=[ratelimit.to_json(limit)])
         device = self.slots.occupants[slot].id
         if limit.ops or limit.bandwidth:
             self.limits[device] = limit
         else:
             self.limits.pop(device, None)
         log.info("limits of disk %s: %s", device, ratelimit.to_json(limit) or "none")
+
+    def set_nic_io_throttle(self, args: dict) -> None:
+        """Our own command for a NIC's limits, in block_set_io_throttle's manner: rx_bps,
+        rx_pps, tx_bps, tx_pps (0: none) and their *_max, *_max_length bursts."""
+        slot = self.slots.find(args["id"])
+        if slot is None or self.slots.kind_of(slot) != NIC:
+            raise QmpError("DeviceNotFound", f"NIC '{args['id']}' not found")
+        limits = []
+        for direction in ("rx", "tx"):
+            names = {ratelimit.nic_to_drive(f"{direction}-{name}"): f"{direction}_{name}"
+                     for name in ("bps", "pps", "bps_max", "pps_max", "bps_max_length",
+                                  "pps_max_length")}
+            try:
+                limit = ratelimit.from_rates({drive: args[qmp] for drive, qmp in names.items()
+                                              if args.get(qmp)}, names.get)
+            except ConfigError as error:
+                raise _error(str(error)) from None
+            limits.append(ratelimit.to_json(limit))
+        self._ask("set_nic_io_throttle", "set-limits", slot=slot, limits=limits)
+        log.info("limits of NIC %s: rx %s, tx %s", args["id"], limits[0] or "none",
+                 limits[1] or "none")
 
     def _disk_slot(self, name: str, by_id: bool) -> int:
         """The disk slot of a device id, or of the drive (node) name it was made from."""

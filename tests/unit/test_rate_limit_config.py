@@ -133,3 +133,37 @@ def test_the_model_is_the_same_from_either_form(files):
     assert ratelimit.from_throttling({"iops-total": ("4000", "x")}) == \
         ratelimit.from_json({"ops": {"size": 400, "refill_time": 100}}, "y") == \
         RateLimit(ops=Bucket(400, 100))
+
+
+def test_nic_throttling_in_both_forms_and_json(files):
+    seed = printed(stratovirt(*files.base(), "-netdev", "id=n,netdev=tap0,throttling.rx-pps=100,"
+                              "throttling.tx-bps=1000000,throttling.tx-bps-max=2000000",
+                              "-print-config"))["net"][0]
+    assert seed["rx_rate_limiter"] == {"ops": {"size": 10, "one_time_burst": 0, "refill_time": 100}}
+    assert seed["tx_rate_limiter"] == {
+        "bandwidth": {"size": 2000000, "one_time_burst": 0, "refill_time": 2000}}
+    form2x = printed(stratovirt("-kernel", str(files.kernel), "-qmp", f"unix:{files.api},server,nowait",
+                                "-netdev", "tap,id=n,ifname=tap0,throttling.rx-pps=100,"
+                                "throttling.tx-bps=1000000,throttling.tx-bps-max=2000000",
+                                "-device", "virtio-net-device,netdev=n,id=n", "-print-config"))
+    assert form2x["net"][0] == seed
+    path = files.write_json({"net": [seed]})
+    assert printed(stratovirt("-config", str(path), *files.base(), "-print-config"))["net"] == [seed]
+
+
+@pytest.mark.parametrize("props,error", [
+    ("throttling.rx-pps=0", "-netdev[0].throttling.rx-pps: 0 is out of range"),
+    ("throttling.tx-bps=x", '-netdev[0].throttling.tx-bps: "x" is not a whole number'),
+    ("throttling.tx-bps-max=5", "-netdev[0].throttling.tx-bps-max: without throttling.tx-bps"),
+    ("throttling.rx-iops=5", "-netdev[0].throttling.rx-iops: unknown property"),
+])
+def test_bad_nic_throttling_refused(files, props, error):
+    result = stratovirt(*files.base(), "-netdev", f"id=n,netdev=tap0,{props}")
+    assert result.error.startswith(error), result.error
+
+
+def test_bad_nic_rate_limiter_refused(files):
+    path = files.write_json({"net": [{"iface_id": "n", "host_dev_name": "tap0",
+                                      "tx_rate_limiter": {"ops": {"size": 5}}}]})
+    assert stratovirt("-config", str(path), *files.base()).error.startswith(
+        "net[0].tx_rate_limiter.ops.refill_time: missing")

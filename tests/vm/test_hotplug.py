@@ -402,12 +402,14 @@ def test_the_vm_ends_cleanly_with_hot_plugged_devices_in_place(ns, tmp_path, tin
 
 
 @pytest.fixture
-def limited(tmp_path, tiny_guest):
-    """A VM whose disk has limits on its command line."""
+def limited(ns, tmp_path, tiny_guest):
+    """A VM whose disk and NIC have limits on its command line."""
     (tmp_path / "lim.img").write_bytes(bytes(4 * MiB))
     (tmp_path / "h2.img").write_bytes(bytes(4 * MiB))
     vm = Microvm(tmp_path, tiny_guest, "-drive", f"file={tmp_path / 'lim.img'},id=cold,"
-                 "throttling.iops-total=4000,throttling.bps-total=1048576", append="wait")
+                 "throttling.iops-total=4000,throttling.bps-total=1048576",
+                 "-netdev", "id=lnic,netdev=tap3,throttling.tx-bps=1000000", append="wait")
+    vm.argv = ns.command(*vm.argv)
     vm.spawn().wait_for_api()
     yield vm
     vm.kill()
@@ -472,3 +474,27 @@ def test_block_set_io_throttle_and_its_refusals(limited):
         await events.wait("DEVICE_DELETED")
         return await client.execute("blockdev-del", {"node-name": "h2"})
     assert qmp(vm, unplug) == [{}]
+
+
+def test_set_nic_io_throttle_and_its_refusals(limited):
+    """Our NIC command, in block_set_io_throttle's manner; that the backend holds what
+    it is given is tests/unit/test_nic_rate_limit.py's."""
+    zeros = {f"{d}_{k}": 0 for d in ("rx", "tx") for k in ("bps", "pps")}
+    results = qmp(limited,
+                  ("set_nic_io_throttle", {"id": "lnic", **zeros, "rx_pps": 500,
+                                           "tx_bps": 10 * MiB, "tx_bps_max": 20 * MiB}),
+                  ("set_nic_io_throttle", {"id": "lnic", **zeros}),
+                  ("set_nic_io_throttle", {"id": "cold", **zeros}),
+                  ("set_nic_io_throttle", {"id": "nope", **zeros}),
+                  ("set_nic_io_throttle", {"id": "lnic", **zeros, "tx_pps": -1}),
+                  ("set_nic_io_throttle", {"id": "lnic", **zeros, "rx_pps_max": 5}),
+                  ("set_nic_io_throttle", {"id": "lnic", **{**zeros, "rx_bps": None}}),
+                  ("set_nic_io_throttle", {"id": "lnic"}))
+    ok, cleared, disk, unknown, negative, burst_alone, null, missing = results
+    assert ok == {} and cleared == {}
+    assert disk == {"class": "DeviceNotFound", "desc": "NIC 'cold' not found"}
+    assert unknown == {"class": "DeviceNotFound", "desc": "NIC 'nope' not found"}
+    assert negative["desc"] == f"Parameter 'tx_pps' is -1; allowed 0..{(1 << 63) - 1}"
+    assert burst_alone["desc"].startswith("rx_pps_max: without rx_pps; a burst needs")
+    assert null["desc"] == "Invalid parameter type for 'rx_bps', expected: integer"
+    assert missing["desc"] == "Parameter 'rx_bps' is missing"

@@ -86,10 +86,11 @@ _VALUE_OPTIONS = {
                "ASCII characters. throttling.iops-total and throttling.bps-total limit "
                "requests and bytes per second (QEMU's names; also -max and -max-length "
                "bursts; docs/limits.md)."),
-    "-netdev": ("id=ID,netdev=TAP[,mac=MAC]",
+    "-netdev": ("id=ID,netdev=TAP[,mac=MAC][,throttling.rx-bps=N][,throttling.tx-pps=N]...",
                 f"A virtio-net NIC on host tap TAP (1..{L.TAP_NAME_BYTES[1]} bytes, no '/', ':' "
                 f"or whitespace); repeatable, 0..{L.MAX_NICS}. MAC: six hex pairs with ':', "
-                "unicast."),
+                "unicast. throttling.{rx,tx}-{bps,pps} limit bytes and frames per second "
+                "each way (also -max and -max-length bursts; docs/limits.md)."),
     "-chardev": ("id=ID,path=SOCKET", "A virtio-console on a unix socket that must not exist "
                                       "yet; one client at a time; at most one."),
     "-device": ("vsock,id=ID,guest-cid=CID",
@@ -264,6 +265,7 @@ def draft_from_options(values: dict) -> Draft:
         ratelimit.throttling_setting(draft.devices["drive"][-1])
     for index, text in enumerate(values.get("netdev") or ()):
         draft.devices["nic"].append(_item("nic", f"-netdev[{index}]", text, _NETDEV))
+        ratelimit.throttling_setting(draft.devices["nic"][-1])
     for index, text in enumerate(values.get("chardev") or ()):
         draft.devices["console"].append(_item("console", f"-chardev[{index}]", text, _CHARDEV))
     for index, text in enumerate(values.get("device") or ()):
@@ -283,7 +285,9 @@ _DRIVE = {"id": ("id", None, True), "file": ("path", None, True),
           "serial": ("serial", None, False),
           **{f"throttling.{name}": (f"throttling.{name}", None, False)
              for name in ratelimit.THROTTLING}}
-_NETDEV = {"id": ("id", None, True), "netdev": ("tap", None, True), "mac": ("mac", None, False)}
+_NETDEV = {"id": ("id", None, True), "netdev": ("tap", None, True), "mac": ("mac", None, False),
+           **{f"throttling.{name}": (f"throttling.{name}", None, False)
+              for name in ratelimit.NIC_THROTTLING}}
 _CHARDEV = {"id": ("id", None, True), "path": ("socket", None, True)}
 _VSOCK = {"id": ("id", None, True), "guest-cid": ("guest_cid", parse_int, True)}
 _RESTART = {"restarts": ("backend_restarts", parse_int, True),

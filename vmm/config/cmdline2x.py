@@ -50,7 +50,9 @@ _BACKENDS = {
     "-drive": (None, {"id": (True, None), "file": (True, None),
                       "readonly": (False, parse_bool), "direct": (False, parse_bool),
                       **{f"throttling.{name}": (False, None) for name in ratelimit.THROTTLING}}),
-    "-netdev": ("tap", {"id": (True, None), "ifname": (False, None), "fds": (False, None)}),
+    "-netdev": ("tap", {"id": (True, None), "ifname": (False, None), "fds": (False, None),
+                        **{f"throttling.{name}": (False, None)
+                           for name in ratelimit.NIC_THROTTLING}}),
     "-chardev": ("socket", {"id": (True, None), "path": (True, None),
                             "server": (True, _FLAG), "nowait": (True, _FLAG)}),
     "-object": ("rng-random", {"id": (True, None), "filename": (True, None)}),
@@ -312,11 +314,11 @@ def _devices(given: dict[str, list], marker: str, draft: Draft) -> None:
             "nic": {"tap": backend.get("ifname"), "mac": props.get("mac")},
             "console": {"socket": backend.get("path")},
         }[item.kind]
-        if item.kind == "drive":
+        if item.kind in ("drive", "nic"):
             fields.update((name, setting) for name, setting in backend.items()
                           if name.startswith("throttling."))
         item.fields.update((name, setting) for name, setting in fields.items() if setting)
-        if item.kind == "drive":
+        if item.kind in ("drive", "nic"):
             ratelimit.throttling_setting(item)
         draft.devices[item.kind].append(item)
 

@@ -17,7 +17,8 @@ from .values import check_text, kind_of, show
 
 _TYPE_WORDS = {str: "a string", int: "a whole number", bool: "true or false"}
 # Keys whose value is an object: read by their own parser (value, where) -> typed value.
-_OBJECT_PARSERS = {"rate_limit": ratelimit.from_json}
+_OBJECT_PARSERS = {"rate_limit": ratelimit.from_json, "rx_rate_limit": ratelimit.from_json,
+                   "tx_rate_limit": ratelimit.from_json}
 
 
 def read_config_file(path: str) -> Draft:

@@ -55,6 +55,8 @@ class Nic:
     id: str
     tap: str
     mac: str | None  # lower case aa:bb:cc:dd:ee:ff
+    rx_rate_limit: RateLimit | None = None
+    tx_rate_limit: RateLimit | None = None
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,10 @@ Two forms, as the two communities write them:
 - Firecracker's `rate_limiter` object in the JSON file (a drive's, a NIC's rx/tx):
   `{"bandwidth": {"size", "one_time_burst", "refill_time"}, "ops": {...}}`, sizes in
   bytes or requests, refill_time in ms. Kept as written.
+- A NIC's `throttling.rx-bps=N`, `rx-pps=N` (frames per second) and the same for `tx`,
+  each with `-max` and `-max-length` bursts, on -netdev: the disk's rules below, frames
+  counted as requests are. The JSON file's net entries take `rx_rate_limiter` and
+  `tx_rate_limiter`, Firecracker's names.
 - QEMU's and StratoVirt 2.x's `throttling.*` properties of -drive (and QMP's
   block_set_io_throttle, which takes the same numbers): `iops-total=N` is a bucket of
   N/10 requests refilled in 100 ms -- N per second with QEMU's default burst of a
@@ -34,6 +38,8 @@ BUCKET_KEYS = ("size", "one_time_burst", "refill_time")
 LIMITER_KEYS = ("bandwidth", "ops")
 THROTTLING = ("iops-total", "bps-total", "iops-total-max", "bps-total-max",
               "iops-total-max-length", "bps-total-max-length")
+NIC_THROTTLING = tuple(f"{direction}-{kind}{suffix}" for direction in ("rx", "tx")
+                       for kind in ("bps", "pps") for suffix in ("", "-max", "-max-length"))
 
 
 def _check(value: int, where: str, low: int, high: int, unit: str = "") -> int:
@@ -101,23 +107,59 @@ def rate_bucket(rate: int, burst: int | None, length: int | None) -> Bucket:
 
 
 def throttling_setting(item: Item) -> None:
-    """Replaces a draft item's `throttling.*` fields (Settings of their text) by one
-    `rate_limit` Setting."""
+    """Replaces a draft item's `throttling.*` fields (Settings of their text) by its
+    rate-limit Settings: a drive's `rate_limit`, a NIC's `rx_rate_limit` and
+    `tx_rate_limit`."""
     given = {name[len("throttling."):]: (setting.value, setting.where)
              for name, setting in item.fields.items() if name.startswith("throttling.")}
-    if given:
-        for name in given:
-            del item.fields[f"throttling.{name}"]
-        item.fields["rate_limit"] = Setting(from_throttling(given), f"{item.where}.throttling")
+    for name in given:
+        del item.fields[f"throttling.{name}"]
+    where = f"{item.where}.throttling"
+    if item.kind == "drive" and given:
+        item.fields["rate_limit"] = Setting(from_throttling(given), where)
+    elif item.kind == "nic":
+        for direction, limit in nic_throttling(given).items():
+            item.fields[f"{direction}_rate_limit"] = Setting(limit, where)
 
 
 def from_throttling(given: dict[str, tuple[str, str]], prefix: str = "throttling.") -> RateLimit:
-    """throttling.* properties: name -> (text, where written); messages name the
-    properties as `prefix` + name (a backend program's options: "--")."""
-    values = {name: _check(parse_int(text, at), at, *(MAX_LENGTH_S if name.endswith("length")
-                                                      else (1, MAX_TOKENS)))
-              for name, (text, at) in given.items()}
+    """A disk's throttling.* properties: name -> (text, where written); messages name
+    the properties as `prefix` + name (a backend program's options: "--")."""
+    values = {name: _number(name, text, at) for name, (text, at) in given.items()}
     return from_rates(values, lambda name: given[name][1] if name in given else prefix + name)
+
+
+def _number(name: str, text: str, where: str) -> int:
+    return _check(parse_int(text, where), where,
+                  *(MAX_LENGTH_S if name.endswith("length") else (1, MAX_TOKENS)))
+
+
+def nic_throttling(given: dict[str, tuple[str, str]], prefix: str = "throttling.") -> dict:
+    """A NIC's throttling.{rx,tx}-{bps,pps}[-max[-length]] -> {"rx": RateLimit, "tx": ...}
+    for the directions given: pps counts frames as iops counts requests."""
+    limits = {}
+    for direction in ("rx", "tx"):
+        mine = {name: value for name, value in given.items() if name.startswith(direction + "-")}
+        if not mine:
+            continue
+        # rx-pps-max -> iops-total-max, the names from_rates reads.
+        as_drive = {nic_to_drive(name): name for name in mine}
+        values = {drive: _number(name, *mine[name]) for drive, name in as_drive.items()}
+        limits[direction] = from_rates(values, lambda drive, d=direction, a=as_drive: (
+            mine[a[drive]][1] if drive in a else prefix + _nic_name(d, drive)))
+    return limits
+
+
+def nic_to_drive(nic_name: str) -> str:
+    """rx-pps-max -> iops-total-max: a NIC's names as from_rates reads them (QMP's
+    rx_pps_max too)."""
+    parts = nic_name.replace("_", "-").split("-")
+    return "-".join([{"pps": "iops", "bps": "bps"}[parts[1]], "total", *parts[2:]])
+
+
+def _nic_name(direction: str, drive_name: str) -> str:
+    kind, rest = drive_name.split("-", 2)[0], drive_name.split("-", 2)[2:]
+    return "-".join([direction, {"iops": "pps", "bps": "bps"}[kind], *rest])
 
 
 def from_rates(values: dict[str, int], spell) -> RateLimit:

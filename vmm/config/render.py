@@ -39,7 +39,7 @@ def to_json(config: MachineConfig) -> str:
 
 def _fields(device) -> dict:
     return {name: str(value) if name in ("path", "socket") else
-            ratelimit.to_json(value) if name == "rate_limit" and value else value
+            ratelimit.to_json(value) if name.endswith("rate_limit") and value else value
             for name, value in vars(device).items()}
 
 

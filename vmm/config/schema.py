@@ -45,6 +45,8 @@ DEVICE_LISTS = {
         Key("iface_id", "id", str),
         Key("host_dev_name", "tap", str),
         Key("mac", "mac", str, required=False),
+        Key("rx_rate_limiter", "rx_rate_limit", dict, required=False),
+        Key("tx_rate_limiter", "tx_rate_limit", dict, required=False),
     )),
 }
 

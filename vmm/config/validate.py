@@ -268,7 +268,9 @@ def _with_host_checks(s: dict[str, Setting], devices: dict[str, list[Item]]) -> 
                             _value(s, "omit_vm_memory", False)),
         drives=tuple(drives),
         nics=tuple(Nic(i.id, i.fields["tap"].value,
-                       i.fields["mac"].value.lower() if "mac" in i.fields else None)
+                       i.fields["mac"].value.lower() if "mac" in i.fields else None,
+                       *(i.fields[f"{d}_rate_limit"].value if f"{d}_rate_limit" in i.fields
+                         else None for d in ("rx", "tx")))
                    for i in devices["nic"]),
         console=console,
         vsock=vsock,

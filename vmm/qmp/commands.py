@@ -152,6 +152,11 @@ def _block_set_io_throttle(ctx, args):
     return {}
 
 
+def _set_nic_io_throttle(ctx, args):
+    ctx.hotplug.set_nic_io_throttle(args)
+    return {}
+
+
 def _shut_down(reason: str) -> Callable[[Context], None]:
     def then(ctx):
         ctx.machine.shutdown(reason, guest=False)
@@ -182,6 +187,12 @@ THROTTLE = Object({
                                                           "iops_rd", "iops_wr")},
     "iops_size": opt(LIMIT), "group": opt(Str(max_length=128)),
 })
+NIC_THROTTLE = Object({
+    "id": req(ID),
+    **{f"{d}_{name}": req(LIMIT) for d in ("rx", "tx") for name in ("bps", "pps")},
+    **{f"{d}_{name}_max": opt(LIMIT) for d in ("rx", "tx") for name in ("bps", "pps")},
+    **{f"{d}_{name}_max_length": opt(MAX_LENGTH) for d in ("rx", "tx") for name in ("bps", "pps")},
+})
 
 TABLE: tuple[Command, ...] = (
     Command("qmp_capabilities", Object({"enable": opt(List(Enum(()), max_items=8))}), _nothing,
@@ -208,6 +219,10 @@ TABLE: tuple[Command, ...] = (
             "Change a disk's limits (device: its drive/node name, or id: the device's): "
             "bps and iops totals, bursts with *_max and *_max_length; 0 is no limit. The "
             "disk's next request finds them, its buckets full (docs/limits.md)."),
+    Command("set_nic_io_throttle", NIC_THROTTLE, _set_nic_io_throttle,
+            "Change a NIC's limits (id: the device's), ours in block_set_io_throttle's "
+            "manner: rx_bps, rx_pps, tx_bps, tx_pps (bytes and frames per second each "
+            "way; 0 is no limit), bursts with *_max and *_max_length (docs/limits.md)."),
     Command("getfd", Object({"fdname": req(FDNAME)}), _getfd,
             "Keep the fd passed with this command (SCM_RIGHTS) under a name."),
     Command("closefd", Object({"fdname": req(FDNAME)}), _closefd, "Close a kept fd."),

@@ -57,7 +57,9 @@ class NetDevice:
     num_queues = 2
     max_queue_size = MAX_QUEUE_SIZE
 
-    def __init__(self, tap_fd: int, mac: bytes, mtu: int | None = None):
+    def __init__(self, tap_fd: int, mac: bytes, mtu: int | None = None, limits=None):
+        """limits: the NIC's LimitsPage (vmm/virtio/ratelimit.py): slot 0 receive, slot 1
+        transmit; or None."""
         self.tap = tap_fd
         self.mac = mac
         self.mtu = mtu
@@ -72,8 +74,10 @@ class NetDevice:
             features |= GUEST_TSO6 if self.offloads & T.TSO6 else 0
             features |= GUEST_UFO | HOST_UFO if self.offloads & T.UFO else 0
         self.features = features
-        self.rx = Receive(tap_fd)
-        self.tx = Transmit(tap_fd)
+        self._limits = limits           # the page must outlive the limiters
+        self._limiters = [limits.limiter(slot) for slot in (RX, TX)] if limits else []
+        self.rx = Receive(tap_fd, *self._limiters[:1])
+        self.tx = Transmit(tap_fd, *self._limiters[1:])
         self.driver_features = 0
         self.set_features(VIRTIO_F_VERSION_1)
 

@@ -39,7 +39,12 @@ def main() -> None:
                        "IFF_TAP|IFF_NO_PI|IFF_VNET_HDR.")
     @click.option("--mac", help="The MAC address the device offers (default: one derived "
                                 "from the tap's name, locally administered).")
-    def command(socket_path, fd, print_capabilities, tap_name, tap_fd, mac):
+    @click.option("--rx-bps", help="Bytes per second delivered to the guest, at most "
+                  "(docs/limits.md).")
+    @click.option("--rx-pps", help="Frames per second delivered to the guest, at most.")
+    @click.option("--tx-bps", help="Bytes per second sent by the guest, at most.")
+    @click.option("--tx-pps", help="Frames per second sent by the guest, at most.")
+    def command(socket_path, fd, print_capabilities, tap_name, tap_fd, mac, **throttling):
         """vhost-user virtio-net backend on a host tap."""
         if print_capabilities:
             print(json.dumps({"type": "net"}))
@@ -52,10 +57,11 @@ def main() -> None:
             mac_bytes = parse_mac(mac) if mac else None
         except ValueError as error:
             raise click.BadParameter(str(error), param_hint="--mac") from None
+        limits = _limits(throttling)
         try:
             tap = _inherited_tap(tap_fd) if tap_fd is not None else T.open_tap(tap_name)
             name = T.name_of(tap)
-            device = NetDevice(tap, mac_bytes or generated_mac(name), _mtu(name))
+            device = NetDevice(tap, mac_bytes or generated_mac(name), _mtu(name), limits)
         except (T.TapError, OSError) as error:
             raise click.ClickException(str(error)) from None
         log.info("tap %s, MAC %s", name, format_mac(device.mac))
@@ -63,6 +69,25 @@ def main() -> None:
         program.serve(lambda: device, socket_path, fd)
 
     command()
+
+
+def _limits(throttling: dict):
+    """The --{rx,tx}-{bps,pps} options as the NIC's LimitsPage (the rules and messages of
+    -netdev's throttling.*), or None."""
+    import click
+
+    from ....config import ratelimit
+    from ....config.errors import ConfigError
+    from ....virtio.ratelimit import LimitsPage
+    given = {name.replace("_", "-"): (text, "--" + name.replace("_", "-"))
+             for name, text in throttling.items() if text is not None}
+    if not given:
+        return None
+    try:
+        limits = ratelimit.nic_throttling(given, prefix="--")
+    except ConfigError as error:
+        raise click.UsageError(str(error)) from None
+    return LimitsPage((limits.get("rx"), limits.get("tx")))
 
 
 def _mtu(name: str) -> int | None:
@@ -81,12 +106,12 @@ def _inherited_tap(fd: int) -> int:
 
 
 def serve_nic(tap_fd: int, sock: socket.socket, mac: bytes, mtu: int | None,
-              seccomp: bool) -> int:
+              seccomp: bool, limits=None) -> int:
     """The launcher's entry into a NIC's backend process (forked, see vmm/children.py):
     the tap is already open, the socket already connected. The process is confined
     (the virtio-net profile) before it reads a byte from the vm process or the guest."""
     program.exit_on_sigterm()
-    device = NetDevice(tap_fd, mac, mtu)
+    device = NetDevice(tap_fd, mac, mtu, limits)
     sandbox.confine("virtio-net", seccomp=seccomp)
     program.serve_connection(device, sock)
     return 0

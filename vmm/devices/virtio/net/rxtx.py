@@ -10,7 +10,9 @@ waiting frame, the frame is kept and the tap is not watched again until the driv
 kicks (adds buffers), so a full ring never spins. Transmit (queue 1): each chain
 (header + frame, readable buffers only) is written to the tap with one writev straight
 from guest memory. netio.c's header comment lists what is checked; a malformed chain
-is completed without effect and counted, never followed.
+is completed without effect and counted, never followed. Each direction may have a
+rate limiter (native/ratelimit.h): a frame it holds waits in the worker -- on receive
+the tap's queue fills behind it, on transmit the ring does.
 """
 
 from ...._virtq import ffi, lib
@@ -27,12 +29,15 @@ def _check(rc: int, what: str) -> None:
 
 
 class Receive:
-    def __init__(self, tap: int):
+    def __init__(self, tap: int, limiter=ffi.NULL):
+        """limiter: a struct rl_limiter * frames are charged to (vmm/virtio/ratelimit.py),
+        kept alive by the caller, or NULL."""
         self.tap = tap
         self._buf = ffi.new("uint8_t[]", lib.NET_RX_BUF)
         self.state = ffi.new("struct net_rx *")
         self.state.buf = self._buf
         self.state.hdr_len = HDR_LEN
+        self.state.limiter = limiter
 
     def configure(self, hdr_len: int, mergeable: bool, guest_csum: bool) -> None:
         self.state.hdr_len = hdr_len
@@ -57,10 +62,12 @@ class Receive:
 
 
 class Transmit:
-    def __init__(self, tap: int):
+    def __init__(self, tap: int, limiter=ffi.NULL):
+        """limiter: as Receive's."""
         self.tap = tap
         self.state = ffi.new("struct net_tx *")
         self.state.hdr_len = HDR_LEN
+        self.state.limiter = limiter
 
     def configure(self, hdr_len: int) -> None:
         self.state.hdr_len = hdr_len

@@ -11,7 +11,11 @@ Setups (--setups picks some, comma-separated; default all):
   qsd-uring   qsd cache.direct=on,aio=io_uring
   buffered    ours without --direct (page cache, requests inline)
   qsd-buf     qsd cache.direct=off,aio=io_uring (aio=native needs cache.direct=on)
-Ratios: direct/qsd-native, direct/qsd-uring, buffered/qsd-buf.
+  limited     ours --direct with limits far above any load (--iops-total 10^9,
+              --bps-total 10^12): the cost of charging every request to the buckets
+  buffered-limited  the same without --direct
+Ratios: direct/qsd-native, direct/qsd-uring, buffered/qsd-buf, limited/direct and
+buffered-limited/buffered (the rate limiter's cost; docs/limits.md).
 
 Workloads: 4k random read and write at QD1 and QD32, 128k sequential read at QD8. Each
 round runs every workload on every setup, the setups in a new random order each time.
@@ -57,11 +61,15 @@ EVENT_IDX = 1 << 29
 WORKLOADS = [("randread 4k QD1", 0, 4096, 1, True), ("randread 4k QD32", 0, 4096, 32, True),
              ("randwrite 4k QD1", 1, 4096, 1, True), ("randwrite 4k QD32", 1, 4096, 32, True),
              ("read 128k QD8", 0, 128 << 10, 8, False)]
-# name: (kind, direct, qsd aio)
-SETUPS = {"direct": ("ours", True, None), "qsd-native": ("qsd", True, "native"),
-          "qsd-uring": ("qsd", True, "io_uring"), "buffered": ("ours", False, None),
-          "qsd-buf": ("qsd", False, "io_uring")}
-RATIOS = [("direct", "qsd-native"), ("direct", "qsd-uring"), ("buffered", "qsd-buf")]
+# name: (kind, direct, qsd aio, more options of ours)
+HIGH_LIMITS = ("--iops-total", str(10**9), "--bps-total", str(10**12))
+SETUPS = {"direct": ("ours", True, None, ()), "qsd-native": ("qsd", True, "native", ()),
+          "qsd-uring": ("qsd", True, "io_uring", ()), "buffered": ("ours", False, None, ()),
+          "qsd-buf": ("qsd", False, "io_uring", ()),
+          "limited": ("ours", True, None, HIGH_LIMITS),
+          "buffered-limited": ("ours", False, None, HIGH_LIMITS)}
+RATIOS = [("direct", "qsd-native"), ("direct", "qsd-uring"), ("buffered", "qsd-buf"),
+          ("limited", "direct"), ("buffered-limited", "buffered")]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -70,11 +78,12 @@ def cpu_seconds(pid: int) -> float:
 
 
 def start(setup: str, disk: str, sock: str, ours: str, log) -> subprocess.Popen:
-    kind, direct, aio = SETUPS[setup]
+    kind, direct, aio, more = SETUPS[setup]
     if os.path.exists(sock):
         os.unlink(sock)
     if kind == "ours":
-        argv = [ours, "--socket-path", sock, "--blk-file", disk] + (["--direct"] if direct else [])
+        argv = [ours, "--socket-path", sock, "--blk-file", disk] + \
+            (["--direct"] if direct else []) + list(more)
     else:
         argv = ["qemu-storage-daemon", "--blockdev",
                 f"driver=file,node-name=f,filename={disk},cache.direct={'on' if direct else 'off'},"

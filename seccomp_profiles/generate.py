@@ -262,7 +262,7 @@ NET = [
     rule("ppoll", "Each ring's worker (native/netio.c) waits for its kick eventfd or its "
          "stop pipe, the receive ring's also for the tap; while a frame waits for the "
          "direction's rate limiter, until the limiter lets it go (a timeout finer than "
-         "poll's milliseconds)."),
+         "poll's milliseconds).", nested=True),
     rule("pipe2", "A ring's stop pipe, made when the frontend starts the ring."),
     rule("fcntl", "Python's mmap duplicates the memfd it maps.", eq(1, "F_DUPFD_CLOEXEC")),
     ioctl("TUNSETVNETHDRSZ", "at SET_FEATURES the tap's vnet header size becomes the "

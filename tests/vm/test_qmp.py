@@ -127,7 +127,8 @@ def test_queries(vm):
     assert block[0]["inserted"] == {
         "file": str(vm.image), "node-name": "d0", "ro": False, "drv": "raw",
         "encrypted": False, "backing_file_depth": 0, "detect_zeroes": "off",
-        "cache": {"direct": True, "writeback": True, "no-flush": False}}
+        "cache": {"direct": True, "writeback": True, "no-flush": False},
+        "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0}
     assert all(entry["empty"] and "inserted" not in entry for entry in block[1:])
 
 

@@ -55,3 +55,15 @@ def test_six_disks_direct_and_buffered(checks):
         assert disk["written"] == disk["read"] == disk["host"], disk
     assert six["vdf_sectors"] == 8 * 2048
     assert six["status"] == 0
+
+
+def test_a_limited_disk_reads_at_its_limit_and_a_live_change_counts(checks):
+    """dd with O_DIRECT in Debian's guest: the disk limited with throttling.bps-total reads
+    at its limit (±15%), the unlimited one beside it in the same boot much faster, and
+    after block_set_io_throttle doubled the limit, at the new one."""
+    rate = _one(checks, "rate_limit")
+    limit = rate["limit"]
+    assert rate["unlimited"] > 3 * limit, rate      # else the limit would not bind
+    assert abs(rate["limited"] - limit) <= 0.15 * limit, rate
+    assert rate["changed"] == {"return": {}}, rate
+    assert abs(rate["after_change"] - 2 * limit) <= 0.15 * 2 * limit, rate

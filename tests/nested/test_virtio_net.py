@@ -86,3 +86,14 @@ def test_an_empty_nic_slot_is_a_nic_without_carrier(checks):
     assert empty["driver"] == "virtio_net" and empty["carrier"] == "0"
     assert empty["ping_empty"] != 0 and empty["ping0"] == 0
     assert empty["status"] == 0
+
+
+def test_a_tx_limit_holds_a_tcp_stream(checks):
+    """eth1's throttling.tx-bps: L2's TCP stream out of it arrives at the limit (±15%;
+    the limit counts Ethernet frames, the stream its payload), eth0's unlimited one in
+    the same boot much faster."""
+    nics = _one(checks, "two_nics")
+    limit = nics["tx_limit"]
+    limited, free = nics["transfer1"]["out"]["rate"], nics["transfer0"]["out"]["rate"]
+    assert free > 3 * limit, (free, limit)            # else the limit would not bind
+    assert abs(limited - limit) <= 0.15 * limit, (limited, limit)

@@ -73,10 +73,53 @@ def initrd_vm(api: str, drives: list[str]) -> Vm:
     return vm
 
 
+LIMIT = 256 * KiB                     # bytes per second on the limited disk
+READ = 2048 * KiB                     # read from each disk per measurement
+
+
+def qmp(api: str, command: str, arguments: dict) -> dict:
+    """One QMP command over a fresh connection (negotiation first); its answer."""
+    import socket
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(api)
+        stream = sock.makefile("rw")
+        stream.readline()                                   # the greeting
+        for name, args in (("qmp_capabilities", {}), (command, arguments)):
+            stream.write(json.dumps({"execute": name, "arguments": args}) + "\n")
+            stream.flush()
+            while "event" in (answer := json.loads(stream.readline())):
+                pass
+        return answer
+
+
+def read_rate(vm: Vm, disk: str) -> float:
+    """Bytes per second of READ bytes read from /dev/<disk> with O_DIRECT in 64 KiB
+    requests, timed by L2's clock (kvm-clock: L1's time)."""
+    found = shell(vm, f"a=$(cut -d' ' -f1 /proc/uptime); dd if=/dev/{disk} of=/dev/null "
+                      f"bs=65536 count={READ // 65536} iflag=direct 2>/dev/null; "
+                      f"b=$(cut -d' ' -f1 /proc/uptime); echo took-{disk} $a $b",
+                  rf"^took-{disk} ([\d.]+) ([\d.]+)$")
+    return READ / (float(found[2]) - float(found[1]))
+
+
 def read_only_and_serial() -> None:
+    """Also the rate limits: a second disk limited to LIMIT bytes/s on the command line
+    (throttling.bps-total), read beside the unlimited rootfs; then its limit doubled over
+    QMP (block_set_io_throttle) and read again."""
     api = "/tmp/ro.sock"
-    vm = initrd_vm(api, [f"file={ROOTFS},id=rootfs,readonly=true,serial=abc"])
+    limited = "/payload/files/limited.img"
+    with open(limited, "wb") as f:
+        f.write(os.urandom(READ))
+    vm = initrd_vm(api, [f"file={ROOTFS},id=rootfs,readonly=true,serial=abc",
+                         f"file={limited},id=lim,direct=true,throttling.bps-total={LIMIT}"])
     try:
+        free = read_rate(vm, "vda")
+        first = read_rate(vm, "vdb")
+        zeros = {k: 0 for k in ("bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr")}
+        changed = qmp(api, "block_set_io_throttle", {"device": "lim", "bps": 2 * LIMIT, **zeros})
+        second = read_rate(vm, "vdb")
+        report("rate_limit", limit=LIMIT, unlimited=free, limited=first, changed=changed,
+               after_change=second)
         ro = shell(vm, "echo ro=$(cat /sys/block/vda/ro)", r"^ro=(\d)$")[1]
         serial = shell(vm, "echo serial=$(cat /sys/block/vda/serial)", r"^serial=(.*)$")[1]
         write = shell(vm, "dd if=/dev/zero of=/dev/vda bs=4096 count=1 oflag=direct; "

@@ -12,12 +12,14 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 from console import Timeout, Vm
 
 MiB = 1 << 20
 TRANSFER = 4 * MiB
 MAC0 = "0e:00:00:00:00:02"
+TX_LIMIT = 256 * 1024          # bytes per second L2 may send on eth1 (throttling.tx-bps)
 APPEND = "console=ttyS0 reboot=k panic=1 quiet"
 NETS = {"tap0": ("10.0.0.1", "10.0.0.2", "eth0"), "tap1": ("10.0.1.1", "10.0.1.2", "eth1")}
 
@@ -54,6 +56,7 @@ class Server(threading.Thread):
         self.listener.settimeout(300)
         self.data = data
         self.received = b""
+        self.first = self.last = 0.0       # monotonic times of the first and last bytes in
         self.start()
 
     def run(self):
@@ -66,6 +69,8 @@ class Server(threading.Thread):
                 connection.sendall(self.data)
             else:
                 while chunk := connection.recv(1 << 16):
+                    self.last = time.monotonic()
+                    self.first = self.first or self.last
                     self.received += chunk
         self.listener.close()
 
@@ -85,7 +90,8 @@ def transfer(vm: Vm, tap: str, port: int, length: int) -> dict:
     server_in.join(300)
     got = shell(vm, "md5sum /in", "SUM")[0].split()[-2]
     return {"out": {"guest": sent, "host": hashlib.md5(server.received).hexdigest(),
-                    "status": nc_out},
+                    "status": nc_out,
+                    "rate": len(server.received) / max(server.last - server.first, 1e-3)},
             "in": {"guest": got, "host": hashlib.md5(data).hexdigest(), "status": nc_in}}
 
 
@@ -104,14 +110,17 @@ def backends() -> dict[str, int]:
 
 
 def two_nics() -> None:
-    """Both NICs configured in L2, pings both ways on each, TCP both ways with checksums,
-    then malformed frames from L2 (rawsend, from a disk) and the NICs still work."""
+    """Both NICs configured in L2, pings both ways on each, TCP both ways with checksums
+    (eth1's transmit limited to TX_LIMIT bytes/s: its stream out is timed, beside eth0's
+    unlimited one), then malformed frames from L2 (rawsend, from a disk) and the NICs
+    still work."""
     api = "/tmp/net.sock"
     vm = Vm(["stratovirt", "-kernel", "/l2/vmlinuz", "-initrd", "/l2/initrd.img",
              "-append", APPEND, "-smp", "2", "-m", "512M", "-serial", "stdio",
              "-api-channel", f"unix:{api}",
              "-drive", "file=/payload/files/tools.ext4,id=tools,readonly=true",
-             "-netdev", f"id=net0,netdev=tap0,mac={MAC0}", "-netdev", "id=net1,netdev=tap1"],
+             "-netdev", f"id=net0,netdev=tap0,mac={MAC0}",
+             "-netdev", f"id=net1,netdev=tap1,throttling.tx-bps={TX_LIMIT}"],
             timeout=1200)       # every L2 instruction is emulated twice over: minutes
     try:
         vm.expect("initramfs: ready")
@@ -126,7 +135,8 @@ def two_nics() -> None:
         result["features"] = shell(vm, "cat /sys/class/net/eth0/device/features",
                                    "FEAT")[0].split()[-1]
         result["transfer0"] = transfer(vm, "tap0", 7000, TRANSFER)
-        result["transfer1"] = transfer(vm, "tap1", 7100, MiB)
+        result["transfer1"] = transfer(vm, "tap1", 7100, MiB)     # tx limited
+        result["tx_limit"] = TX_LIMIT
         before = backends()
 
         # Malformed frames from the guest, both NICs, then everything must still work.

@@ -402,6 +402,9 @@ static int64_t request(const struct blk_disk *d, struct blk_worker *w, struct bl
     uint64_t rdata, wdata, sector;
     uint32_t type, written = 1;
 
+    w->op = BLK_OP_OTHER;
+    w->op_ok = 0;
+    w->op_bytes = 0;
     if (c->nsegs == c->nreadable)
         return 0;                                  /* nowhere to put a status */
     last = &c->segs[c->nsegs - 1];
@@ -415,6 +418,8 @@ static int64_t request(const struct blk_disk *d, struct blk_worker *w, struct bl
         return 1;
     }
     memcpy(&type, header, 4);
+    if (type == BLK_T_IN || type == BLK_T_OUT || type == BLK_T_FLUSH)
+        w->op = type == BLK_T_IN ? BLK_OP_READ : type == BLK_T_OUT ? BLK_OP_WRITE : BLK_OP_FLUSH;
     memcpy(&sector, header + 8, 8);
     rdata = c->readable_bytes - HEADER_BYTES;
 
@@ -430,6 +435,7 @@ static int64_t request(const struct blk_disk *d, struct blk_worker *w, struct bl
         s = transfer(d, w, 0, out, sector * BLK_SECTOR, wdata) ? BLK_S_IOERR : BLK_S_OK;
         if (s == BLK_S_OK)
             written = (uint32_t)(wdata + 1);       /* a whole number of sectors + 1 < 2^32 */
+        w->op_bytes = wdata;
         break;
     case BLK_T_OUT:
         if (d->read_only || wdata || rdata % BLK_SECTOR ||
@@ -440,6 +446,7 @@ static int64_t request(const struct blk_disk *d, struct blk_worker *w, struct bl
         if (e && start(d, w, e, BLK_T_OUT, in, sector * BLK_SECTOR, rdata, status, 1))
             return PENDING;
         s = transfer(d, w, 1, in, sector * BLK_SECTOR, rdata) ? BLK_S_IOERR : BLK_S_OK;
+        w->op_bytes = rdata;
         break;
     case BLK_T_FLUSH:
         if (e && start(d, w, e, BLK_T_FLUSH, in, 0, 0, status, 1))
@@ -466,7 +473,52 @@ static int64_t request(const struct blk_disk *d, struct blk_worker *w, struct bl
     }
     if (s != BLK_S_OK)
         w->errors++;
+    w->op_ok = s == BLK_S_OK;
     *status = s;
+    return written;
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec t;
+
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+/* Counts one completed request in the worker's statistics. */
+static void account(struct blk_worker *w, uint32_t op, int ok, uint64_t bytes, uint64_t start_ns)
+{
+    struct blk_stats *st = w->stats;
+    uint64_t took, bound;
+    int bucket = 0;
+
+    if (!st)
+        return;
+    st->ops[op]++;
+    if (!ok) {
+        st->failed[op]++;
+        return;
+    }
+    if (op == BLK_OP_OTHER)
+        return;
+    took = now_ns() - start_ns;
+    st->total_ns[op] += took;
+    if (op == BLK_OP_FLUSH)
+        return;
+    st->bytes[op] += bytes;
+    for (bound = 16000; bucket < BLK_LAT_BUCKETS - 1 && took >= bound; bound *= 2)
+        bucket++;
+    st->latency[op][bucket]++;
+}
+
+/* request() and, when it completed the chain (not PENDING), its accounting. */
+static int64_t run_request(const struct blk_disk *d, struct blk_worker *w, struct blk_engine *e)
+{
+    int64_t written = request(d, w, e);
+
+    if (written != PENDING)
+        account(w, w->op, (int)w->op_ok, w->op_bytes, w->start_ns);
     return written;
 }
 
@@ -483,12 +535,16 @@ static int next_chain(struct vq *q, const struct blk_disk *d, struct blk_worker 
 
         if (rc <= 0)
             return rc;
+        if (w->stats)
+            w->start_ns = now_ns();
     }
     /* One op and the data bytes: the buffers less a header and a status byte. */
     data = (w->chain.readable_bytes > HEADER_BYTES ? w->chain.readable_bytes - HEADER_BYTES : 0) +
            (w->chain.writable_bytes > 1 ? w->chain.writable_bytes - 1 : 0);
     w->wait_ns = rl_consume(d->limiter, data, first);
     w->held = w->wait_ns != 0;
+    if (w->held && first && w->stats)
+        w->stats->throttled++;
     return w->held ? BLK_THROTTLED : 1;
 }
 
@@ -510,7 +566,7 @@ int blk_process(struct vq *q, const struct blk_disk *d, struct blk_worker *w,
         }
         if (rc <= 0)
             break;
-        vq_add_used(q, w->chain.head, (uint32_t)request(d, w, NULL));
+        vq_add_used(q, w->chain.head, (uint32_t)run_request(d, w, NULL));
         w->requests++;
         done++;
     }
@@ -708,6 +764,7 @@ static int start(const struct blk_disk *d, struct blk_worker *w, struct blk_engi
     s->status = status;
     s->off = off;
     s->len = len;
+    s->start_ns = w->start_ns;
 #ifndef BLK_NO_IO_URING
     if (e->kind == BLK_ENGINE_IO_URING) {
         /* At most depth slots are busy, so the SQ (depth entries) has room. */
@@ -781,6 +838,8 @@ static void finish(struct vq *q, const struct blk_disk *d, struct blk_worker *w,
     *s->status = ok ? BLK_S_OK : BLK_S_IOERR;
     if (!ok)
         w->errors++;
+    account(w, s->type == BLK_T_IN ? BLK_OP_READ : s->type == BLK_T_OUT ? BLK_OP_WRITE
+            : BLK_OP_FLUSH, ok, s->len, s->start_ns);
     vq_add_used_late(q, s->head, ok ? s->written : 1);
     w->requests++;
     e->completed++;
@@ -956,7 +1015,7 @@ int blk_pump(struct vq *q, const struct blk_disk *d, struct blk_worker *w, uint3
         if (rc <= 0)
             break;
         popped++;
-        written = request(d, w, e);
+        written = run_request(d, w, e);
         if (written != PENDING) {
             vq_add_used(q, w->chain.head, (uint32_t)written);
             w->requests++;
@@ -986,7 +1045,7 @@ int blk_drain(struct vq *q, const struct blk_disk *d, struct blk_worker *w)
 
     if (w->held) {
         w->held = 0;
-        vq_add_used_late(q, w->chain.head, (uint32_t)request(d, w, NULL));
+        vq_add_used_late(q, w->chain.head, (uint32_t)run_request(d, w, NULL));
         w->requests++;
     }
     if (!e || e->kind == BLK_ENGINE_INLINE) {

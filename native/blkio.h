@@ -78,6 +78,26 @@ struct blk_disk {
     struct rl_limiter *limiter;   /* the disk's rate limits, shared by its queues; NULL: none */
 };
 
+/* What one queue has done, for the operator (docs/metrics.md): written only by the
+ * queue's worker, read by anyone (aligned 64-bit counters; a reader may see one a
+ * request behind another). Reads, writes and flushes by the index BLK_OP_*; latency is
+ * from the pop (a wait for the rate limiter included) to the completion. */
+#define BLK_OP_READ  0
+#define BLK_OP_WRITE 1
+#define BLK_OP_FLUSH 2
+#define BLK_OP_OTHER 3            /* GET_ID, DISCARD, WRITE_ZEROES, unknown, malformed */
+#define BLK_LAT_BUCKETS 16        /* [i]: under 2^i * 16 us (i < 15); [15]: the rest
+                                     (native/virtq_build.py repeats 16) */
+#define BLK_STATS_BYTES 384       /* room one queue's counters take in a device page */
+struct blk_stats {
+    uint64_t ops[4];              /* completed, by BLK_OP_* */
+    uint64_t failed[4];           /* of those, with a status other than OK */
+    uint64_t bytes[2];            /* read, written (successful requests) */
+    uint64_t total_ns[3];         /* summed latency of reads, writes, flushes */
+    uint64_t throttled;           /* requests that waited for the rate limiter */
+    uint64_t latency[2][BLK_LAT_BUCKETS];   /* reads, writes by latency */
+};
+
 /* One discard / write-zeroes segment as copied out of guest memory. */
 struct blk_dwz {
     uint64_t sector;
@@ -93,6 +113,7 @@ struct blk_slot {
     uint32_t written;             /* bytes written into the chain if it succeeds */
     uint8_t *status;              /* the status byte, in guest RAM (checked at pop) */
     uint64_t off, len;            /* the data's place on the disk, its length */
+    uint64_t start_ns;            /* when it was popped (CLOCK_MONOTONIC) */
 };
 
 /* One queue's engine. Large (the iovec arrays: 1 MiB): map it lazily (zero pages) and
@@ -132,6 +153,11 @@ struct blk_worker {
      * it is in w->chain, and wait_ns says how long at the last look. */
     uint32_t held;
     uint64_t wait_ns;
+    /* The statistics this worker adds to (NULL: none), and what request() last did. */
+    struct blk_stats *stats;
+    uint64_t start_ns;            /* when w->chain was popped */
+    uint32_t op, op_ok;
+    uint64_t op_bytes;
     struct vq_chain chain;
     struct iovec iov[VQ_MAX_SEGS];
     struct blk_dwz dwz[BLK_MAX_DWZ_SEG];

@@ -118,7 +118,7 @@ static int deliver(struct vq *q, struct net_rx *rx)
         if (count == q->num) {
             /* The whole ring cannot hold it: give the chains back, drop the frame. */
             vq_set_last_avail_idx(q, start);
-            rx->dropped++;
+            rx->stats->dropped++;
             rx->pending = 0;
             return 1;
         }
@@ -132,15 +132,15 @@ static int deliver(struct vq *q, struct net_rx *rx)
         rx->heads[count] = c->head;
         if (malformed_rx(c, rx->hdr_len)) {
             give_back_empty(q, rx, count + 1);
-            rx->bad_chains++;
-            rx->dropped++;
+            rx->stats->bad_chains++;
+            rx->stats->dropped++;
             rx->pending = 0;
             return 1;
         }
         if (!rx->mergeable && c->writable_bytes < len) {
             /* Without MRG_RXBUF a frame takes one chain; this one is too small for it. */
             vq_set_last_avail_idx(q, start);
-            rx->dropped++;
+            rx->stats->dropped++;
             rx->pending = 0;
             return 1;
         }
@@ -160,8 +160,8 @@ static int deliver(struct vq *q, struct net_rx *rx)
     for (i = 0; i < count; i++)
         vq_add_used(q, rx->heads[i], rx->lens[i]);
     rx->pending = 0;
-    rx->frames++;
-    rx->bytes += len;
+    rx->stats->frames++;
+    rx->stats->bytes += len;
     return 1;
 }
 
@@ -191,14 +191,17 @@ int net_rx_process(struct vq *q, int tap, struct net_rx *rx, uint32_t budget)
             if (n == 0)
                 break;
             if ((size_t)n < rx->hdr_len || n >= NET_RX_BUF) {
-                rx->dropped++;      /* no header, or possibly cut short */
+                rx->stats->dropped++;      /* no header, or possibly cut short */
                 continue;
             }
             rx->pending = (uint32_t)n;
         }
         if (!rx->charged) {
-            rx->wait_ns = rl_consume(rx->limiter, rx->pending - rx->hdr_len, !rx->wait_ns);
+            int first = !rx->wait_ns;
+
+            rx->wait_ns = rl_consume(rx->limiter, rx->pending - rx->hdr_len, first);
             if (rx->wait_ns) {
+                rx->stats->throttled += first;
                 result |= NET_THROTTLED;
                 break;
             }
@@ -238,11 +241,11 @@ static void send_frame(struct vq *q, int tap, struct net_tx *tx)
         n = writev(tap, tx->iov, (int)c->nreadable);
     while (n < 0 && errno == EINTR);
     if (n < 0) {
-        tx->dropped++;
+        tx->stats->dropped++;
         tx->last_errno = errno;
     } else {
-        tx->frames++;
-        tx->bytes += c->readable_bytes - tx->hdr_len;
+        tx->stats->frames++;
+        tx->stats->bytes += c->readable_bytes - tx->hdr_len;
     }
     vq_add_used(q, c->head, 0);
 }
@@ -273,7 +276,7 @@ int net_tx_process(struct vq *q, int tap, struct net_tx *tx, uint32_t budget)
             if (c->nsegs != c->nreadable || c->readable_bytes < tx->hdr_len
                     || c->readable_bytes > NET_FRAME_MAX) {
                 completed++;
-                tx->bad_chains++;
+                tx->stats->bad_chains++;
                 vq_add_used(q, c->head, 0);
                 continue;
             }
@@ -281,6 +284,7 @@ int net_tx_process(struct vq *q, int tap, struct net_tx *tx, uint32_t budget)
         tx->wait_ns = rl_consume(tx->limiter, c->readable_bytes - tx->hdr_len, first);
         tx->held = tx->wait_ns != 0;
         if (tx->held) {
+            tx->stats->throttled += first;
             result |= NET_THROTTLED;
             break;
         }

@@ -36,6 +36,16 @@
 #define NET_RECHECK_NS (100 * 1000000)  /* a throttled queue looks again at least this
                                            often: a changed limit counts */
 
+/* What one direction has done, for the operator (docs/metrics.md): written only by its
+ * queue's worker, read by anyone (aligned 64-bit counters). Never NULL in a worker. */
+struct net_stats {
+    uint64_t frames, bytes;       /* delivered (rx) or written to the tap (tx); bytes after
+                                   * the driver's header */
+    uint64_t dropped;             /* rx: too large, cut short, no room; tx: the tap refused */
+    uint64_t bad_chains;          /* malformed chains, completed without effect */
+    uint64_t throttled;           /* frames that waited for the rate limiter */
+};
+
 struct net_rx {
     uint8_t *buf;                 /* NET_RX_BUF bytes: the frame being delivered */
     uint32_t pending;             /* bytes of buf holding a frame not yet delivered */
@@ -43,9 +53,8 @@ struct net_rx {
     uint32_t mergeable;           /* VIRTIO_NET_F_MRG_RXBUF negotiated */
     uint32_t guest_csum;          /* VIRTIO_NET_F_GUEST_CSUM negotiated: else the header's
                                    * flags and gso_type are cleared */
-    uint64_t frames, bytes;       /* delivered */
-    uint64_t dropped;             /* frames dropped: too large, cut short, no room */
-    uint64_t bad_chains;          /* chains completed empty: readable or too small */
+    struct net_stats *stats;      /* bad_chains: chains completed empty (readable or too
+                                   * small) */
     int last_errno;               /* of the last failed read (not EAGAIN): the tap is
                                    * not watched any more (detached, deleted) */
     uint32_t starved;             /* a frame waits for buffers (the last call's
@@ -60,9 +69,8 @@ struct net_rx {
 
 struct net_tx {
     uint32_t hdr_len;
-    uint64_t frames, bytes;       /* written to the tap */
-    uint64_t dropped;             /* the tap refused them (bad header, link down, ...) */
-    uint64_t bad_chains;          /* malformed: no header, writable buffers, too large */
+    struct net_stats *stats;      /* dropped: the tap refused them (bad header, link down,
+                                   * ...); bad_chains: no header, writable buffers, too large */
     int last_errno;               /* of the last refused write */
     struct rl_limiter *limiter;   /* frames sent are charged here; NULL: none */
     uint32_t held;                /* chain is popped and waits for the limiter ... */

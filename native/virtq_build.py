@@ -112,6 +112,20 @@ uint64_t rl_consume(struct rl_limiter *l, uint64_t bytes, int first);
 #define BLK_ENGINE_AIO ...
 #define BLK_DEPTH ...
 #define BLK_SLOT_IOVS ...
+#define BLK_OP_READ ...
+#define BLK_OP_WRITE ...
+#define BLK_OP_FLUSH ...
+#define BLK_OP_OTHER ...
+#define BLK_LAT_BUCKETS ...
+#define BLK_STATS_BYTES ...
+struct blk_stats {
+    uint64_t ops[4];
+    uint64_t failed[4];
+    uint64_t bytes[2];
+    uint64_t total_ns[3];
+    uint64_t throttled;
+    uint64_t latency[2][16];
+};
 
 struct blk_disk {
     int fd;
@@ -145,6 +159,7 @@ struct blk_worker {
     uint64_t requests, errors, bounced, zeroes_written;
     uint32_t held;
     uint64_t wait_ns;
+    struct blk_stats *stats;
     ...;
 };
 
@@ -170,13 +185,14 @@ int blk_have_io_uring(void);
 #define NET_STARVED ...
 #define NET_THROTTLED ...
 
+struct net_stats { uint64_t frames, bytes, dropped, bad_chains, throttled; };
 struct net_rx {
     uint8_t *buf;
     uint32_t pending;
     uint32_t hdr_len;
     uint32_t mergeable;
     uint32_t guest_csum;
-    uint64_t frames, bytes, dropped, bad_chains;
+    struct net_stats *stats;
     int last_errno;
     uint32_t starved;
     struct rl_limiter *limiter;
@@ -186,7 +202,7 @@ struct net_rx {
 };
 struct net_tx {
     uint32_t hdr_len;
-    uint64_t frames, bytes, dropped, bad_chains;
+    struct net_stats *stats;
     int last_errno;
     struct rl_limiter *limiter;
     uint32_t held;

@@ -22,8 +22,9 @@ for:
   recorded here; its process is forked from the launcher like a cold-plugged one, so
   it holds that image or tap, its vhost-user socket, its limits page and nothing else.
 - a disk's or NIC's rate limits: new values, checked as the JSON file's are, written
-  into that device's limits page (vmm/virtio/ratelimit.py), which only the launcher
-  writes.
+  into that device's page (vmm/virtio/device_page.py), whose limits only the launcher
+  writes; and the counters the backends keep there, read (query-blockstats,
+  query-stats).
 - a backend again, for a device whose backend died: never on request. The launcher's
   restart policy (vmm/restart.py) decides, and respawn() forks it from the recipe kept
   since the device was plugged (the same image, tap or socket; attach.py).
@@ -118,7 +119,7 @@ class Broker:
                    "open-tap": self._open_tap, "adopt-tap": self._adopt_tap,
                    "close-tap": self._close_tap, "plug": self._plug,
                    "plugged": self._plugged, "unplug": self._unplug,
-                   "set-limits": self._set_limits}.get(op)
+                   "set-limits": self._set_limits, "stats": self._stats}.get(op)
         reply_fds: list[int] = []
         try:
             if handler is None:
@@ -308,7 +309,7 @@ class Broker:
         to the device's limits page or none."""
         slot = message.get("slot")
         backend = self.backends.get(slot) if isinstance(slot, int) else None
-        if backend is None or backend.attached.limits is None:
+        if backend is None or backend.attached.page is None:
             raise Refused("no disk or NIC in that slot")
         wanted = 1 if slot < layout.BLK_SLOTS else 2
         limits = message.get("limits")
@@ -320,9 +321,23 @@ class Broker:
         except ConfigError as error:
             raise Refused(str(error)) from None
         for index, limit in enumerate(parsed):
-            backend.attached.limits.write(index, limit)
+            backend.attached.page.write(index, limit)
         log.info("broker: %s: limits %s", backend.attached.slot.name, limits)
         return {}
+
+    def _stats(self, message, fds, reply_fds) -> dict:
+        """Every disk's and NIC's counters, as its backend keeps them in its page
+        (numbers a backend wrote: reported, never acted on)."""
+        devices = []
+        for slot, backend in sorted(self.backends.items()):
+            page = backend.attached.page
+            if page is None:
+                continue
+            disk = slot < layout.BLK_SLOTS
+            devices.append({"slot": slot, "device": backend.device,
+                            "kind": "disk" if disk else "nic",
+                            "counters": page.read_blk() if disk else page.read_net()})
+        return {"devices": devices}
 
     # The supervisor's questions.
 

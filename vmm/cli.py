@@ -14,6 +14,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["seccomp"]:      # the auditor's subcommands (vmm/sandbox/audit.py)
         from .sandbox import audit
         return audit.main(argv[1:])
+    if argv[:1] == ["metrics"]:      # a running VM's figures (vmm/metrics.py)
+        from . import metrics
+        return metrics.main(argv[1:])
     from . import config             # here, after run() has stopped the collector
     try:
         invocation = config.parse(argv)
@@ -37,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> None:
     """The program (the console script, python -m vmm)."""
-    if sys.argv[1:2] != ["seccomp"]:
+    if sys.argv[1:2] not in (["seccomp"], ["metrics"]):
         # No collection while the VMM starts: its imports allocate objects by the
         # hundred thousand and none of them is garbage; collecting would cost ~6 ms of
         # the start. The launcher freezes what it has before each fork (vmm/children.py)

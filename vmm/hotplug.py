@@ -76,6 +76,17 @@ class Hotplug:
         self.limits: dict[str, RateLimit] = {drive.id: drive.rate_limit
                                              for drive in config.drives if drive.rate_limit}
 
+    def occupants(self, kind: str) -> list:
+        """(slot, Occupant) of every filled slot of a kind, in slot order."""
+        first = self.slots.first(kind)
+        return [(slot, self.slots.occupants[slot])
+                for slot in range(first, first + self.slots.count(kind))
+                if slot in self.slots.occupants]
+
+    def ask_launcher(self, what: str, op: str, fds=(), **fields) -> tuple[dict, list[int]]:
+        """A request to the broker; a refusal or silence is the QMP error of `what`."""
+        return self._ask(what, op, fds, **fields)
+
     def _ask(self, what: str, op: str, fds=(), **fields) -> tuple[dict, list[int]]:
         try:
             return self.broker.ask(op, fds, **fields)
@@ -252,7 +263,7 @@ class Hotplug:
 
     def set_io_throttle(self, args: dict) -> None:
         """QEMU's block_set_io_throttle for the totals and their bursts; the launcher
-        writes the disk's limits page (vmm/virtio/ratelimit.py)."""
+        writes the disk's limits page (vmm/virtio/device_page.py)."""
         if ("device" in args) == ("id" in args):
             raise _error("Need exactly one of 'device' and 'id'")
         name = args.get("id") or args["device"]

@@ -25,6 +25,12 @@ class Result:
     elapsed: float
     completions: list[float] = field(default_factory=list)    # perf_counter of each
     latencies: list[float] = field(default_factory=list)      # seconds, in completion order
+    drained: int = 0             # completed after the run, uncounted above
+
+    @property
+    def done(self) -> int:
+        """Every request completed, the drained ones included."""
+        return len(self.completions) + self.drained
 
     @property
     def iops(self) -> float:
@@ -85,5 +91,7 @@ class ClosedLoop:
         # Let what is still in flight finish, so the ring is quiet for the next run.
         outstanding = self.depth - len(completed)
         while outstanding > 0:
-            outstanding -= len(driver.reap())
+            reaped = len(driver.reap())
+            outstanding -= reaped
+            result.drained += reaped
         return result

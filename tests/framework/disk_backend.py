@@ -37,7 +37,7 @@ def spawn(image: Path, name: str = "vmm-blk-test", read_only: bool = False,
     under_launcher: forked by a process under the launcher's filter, as hot-plug and
     restarts fork it (tests/framework/confined.py). engine: its I/O engine
     (vmm/devices/virtio/block/request.py; "auto": io_uring with direct). limits: a
-    LimitsPage (vmm/virtio/ratelimit.py) the child inherits, as from the launcher."""
+    DevicePage (vmm/virtio/device_page.py) the child inherits, as from the launcher."""
     fd = os.open(image, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC |
                  (os.O_DIRECT if direct else 0))
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)

@@ -67,3 +67,16 @@ def test_a_limited_disk_reads_at_its_limit_and_a_live_change_counts(checks):
     assert abs(rate["limited"] - limit) <= 0.15 * limit, rate
     assert rate["changed"] == {"return": {}}, rate
     assert abs(rate["after_change"] - 2 * limit) <= 0.15 * 2 * limit, rate
+
+
+def test_blockstats_count_what_the_guest_read(checks):
+    """query-blockstats after the guest's two dd runs of READ bytes in 64 KiB requests
+    on the limited disk: at least those (the kernel's partition scan reads a little
+    more), none failed, each in the latency histogram, some of them throttled."""
+    rate = _one(checks, "rate_limit")
+    [lim] = [d for d in rate["blockstats"]["return"] if d["device"] == "lim"]
+    stats, read = lim["stats"], rate["read"]
+    assert 2 * read <= stats["rd_bytes"] <= 2 * read + (1 << 20), stats
+    assert stats["rd_operations"] >= 2 * read // 65536 and stats["failed_rd_operations"] == 0
+    assert sum(stats["rd_latency_histogram"]["bins"]) == stats["rd_operations"]
+    assert stats["x-throttled-operations"] > 0 and stats["wr_operations"] == 0

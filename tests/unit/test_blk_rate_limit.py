@@ -21,7 +21,7 @@ from tests.framework.virtio_driver import Driver
 from vmm.config.model import Bucket, RateLimit
 from vmm.config.ratelimit import rate_bucket
 from vmm.vhost_user.protocol import Connection
-from vmm.virtio.ratelimit import LimitsPage
+from vmm.virtio.device_page import DevicePage
 
 ROOT = Path(__file__).resolve().parents[2]
 PROGRAM = ROOT / ".venv/bin/stratovirt-vhost-user-blk"
@@ -80,7 +80,7 @@ def forked(image):
     """A confined backend forked from this process with a limits page it inherits."""
     made = []
 
-    def start(page: LimitsPage) -> Driver:
+    def start(page: DevicePage) -> Driver:
         child, connection = disk_backend.spawn(image, direct=True, limits=page)
         driver = Driver(connection, num=256)
         made.append((child, connection, driver))
@@ -122,7 +122,7 @@ def test_a_request_larger_than_the_bucket_goes_and_blocks_in_proportion(program)
 
 
 def test_a_one_time_burst_is_spent_first_and_not_refilled(forked):
-    page = LimitsPage((RateLimit(ops=Bucket(size=100, refill_time=1000, one_time_burst=2000)),))
+    page = DevicePage((RateLimit(ops=Bucket(size=100, refill_time=1000, one_time_burst=2000)),))
     load = ClosedLoop(forked(page), READ, 4096, 32, DISK)
     first = load.run(2.0)
     at_once = first.rate(0, 0.3) * 0.3
@@ -135,7 +135,7 @@ def test_a_one_time_burst_is_spent_first_and_not_refilled(forked):
 
 
 def test_a_live_change_takes_effect_within_200_ms(forked):
-    page = LimitsPage((RateLimit(ops=rate_bucket(500, None, None)),))
+    page = DevicePage((RateLimit(ops=rate_bucket(500, None, None)),))
     load = ClosedLoop(forked(page), READ, 4096, 32, DISK)
     changes = []
 
@@ -162,7 +162,7 @@ def test_a_live_change_takes_effect_within_200_ms(forked):
 
 
 def test_without_limits_the_data_path_is_not_throttled(forked):
-    page = LimitsPage()
+    page = DevicePage()
     result = ClosedLoop(forked(page), READ, 4096, 32, DISK).run(1.0)
     assert result.iops > 10_000
 

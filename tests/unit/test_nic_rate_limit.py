@@ -25,7 +25,7 @@ from vmm.devices.virtio.net import device as D
 from vmm.devices.virtio.net import main
 from vmm.devices.virtio.net import tap as T
 from vmm.vhost_user import protocol as P
-from vmm.virtio.ratelimit import LimitsPage
+from vmm.virtio.device_page import DevicePage
 
 pytestmark = pytest.mark.needs_root
 BASIC = D.VIRTIO_F_VERSION_1 | D.MAC | D.STATUS | D.MTU
@@ -48,7 +48,7 @@ def nic():
         ns.run("ip", "neigh", "add", GUEST_IP, "lladdr", D.format_mac(GUEST_MAC), "dev", "vt0",
                "nud", "permanent")
 
-        def start(page: LimitsPage):
+        def start(page: DevicePage):
             fd = ns.call(T.open_tap, "vt0")
             mtu = ns.call(T.mtu, "vt0")
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -88,14 +88,15 @@ def transmit(driver: NetDriver, frame: bytes, seconds: float, between=None) -> t
             between(now - start)
         if now - start >= seconds:
             break
-    while queued:
+    while queued:                    # these count too, after `seconds`
         driver.tx.completion()
         queued -= 1
+        times.append(time.perf_counter())
     return start, times
 
 
 def test_tx_pps_holds(nic):
-    page = LimitsPage((None, RateLimit(ops=rate_bucket(1000, None, None))))
+    page = DevicePage((None, RateLimit(ops=rate_bucket(1000, None, None))))
     driver, _, tap_mac = nic(page)
     start, times = transmit(driver, udp_frame(tap_mac, bytes(100)), 2.5)
     assert within(rate(times, start, 0.5, 2.5), 1000), rate(times, start, 0.5, 2.5)
@@ -104,7 +105,7 @@ def test_tx_pps_holds(nic):
 def test_tx_bps_holds_and_changes_at_once(nic):
     """1 MB/s of 1000-byte frames (the bytes after the driver's header are counted),
     then 4 MB/s from 2 s on."""
-    page = LimitsPage((None, RateLimit(bandwidth=rate_bucket(1_000_000, None, None))))
+    page = DevicePage((None, RateLimit(bandwidth=rate_bucket(1_000_000, None, None))))
     driver, _, tap_mac = nic(page)
     frame = udp_frame(tap_mac, bytes(1000 - 42))
     assert len(frame) == 1000
@@ -122,7 +123,7 @@ def test_tx_bps_holds_and_changes_at_once(nic):
 
 
 def test_rx_pps_holds_while_the_namespace_sends_faster(nic):
-    page = LimitsPage((RateLimit(ops=rate_bucket(500, None, None)), None))
+    page = DevicePage((RateLimit(ops=rate_bucket(500, None, None)), None))
     driver, ns, _ = nic(page)
     driver.post_rx(200, 2048)
     sender = ns.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -149,6 +150,6 @@ def test_rx_pps_holds_while_the_namespace_sends_faster(nic):
 
 
 def test_no_limits_no_throttling(nic):
-    driver, _, tap_mac = nic(LimitsPage())
+    driver, _, tap_mac = nic(DevicePage())
     start, times = transmit(driver, udp_frame(tap_mac, bytes(100)), 1.0)
     assert rate(times, start, 0.2, 1.0) > 5000

@@ -34,6 +34,9 @@ class VcpuThread(threading.Thread):
         self._parked = False
         self._stopping = False
         self.named = threading.Event()
+        # KVM_RUN's exits by reason (KVM_EXIT_*; "signal" when a signal interrupted it),
+        # counted by this thread alone and read by anyone (query-stats).
+        self.exits: dict[int | str, int] = {}
 
     # Called from other threads.
     def request(self, pause: bool | None = None, stop: bool = False) -> None:
@@ -46,6 +49,12 @@ class VcpuThread(threading.Thread):
             self.vcpu.run_area.immediate_exit = 1
             if self.is_alive():
                 signal.pthread_kill(self.ident, KICK_SIGNAL)
+
+    def exit_counts(self) -> dict[str, int]:
+        """The exits so far by kind: "io", "mmio", "hlt", ... (KVM_EXIT_* in lower case)."""
+        return {reason if isinstance(reason, str) else
+                _EXIT_NAMES.get(reason, str(reason)).removeprefix("KVM_EXIT_").lower(): count
+                for reason, count in list(self.exits.items())}
 
     def wait_parked(self, timeout: float) -> bool:
         with self._state:
@@ -84,6 +93,7 @@ class VcpuThread(threading.Thread):
                 return False
         ret = self.vcpu.run()
         if ret in (-errno.EINTR, -errno.EAGAIN):
+            self.exits["signal"] = self.exits.get("signal", 0) + 1
             return True
         if ret < 0:
             self._machine.fail(f"{self.name}: KVM_RUN: {errno.errorcode.get(-ret, ret)}")
@@ -92,6 +102,7 @@ class VcpuThread(threading.Thread):
 
     def _handle(self, e) -> bool:
         reason = e.reason
+        self.exits[reason] = self.exits.get(reason, 0) + 1
         if reason == lib.KVM_EXIT_IO:
             self._port_io(e)
             return True

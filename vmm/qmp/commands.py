@@ -12,7 +12,7 @@ the arguments Kata Containers' client sends accepted as well (blockdev-add's `dr
 from dataclasses import dataclass
 from typing import Callable
 
-from .. import __version__
+from .. import __version__, metrics    # before the vm process is confined: no lazy imports
 from ..config import limits
 from .errors import QmpError
 from .schema import Bool, Enum, Int, List, Object, OnOff, Pattern, Str, opt, req
@@ -147,6 +147,15 @@ def _query_block(ctx, args):
     return ctx.hotplug.query_block()
 
 
+def _query_blockstats(ctx, args):
+    return metrics.blockstats(ctx.hotplug)
+
+
+def _query_stats(ctx, args):
+    return metrics.stats(ctx.hotplug, ctx.machine, args["target"], args.get("providers"),
+                         args.get("vcpus"))
+
+
 def _block_set_io_throttle(ctx, args):
     ctx.hotplug.set_io_throttle(args)
     return {}
@@ -223,6 +232,16 @@ TABLE: tuple[Command, ...] = (
             "Change a NIC's limits (id: the device's), ours in block_set_io_throttle's "
             "manner: rx_bps, rx_pps, tx_bps, tx_pps (bytes and frames per second each "
             "way; 0 is no limit), bursts with *_max and *_max_length (docs/limits.md)."),
+    Command("query-blockstats", Object({"query-nodes": opt(Bool())}), _query_blockstats,
+            "Each disk's reads, writes, flushes, bytes, failures, time and latency "
+            "histograms (QEMU's BlockStats), and its rate-limiter waits (docs/metrics.md)."),
+    Command("query-stats", Object({
+        "target": req(Enum(("vm", "vcpu"))),
+        "providers": opt(List(Object({"provider": req(Enum(("vmm", "virtio-net", "kvm"))),
+                                      "names": opt(List(Str(max_length=64)))}), max_items=8)),
+        "vcpus": opt(List(Str(max_length=64))),
+    }), _query_stats, "vm: backend restarts and each NIC's counters; vcpu: each vCPU's "
+            "exits by kind (QEMU's StatsResult shape, docs/metrics.md)."),
     Command("getfd", Object({"fdname": req(FDNAME)}), _getfd,
             "Keep the fd passed with this command (SCM_RIGHTS) under a name."),
     Command("closefd", Object({"fdname": req(FDNAME)}), _closefd, "Close a kept fd."),

@@ -118,8 +118,9 @@ def read_only_and_serial() -> None:
         zeros = {k: 0 for k in ("bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr")}
         changed = qmp(api, "block_set_io_throttle", {"device": "lim", "bps": 2 * LIMIT, **zeros})
         second = read_rate(vm, "vdb")
+        blockstats = qmp(api, "query-blockstats", {})
         report("rate_limit", limit=LIMIT, unlimited=free, limited=first, changed=changed,
-               after_change=second)
+               after_change=second, blockstats=blockstats, read=READ)
         ro = shell(vm, "echo ro=$(cat /sys/block/vda/ro)", r"^ro=(\d)$")[1]
         serial = shell(vm, "echo serial=$(cat /sys/block/vda/serial)", r"^serial=(.*)$")[1]
         write = shell(vm, "dd if=/dev/zero of=/dev/vda bs=4096 count=1 oflag=direct; "

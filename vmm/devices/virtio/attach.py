@@ -50,32 +50,32 @@ class Attached:
     backend: children.Child
     _recipe: tuple = field(default=(), repr=False)
     _kept: list[int] = field(default_factory=list, repr=False)
-    limits: object = None       # the device's LimitsPage (vmm/virtio/ratelimit.py), if any
+    page: object = None         # the device's DevicePage (vmm/virtio/device_page.py), if any
 
     def respawn(self, restarts: int) -> "Attached":
         """A fresh backend for the same device, from the same kept fds; the new socket
         pair's vm end is in the result."""
-        return _fork(self.slot, *self._recipe, self._kept, restarts, self.limits)
+        return _fork(self.slot, *self._recipe, self._kept, restarts, self.page)
 
     def forget(self) -> None:
-        """The device is gone for good: the kept fds are closed, its limits unmapped."""
+        """The device is gone for good: the kept fds are closed, its page unmapped."""
         for fd in self._kept:
             os.close(fd)
         self._kept.clear()
-        if self.limits is not None:
-            self.limits.close()
-            self.limits = None
+        if self.page is not None:
+            self.page.close()
+            self.page = None
 
 
 def spawn_backend(slot: Slot, process_name: str, role: str, fds: list[int],
-                  serve: Serve, memory: GuestMemory, limits=None) -> Attached:
+                  serve: Serve, memory: GuestMemory, page=None) -> Attached:
     """Fork the backend holding copies of `fds` and its end of a new socket pair; serve
     runs in it. The caller closes its own `fds` afterwards; the copies are kept for a
-    restart until forget(). `limits`: the device's LimitsPage, the only one the backend
+    restart until forget(). `page`: the device's DevicePage, the only one the backend
     keeps mapped."""
     kept = [os.dup(fd) for fd in fds]
     try:
-        return _fork(slot, process_name, role, serve, memory, kept, 0, limits)
+        return _fork(slot, process_name, role, serve, memory, kept, 0, page)
     except BaseException:
         for fd in kept:
             os.close(fd)
@@ -83,7 +83,7 @@ def spawn_backend(slot: Slot, process_name: str, role: str, fds: list[int],
 
 
 def _fork(slot: Slot, process_name: str, role: str, serve: Serve, memory: GuestMemory,
-          kept: list[int], restarts: int, limits) -> Attached:
+          kept: list[int], restarts: int, page) -> Attached:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     # The vm process waits for the backend's replies on a vCPU or the QMP thread: a
     # backend that stops answering fails the request after REPLY_TIMEOUT instead of
@@ -94,8 +94,8 @@ def _fork(slot: Slot, process_name: str, role: str, serve: Serve, memory: GuestM
 
     def backend() -> int:
         memory.close()      # guest RAM comes again from the vm process, over vhost-user
-        if "vmm.virtio.ratelimit" in sys.modules:      # else no device has limits
-            sys.modules["vmm.virtio.ratelimit"].keep_only(limits)
+        if "vmm.virtio.device_page" in sys.modules:      # else no device has a page
+            sys.modules["vmm.virtio.device_page"].keep_only(page)
         return serve(theirs, kept, restarts)
 
     try:
@@ -106,4 +106,4 @@ def _fork(slot: Slot, process_name: str, role: str, serve: Serve, memory: GuestM
     finally:
         theirs.close()
     child.what = slot.name
-    return Attached(slot, ours, child, (process_name, role, serve, memory), kept, limits)
+    return Attached(slot, ours, child, (process_name, role, serve, memory), kept, page)

@@ -1,12 +1,12 @@
 """A -drive (or a hot-plugged disk) in the launcher: the image opened with the drive's
-flags, its rate limits' page written, then its backend process (vmm-blk-<id>) forked
-with the image, the page and nothing else of the launcher's."""
+flags, its device page made (its limits written), then its backend process
+(vmm-blk-<id>) forked with the image, the page and nothing else of the launcher's."""
 
 import os
 
 from ....config.model import Drive
 from ....machine.memory import GuestMemory
-from ....virtio.ratelimit import LimitsPage
+from ....virtio.device_page import DevicePage
 from ..attach import Attached, AttachError, Slot, spawn_backend
 from . import main
 from .device import CONFIG_SIZE, QUEUE_SIZE, VIRTIO_ID_BLOCK
@@ -29,14 +29,14 @@ def attach(drive: Drive, index: int, memory: GuestMemory, seccomp: bool,
             raise AttachError(f"-drive id={drive.id}: {drive.path}: {error.strerror}") from None
     slot = Slot(index, drive.id, f"disk {drive.id}", VIRTIO_ID_BLOCK,
                 (QUEUE_SIZE,) * drive.num_queues, CONFIG_SIZE)
-    limits = LimitsPage((drive.rate_limit,))
+    page = DevicePage((drive.rate_limit,))
     try:
         return spawn_backend(slot, f"vmm-blk-{drive.id}", f"blk-{drive.id}", [disk],
                              lambda sock, fds, _: main.serve_disk(fds[0], sock, drive.read_only,
                                                                   drive.direct, drive.serial,
                                                                   seccomp, drive.num_queues,
-                                                                  limits=limits),
-                             memory, limits)
+                                                                  page=page),
+                             memory, page)
     finally:
         if own:
             os.close(disk)

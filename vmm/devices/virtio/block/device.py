@@ -74,9 +74,9 @@ class BlockDevice:
     tracks_inflight = True       # a write the guest waits for outlives a backend's death
 
     def __init__(self, fd: int, read_only: bool, direct: bool, serial: str | None,
-                 num_queues: int = 1, engine: str = R.AUTO, limits=None):
+                 num_queues: int = 1, engine: str = R.AUTO, page=None):
         """engine: see request.Requests (made here, before the backend is confined);
-        limits: the disk's LimitsPage (vmm/virtio/ratelimit.py), slot 0, or None."""
+        page: the disk's DevicePage (vmm/virtio/device_page.py), or None."""
         if not 1 <= num_queues <= MAX_QUEUES:
             raise ValueError(f"virtio-blk: {num_queues} queues; allowed 1..{MAX_QUEUES}")
         self.num_queues = num_queues
@@ -93,7 +93,7 @@ class BlockDevice:
         self.limits = R.Limits() if read_only else WRITABLE_LIMITS
         self.features = features(read_only, num_queues)
         self.requests = R.Requests(fd, self.capacity, read_only, direct, disk, self.serial,
-                                   self.limits, num_queues, engine, limits)
+                                   self.limits, num_queues, engine, page)
 
     def config(self) -> bytes:
         return config_space(self.capacity, self.block_size, self.limits,

@@ -71,34 +71,34 @@ def main() -> None:
 
 
 def _limits(throttling: dict):
-    """The --*-total options as the disk's LimitsPage (the same rules and messages as
+    """The --*-total options as the disk's DevicePage (the same rules and messages as
     -drive's throttling.*), or None."""
     import click
 
     from ....config import ratelimit
     from ....config.errors import ConfigError
-    from ....virtio.ratelimit import LimitsPage
+    from ....virtio.device_page import DevicePage
     given = {name.replace("_", "-"): (text, "--" + name.replace("_", "-"))
              for name, text in throttling.items() if text is not None}
     if not given:
         return None
     try:
-        return LimitsPage((ratelimit.from_throttling(given, prefix="--"),))
+        return DevicePage((ratelimit.from_throttling(given, prefix="--"),))
     except ConfigError as error:
         raise click.UsageError(str(error)) from None
 
 
 def serve_disk(disk_fd: int, sock: socket.socket, read_only: bool, direct: bool,
                serial: str | None, seccomp: bool, num_queues: int = 1,
-               engine: str = request.AUTO, limits=None) -> int:
+               engine: str = request.AUTO, page=None) -> int:
     """The launcher's entry into a disk's backend process (forked, see vmm/children.py):
     the disk is already open with the right flags, the socket already connected. The
     process is confined before it reads a byte from the vm process or the guest; its
     I/O engines (io_uring rings, AIO contexts) are made before that, so the calls that
-    make them are not in its profile. `limits`: the disk's LimitsPage, which the
-    launcher keeps writing."""
+    make them are not in its profile. `page`: the disk's DevicePage (limits the
+    launcher writes, counters it reads)."""
     program.exit_on_sigterm()
-    device = BlockDevice(disk_fd, read_only, direct, serial, num_queues, engine, limits)
+    device = BlockDevice(disk_fd, read_only, direct, serial, num_queues, engine, page)
     sandbox.confine("virtio-blk", seccomp=seccomp)
     try:
         program.serve_connection(device, sock)

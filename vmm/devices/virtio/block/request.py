@@ -85,10 +85,13 @@ class Limits:
 
 
 class _Worker:
-    """One queue's C state: scratch space, the bounce buffer, counters."""
+    """One queue's C state: scratch space, the bounce buffer, counters (its part of the
+    device page's, vmm/virtio/device_page.py, else its own)."""
 
-    def __init__(self, disk, engine: "_Engine | None" = None):
+    def __init__(self, disk, engine: "_Engine | None" = None, stats=None):
         self.native = ffi.new("struct blk_worker *")
+        self.stats = stats if stats is not None else ffi.new("struct blk_stats *")
+        self.native.stats = self.stats
         align = max(disk.mem_align, mmap.PAGESIZE)
         # Anonymous mmap: page-aligned; over-allocated when O_DIRECT wants more.
         self._bounce = mmap.mmap(-1, BOUNCE_BYTES + align - mmap.PAGESIZE)
@@ -161,12 +164,13 @@ class Requests:
 
     def __init__(self, fd: int, capacity: int, read_only: bool, direct: bool, probe: Probe,
                  serial: bytes, limits: Limits, num_queues: int = 1, engine: str = AUTO,
-                 rate_limits=None):
+                 page=None):
         """engine: "auto" (O_DIRECT: io_uring, else Linux AIO, else inline; buffered:
         inline), or one of ENGINES to ask for that one alone (inline if it is refused).
         The choice is logged once, as a warning when the disk did not get what it asked
-        for. rate_limits: a LimitsPage whose slot 0 the requests of every queue are
-        charged to (native/ratelimit.h), or None."""
+        for. page: the disk's DevicePage (vmm/virtio/device_page.py): its limits slot 0
+        charged by every queue's requests (native/ratelimit.h), each queue counting in
+        its part of the page; or None."""
         d = self._disk = ffi.new("struct blk_disk *")
         d.fd, d.capacity = fd, capacity
         d.read_only, d.direct, d.block_device = read_only, direct, probe.block_device
@@ -178,8 +182,8 @@ class Requests:
         d.max_write_zeroes_sectors = limits.max_write_zeroes_sectors
         d.max_write_zeroes_seg = limits.max_write_zeroes_seg
         d.id = list(serial[:ID_BYTES].ljust(ID_BYTES, b"\0"))
-        self._rate_limits = rate_limits       # the page must outlive the limiter
-        self._limiter = rate_limits.limiter(0) if rate_limits is not None else ffi.NULL
+        self._page = page                     # it must outlive the limiter and workers
+        self._limiter = page.limiter(0) if page is not None else ffi.NULL
         d.limiter = self._limiter
         _Worker(d)                                    # refuse a bad description now
         if engine != AUTO and engine not in ENGINES:
@@ -227,8 +231,9 @@ class Requests:
         if worker is None:
             index = getattr(queue, "index", 0)
             mine = self._engines[index] if engine and index < len(self._engines) else None
+            stats = self._page.blk_stats(index) if self._page is not None else None
             with self._lock:
-                worker = self._workers[queue] = _Worker(self._disk, mine)
+                worker = self._workers[queue] = _Worker(self._disk, mine, stats)
         return worker
 
     def engine_counters(self) -> dict[str, int]:

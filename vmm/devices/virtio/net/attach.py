@@ -1,12 +1,13 @@
 """A -netdev (or a hot-plugged NIC) in the launcher: the tap opened here (it must exist:
-tap.py says why) or handed over, its rate limits' page written (rx, tx), then its backend
-process (vmm-net-<id>) forked with the tap, the page and nothing else of the launcher's. NICs take slots 6 and 7 in -netdev order."""
+tap.py says why) or handed over, its device page made (rx and tx limits written), then
+its backend process (vmm-net-<id>) forked with the tap, the page and nothing else of the
+launcher's. NICs take slots 6 and 7 in -netdev order."""
 
 import os
 
 from ....config.model import Nic
 from ....machine.memory import GuestMemory
-from ....virtio.ratelimit import LimitsPage
+from ....virtio.device_page import DevicePage
 from ..attach import Attached, AttachError, Slot, spawn_backend
 from . import device as D
 from . import main
@@ -40,11 +41,11 @@ def attach(nic: Nic, index: int, vm_name: str, memory: GuestMemory, seccomp: boo
         mac = nic_mac(nic, vm_name)
         slot = Slot(index, nic.id, f"NIC {nic.id}", VIRTIO_ID_NET, (D.QUEUE_SIZE,) * 2,
                     D.CONFIG_SIZE)
-        limits = LimitsPage((nic.rx_rate_limit, nic.tx_rate_limit))
+        page = DevicePage((nic.rx_rate_limit, nic.tx_rate_limit))
         return spawn_backend(slot, f"vmm-net-{nic.id}", f"net-{nic.id}", [tap],
                              lambda sock, fds, _: main.serve_nic(fds[0], sock, mac, mtu, seccomp,
-                                                                 limits),
-                             memory, limits)
+                                                                 page),
+                             memory, page)
     except OSError as error:
         raise AttachError(f"-netdev id={nic.id}: tap {nic.tap}: {error.strerror}") from None
     finally:

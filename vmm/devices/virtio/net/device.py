@@ -57,9 +57,9 @@ class NetDevice:
     num_queues = 2
     max_queue_size = MAX_QUEUE_SIZE
 
-    def __init__(self, tap_fd: int, mac: bytes, mtu: int | None = None, limits=None):
-        """limits: the NIC's LimitsPage (vmm/virtio/ratelimit.py): slot 0 receive, slot 1
-        transmit; or None."""
+    def __init__(self, tap_fd: int, mac: bytes, mtu: int | None = None, page=None):
+        """page: the NIC's DevicePage (vmm/virtio/device_page.py): limits and counters,
+        receive in slot 0, transmit in slot 1; or None."""
         self.tap = tap_fd
         self.mac = mac
         self.mtu = mtu
@@ -74,10 +74,12 @@ class NetDevice:
             features |= GUEST_TSO6 if self.offloads & T.TSO6 else 0
             features |= GUEST_UFO | HOST_UFO if self.offloads & T.UFO else 0
         self.features = features
-        self._limits = limits           # the page must outlive the limiters
-        self._limiters = [limits.limiter(slot) for slot in (RX, TX)] if limits else []
-        self.rx = Receive(tap_fd, *self._limiters[:1])
-        self.tx = Transmit(tap_fd, *self._limiters[1:])
+        self._page = page               # it must outlive the limiters and counters
+        if page is not None:
+            self.rx = Receive(tap_fd, page.limiter(RX), page.net_stats(RX))
+            self.tx = Transmit(tap_fd, page.limiter(TX), page.net_stats(TX))
+        else:
+            self.rx, self.tx = Receive(tap_fd), Transmit(tap_fd)
         self.driver_features = 0
         self.set_features(VIRTIO_F_VERSION_1)
 

@@ -72,13 +72,13 @@ def main() -> None:
 
 
 def _limits(throttling: dict):
-    """The --{rx,tx}-{bps,pps} options as the NIC's LimitsPage (the rules and messages of
+    """The --{rx,tx}-{bps,pps} options as the NIC's DevicePage (the rules and messages of
     -netdev's throttling.*), or None."""
     import click
 
     from ....config import ratelimit
     from ....config.errors import ConfigError
-    from ....virtio.ratelimit import LimitsPage
+    from ....virtio.device_page import DevicePage
     given = {name.replace("_", "-"): (text, "--" + name.replace("_", "-"))
              for name, text in throttling.items() if text is not None}
     if not given:
@@ -87,7 +87,7 @@ def _limits(throttling: dict):
         limits = ratelimit.nic_throttling(given, prefix="--")
     except ConfigError as error:
         raise click.UsageError(str(error)) from None
-    return LimitsPage((limits.get("rx"), limits.get("tx")))
+    return DevicePage((limits.get("rx"), limits.get("tx")))
 
 
 def _mtu(name: str) -> int | None:
@@ -106,12 +106,12 @@ def _inherited_tap(fd: int) -> int:
 
 
 def serve_nic(tap_fd: int, sock: socket.socket, mac: bytes, mtu: int | None,
-              seccomp: bool, limits=None) -> int:
+              seccomp: bool, page=None) -> int:
     """The launcher's entry into a NIC's backend process (forked, see vmm/children.py):
     the tap is already open, the socket already connected. The process is confined
     (the virtio-net profile) before it reads a byte from the vm process or the guest."""
     program.exit_on_sigterm()
-    device = NetDevice(tap_fd, mac, mtu, limits)
+    device = NetDevice(tap_fd, mac, mtu, page)
     sandbox.confine("virtio-net", seccomp=seccomp)
     program.serve_connection(device, sock)
     return 0

@@ -28,16 +28,25 @@ def _check(rc: int, what: str) -> None:
         raise OSError(-rc, f"{what} queue worker")
 
 
+def _counters(stats) -> dict:
+    return {"frames": stats.frames, "bytes": stats.bytes, "dropped": stats.dropped,
+            "bad_chains": stats.bad_chains, "throttled": stats.throttled}
+
+
 class Receive:
-    def __init__(self, tap: int, limiter=ffi.NULL):
-        """limiter: a struct rl_limiter * frames are charged to (vmm/virtio/ratelimit.py),
-        kept alive by the caller, or NULL."""
+    def __init__(self, tap: int, limiter=ffi.NULL, stats=None):
+        """limiter: a struct rl_limiter * frames are charged to; stats: the struct
+        net_stats * they are counted in (both from the device page,
+        vmm/virtio/device_page.py, kept alive by the caller); else none and our own."""
         self.tap = tap
+        self.stats = stats if stats is not None else ffi.new("struct net_stats *")
         self._buf = ffi.new("uint8_t[]", lib.NET_RX_BUF)
         self.state = ffi.new("struct net_rx *")
         self.state.buf = self._buf
         self.state.hdr_len = HDR_LEN
+        self._limiter = limiter           # the struct must live as long as the state
         self.state.limiter = limiter
+        self.state.stats = self.stats
 
     def configure(self, hdr_len: int, mergeable: bool, guest_csum: bool) -> None:
         self.state.hdr_len = hdr_len
@@ -56,18 +65,19 @@ class Receive:
 
     @property
     def counters(self) -> dict:
-        s = self.state
-        return {"frames": s.frames, "bytes": s.bytes, "dropped": s.dropped,
-                "bad_chains": s.bad_chains, "errno": s.last_errno}
+        return _counters(self.stats) | {"errno": self.state.last_errno}
 
 
 class Transmit:
-    def __init__(self, tap: int, limiter=ffi.NULL):
-        """limiter: as Receive's."""
+    def __init__(self, tap: int, limiter=ffi.NULL, stats=None):
+        """limiter, stats: as Receive's."""
         self.tap = tap
+        self.stats = stats if stats is not None else ffi.new("struct net_stats *")
         self.state = ffi.new("struct net_tx *")
         self.state.hdr_len = HDR_LEN
+        self._limiter = limiter           # the struct must live as long as the state
         self.state.limiter = limiter
+        self.state.stats = self.stats
 
     def configure(self, hdr_len: int) -> None:
         self.state.hdr_len = hdr_len
@@ -79,6 +89,4 @@ class Transmit:
 
     @property
     def counters(self) -> dict:
-        s = self.state
-        return {"frames": s.frames, "bytes": s.bytes, "dropped": s.dropped,
-                "bad_chains": s.bad_chains, "errno": s.last_errno}
+        return _counters(self.stats) | {"errno": self.state.last_errno}

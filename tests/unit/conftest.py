@@ -39,3 +39,20 @@ def files(tmp_path) -> Files:
         disks.append(disk)
     return Files(tmp_path, kernel, initrd, disks, tmp_path / "api.sock",
                  tmp_path / "console.sock")
+
+
+@pytest.fixture
+def nic():
+    """start(page) -> (driver, namespace, tap MAC): tests/framework/net_backend.py; every
+    backend started must still be alive at the end."""
+    from tests.framework.net_backend import nic_backends
+    with nic_backends() as start:
+        started = []
+
+        def checked(page):
+            made = start(page)
+            started.append(made[0].backend)
+            return made
+        yield checked
+        for child in started:
+            assert child.status is None, f"the backend died: {child.describe_end()}"

@@ -7,7 +7,6 @@ Figures are rates over a window after the first half second (the bucket starts f
 so its first tenth of a second goes at once); tolerances are the issue's, ±10%.
 """
 
-import os
 import socket
 import subprocess
 import time

@@ -6,8 +6,6 @@ histogram; failures are failures; frames and bytes sent are counted; a backend f
 again on the same page counts on. And the Prometheus text of those counters parses
 with prometheus_client's own parser."""
 
-import os
-import socket
 import struct
 
 import pytest
@@ -16,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.framework import disk_backend
 from tests.framework.blk_load import READ, WRITE, ClosedLoop
 from tests.framework.virtio_driver import DATA_GPA, Driver
-from tests.unit.test_nic_rate_limit import BASIC, nic, transmit  # noqa: F401 (fixture)
+from tests.framework.net_backend import transmit
 from tests.unit.test_vhost_user_net import udp_frame
 from vmm import metrics
 from vmm.virtio.device_page import DevicePage
@@ -100,7 +98,8 @@ def test_a_backend_forked_again_counts_on(image):
     assert page.read_blk()["ops"][0] == n + m
 
 
-def test_transmitted_frames_add_up(nic):  # noqa: F811
+@pytest.mark.needs_root
+def test_transmitted_frames_add_up(nic):
     page = DevicePage()
     driver, _, tap_mac = nic(page)
     frame = udp_frame(tap_mac, bytes(500))

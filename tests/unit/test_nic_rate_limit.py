@@ -8,27 +8,19 @@ change written to the limits page (as the launcher writes it) takes effect at on
 Rates are taken after the first half second (the buckets start full); ±10%, the
 issue's tolerance."""
 
-import os
 import socket
 import threading
 import time
 
 import pytest
 
-from tests.framework.net_driver import HDR_LEN, NetDriver
-from tests.framework.netns import Netns
-from tests.unit.test_vhost_user_net import GUEST_IP, GUEST_MAC, HOST_IP, udp_frame
-from vmm import children
+from tests.framework.net_backend import transmit
+from tests.unit.test_vhost_user_net import GUEST_IP, udp_frame
 from vmm.config.model import RateLimit
 from vmm.config.ratelimit import rate_bucket
-from vmm.devices.virtio.net import device as D
-from vmm.devices.virtio.net import main
-from vmm.devices.virtio.net import tap as T
-from vmm.vhost_user import protocol as P
 from vmm.virtio.device_page import DevicePage
 
 pytestmark = pytest.mark.needs_root
-BASIC = D.VIRTIO_F_VERSION_1 | D.MAC | D.STATUS | D.MTU
 
 
 def within(value: float, target: float, tolerance: float = 0.10) -> bool:
@@ -37,62 +29,6 @@ def within(value: float, target: float, tolerance: float = 0.10) -> bool:
 
 def rate(times: list[float], start: float, begin: float, end: float) -> float:
     return sum(1 for t in times if begin <= t - start < end) / (end - begin)
-
-
-@pytest.fixture
-def nic():
-    """start(page) -> (driver, namespace, tap MAC): a confined backend on tap vt0."""
-    made = []
-    with Netns() as ns:
-        ns.add_tap("vt0", f"{HOST_IP}/24")
-        ns.run("ip", "neigh", "add", GUEST_IP, "lladdr", D.format_mac(GUEST_MAC), "dev", "vt0",
-               "nud", "permanent")
-
-        def start(page: DevicePage):
-            fd = ns.call(T.open_tap, "vt0")
-            mtu = ns.call(T.mtu, "vt0")
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            child = children.spawn("vmm-net-test", "virtio-net", [fd, theirs.fileno()],
-                                   lambda: main.serve_nic(fd, theirs, GUEST_MAC, mtu, True, page))
-            theirs.close()
-            os.close(fd)
-            driver = NetDriver(P.Connection(ours))
-            made.append((child, ours, driver))
-            driver.start(BASIC)
-            return driver, ns, ns.mac("vt0")
-
-        yield start
-        for child, ours, driver in made:
-            assert child.status is None, f"the backend died: {child.describe_end()}"
-            ours.close()
-            driver.close()
-            child.kill()
-
-
-def transmit(driver: NetDriver, frame: bytes, seconds: float, between=None) -> tuple[float, list]:
-    """Keeps up to 128 copies of `frame` queued for `seconds`; each completion's time."""
-    data = bytes(HDR_LEN) + frame
-    address = driver.allocate(len(data))
-    driver.memory.write(address, data)
-    times, queued = [], 0
-    start = time.perf_counter()
-    while True:
-        while queued < 128:
-            driver.tx.submit([(address, len(data), False)])
-            queued += 1
-        driver.tx.completion()
-        queued -= 1
-        now = time.perf_counter()
-        times.append(now)
-        if between:
-            between(now - start)
-        if now - start >= seconds:
-            break
-    while queued:                    # these count too, after `seconds`
-        driver.tx.completion()
-        queued -= 1
-        times.append(time.perf_counter())
-    return start, times
 
 
 def test_tx_pps_holds(nic):

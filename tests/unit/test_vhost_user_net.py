@@ -15,6 +15,7 @@ import pytest
 
 from tests.framework.confined import spawn_under_launcher
 from tests.framework.jail import check_jailed
+from tests.framework.net_backend import BASIC, GUEST_IP, GUEST_MAC, HOST_IP
 from tests.framework.net_driver import HDR, HDR_LEN, NetDriver, backend_pair
 from tests.framework.netns import Netns
 from vmm import children
@@ -27,9 +28,6 @@ from vmm.vhost_user.backend import Backend
 
 pytestmark = pytest.mark.needs_root
 
-GUEST_MAC = bytes.fromhex("0e0000000002")
-GUEST_IP, HOST_IP = "10.77.0.2", "10.77.0.1"
-BASIC = D.VIRTIO_F_VERSION_1 | D.MAC | D.STATUS | D.MTU
 ALL = BASIC | D.MRG_RXBUF | D.CSUM | D.GUEST_CSUM | D.HOST_TSO4 | D.HOST_TSO6 | \
     D.GUEST_TSO4 | D.GUEST_TSO6 | D.GUEST_UFO | D.HOST_UFO
 

@@ -5,7 +5,8 @@ spread over the rounds, and ratios.
     .venv/bin/python bench/blk.py [--seconds S] [--rounds N] [--only NAME]
                                   [--setups LIST] [--ours PROGRAM] [--markdown]
 
-Setups (--setups picks some, comma-separated; default all):
+Setups (--setups picks some, comma-separated; default all but the before ones unless
+--before is given):
   direct      ours --direct (O_DIRECT; io_uring engine), the baseline for the next two
   qsd-native  qsd cache.direct=on,aio=native (Linux AIO)
   qsd-uring   qsd cache.direct=on,aio=io_uring
@@ -14,8 +15,10 @@ Setups (--setups picks some, comma-separated; default all):
   limited     ours --direct with limits far above any load (--iops-total 10^9,
               --bps-total 10^12): the cost of charging every request to the buckets
   buffered-limited  the same without --direct
+  before, buffered-before  direct and buffered on the build given with --before
 Ratios: direct/qsd-native, direct/qsd-uring, buffered/qsd-buf, limited/direct and
-buffered-limited/buffered (the rate limiter's cost; docs/limits.md).
+buffered-limited/buffered (the rate limiter's cost; docs/limits.md), direct/before and
+buffered/buffered-before (a change's cost, side by side in one run).
 
 Workloads: 4k random read and write at QD1 and QD32, 128k sequential read at QD8. Each
 round runs every workload on every setup, the setups in a new random order each time.
@@ -31,7 +34,8 @@ backends; on a small machine it, not the backend, can be the limit, so CPU per I
 backend's utime+stime per completed request, all threads, from /proc: io_uring's and
 qsd's worker threads included) is the fairer comparison.
 
---ours measures another build of our backend (a before/after). Take figures that are to
+--ours measures another build of our backend instead of this one; --before PROGRAM runs
+one beside it in the same rounds (setups before, buffered-before). Take figures that are to
 be kept under the machine's benchmark lock:
     flock /tmp/stratovirt-bench.lock .venv/bin/python bench/blk.py --rounds 3
 """
@@ -67,9 +71,11 @@ SETUPS = {"direct": ("ours", True, None, ()), "qsd-native": ("qsd", True, "nativ
           "qsd-uring": ("qsd", True, "io_uring", ()), "buffered": ("ours", False, None, ()),
           "qsd-buf": ("qsd", False, "io_uring", ()),
           "limited": ("ours", True, None, HIGH_LIMITS),
-          "buffered-limited": ("ours", False, None, HIGH_LIMITS)}
+          "buffered-limited": ("ours", False, None, HIGH_LIMITS),
+          "before": ("before", True, None, ()), "buffered-before": ("before", False, None, ())}
 RATIOS = [("direct", "qsd-native"), ("direct", "qsd-uring"), ("buffered", "qsd-buf"),
-          ("limited", "direct"), ("buffered-limited", "buffered")]
+          ("limited", "direct"), ("buffered-limited", "buffered"), ("direct", "before"),
+          ("buffered", "buffered-before")]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -77,12 +83,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start(setup: str, disk: str, sock: str, ours: str, log) -> subprocess.Popen:
+def start(setup: str, disk: str, sock: str, ours: dict, log) -> subprocess.Popen:
     kind, direct, aio, more = SETUPS[setup]
     if os.path.exists(sock):
         os.unlink(sock)
-    if kind == "ours":
-        argv = [ours, "--socket-path", sock, "--blk-file", disk] + \
+    if kind in ours:
+        argv = [ours[kind], "--socket-path", sock, "--blk-file", disk] + \
             (["--direct"] if direct else []) + list(more)
     else:
         argv = ["qemu-storage-daemon", "--blockdev",
@@ -109,7 +115,7 @@ def connect(client: socket.socket, path: str) -> None:
     client.connect(path)
 
 
-def run(setup: str, disk: str, workload, seconds: float, ours: str, log) -> dict:
+def run(setup: str, disk: str, workload, seconds: float, ours: dict, log) -> dict:
     name, op, size, depth, randomly = workload
     sock = f"{tempfile.gettempdir()}/bench-blk-{os.getpid()}.sock"
     backend = start(setup, disk, sock, ours, log)
@@ -147,16 +153,22 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", default="", help="run the workloads whose name contains this")
-    parser.add_argument("--setups", default=",".join(SETUPS),
+    parser.add_argument("--setups", default="",
                         help=f"comma-separated, of {', '.join(SETUPS)}")
     parser.add_argument("--ours", default=OURS,
                         help="the backend program to measure as ours (e.g. an older build)")
+    parser.add_argument("--before", help="a build to run beside ours (setups before, "
+                                         "buffered-before)")
     parser.add_argument("--markdown", action="store_true", help="also print a markdown table")
     args = parser.parse_args()
-    setups = [s for s in args.setups.split(",") if s]
+    setups = [s for s in args.setups.split(",") if s] if args.setups else \
+        [s for s in SETUPS if SETUPS[s][0] != "before" or args.before]
     unknown = [s for s in setups if s not in SETUPS]
     if unknown:
         parser.error(f"unknown setups {unknown}; known: {list(SETUPS)}")
+    if any(SETUPS[s][0] == "before" for s in setups) and not args.before:
+        parser.error("the before setups need --before PROGRAM")
+    programs = {"ours": args.ours, "before": args.before}
     workloads = [w for w in WORKLOADS if args.only in w[0]]
     rng = random.Random(1)
     with tempfile.NamedTemporaryFile(dir="/var/tmp") as disk, \
@@ -174,7 +186,7 @@ def main() -> None:
                 rng.shuffle(order)
                 for setup in order:
                     results[workload[0], setup].append(
-                        run(setup, disk.name, workload, args.seconds, args.ours, log))
+                        run(setup, disk.name, workload, args.seconds, programs, log))
             print(f"  round {round_ + 1} done", file=sys.stderr)
         log.seek(0)
         engines = sorted({line.split("I/O engine: ", 1)[1].split(",")[0].strip()

@@ -442,7 +442,11 @@ LAUNCHER = [
          eq(1, "SIGTERM")),
     rule("kill", "Kill a backend that does not stop after the VM.", eq(1, "SIGKILL"),
          stays="a backend still there BACKEND_GRACE seconds after the VM ended."),
-    rule("unlink", "Remove the api-channel socket and the pidfile it created."),
+    rule("unlink", "Remove the api-channel socket, the pidfile and the metrics file it "
+         "created."),
+    rule("rename", "-metrics: the file written beside it (O_NOFOLLOW) replaces the last "
+         "one, so a reader never sees half a file (docs/metrics.md).",
+         stays="only with -metrics (tests/vm/test_metrics.py)."),
     ioctl("TCGETS", "Python's termios.tcsetattr reads the attributes (tcgetattr) before "
           "it restores them on exit."),
     ioctl("TCSETSW", "restore the terminal's attributes (tcsetattr TCSADRAIN) on exit."),

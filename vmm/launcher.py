@@ -172,8 +172,14 @@ def _launch(config: MachineConfig, cleanup: _Cleanup, readiness, inherited: set[
     from .broker import Broker
     from .restart import RestartPolicy
     broker = Broker(config, memory, attached, inherited)
-    return _supervise(vm, ours, readiness, broker, cleanup, config.seccomp,
-                      RestartPolicy(config.backend_restart))
+    policy = RestartPolicy(config.backend_restart)
+    metrics_file = None
+    if config.metrics_file:
+        from .metrics import MetricsFile
+        metrics_file = MetricsFile(config.metrics_file, broker, policy)
+        cleanup.paths += [config.metrics_file, metrics_file.scratch]
+    return _supervise(vm, ours, readiness, broker, cleanup, config.seccomp, policy,
+                      metrics_file)
 
 
 def _attach_devices(config: MachineConfig, memory: GuestMemory,
@@ -238,7 +244,7 @@ def _raw_terminal(fd: int) -> None:
 
 
 def _supervise(vm: children.Child, channel: socket.socket, readiness, broker: Broker,
-               cleanup: _Cleanup, seccomp: bool, policy: RestartPolicy) -> int:
+               cleanup: _Cleanup, seccomp: bool, policy: RestartPolicy, metrics_file) -> int:
     from .devices.virtio.attach import AttachError
     # From here the launcher waits, signals, cleans up, and brokers (vmm/broker.py):
     # its filter allows no more than that and what the backends it forks need before
@@ -332,6 +338,8 @@ def _supervise(vm: children.Child, channel: socket.socket, readiness, broker: Br
     running = False
     while True:
         deadlines = [*grace.values(), *(when for when, _ in restarts.values() if running)]
+        if metrics_file and running:
+            deadlines.append(metrics_file.due)
         timeout = None
         if deadlines:
             timeout = max(0.0, min(deadlines) - time.monotonic()) * 1000
@@ -384,6 +392,8 @@ def _supervise(vm: children.Child, channel: socket.socket, readiness, broker: Br
             elif running and time.monotonic() >= when:
                 del restarts[slot]
                 restart(slot, why)
+        if metrics_file and running and time.monotonic() >= metrics_file.due:
+            metrics_file.write()
         for child in broker.released():
             grace.setdefault(child.pid, time.monotonic() + BACKEND_GRACE)
             if child.status is None and time.monotonic() >= grace[child.pid]:

@@ -10,9 +10,21 @@ by its own thread (vmm/machine/vcpu.py); backend restarts by the vm process when
 launcher tells it of one. Nothing here runs unless a client asks.
 """
 
+import logging
+import os
+import time
+
+from . import layout
 from .devices.virtio.slots import DISK, NIC
 
+log = logging.getLogger(__name__)
+
 _READ, _WRITE, _FLUSH, _OTHER = 0, 1, 2, 3
+FILE_INTERVAL = 5.0             # seconds between two writes of the -metrics file
+
+
+def _stat(name: str, value) -> dict:
+    return {"name": name, "value": value}
 LATENCY_BOUNDS_NS = tuple(16_000 << i for i in range(15))     # then +Inf (native/blkio.h)
 
 
@@ -22,45 +34,51 @@ def _device_counters(hotplug) -> dict[int, dict]:
 
 
 def blockstats(hotplug) -> list[dict]:
-    """query-blockstats: one BlockStats per occupied disk slot (QEMU's members; those we
-    do not count -- merged, invalid, unmap, idle time -- are 0 or absent, as QEMU allows)."""
+    """query-blockstats: one BlockStats per occupied disk slot."""
     counters = _device_counters(hotplug)
-    result = []
-    for slot, occupant in hotplug.occupants(DISK):
-        c = counters.get(slot, {}).get("counters")
-        if c is None:
-            continue
-        ops, failed, data, total, latency = c["ops"], c["failed"], c["bytes"], c["total_ns"], \
-            c["latency"]
-        stats = {
-            "rd_bytes": data[_READ], "wr_bytes": data[_WRITE], "unmap_bytes": 0,
-            "rd_operations": ops[_READ] - failed[_READ],
-            "wr_operations": ops[_WRITE] - failed[_WRITE],
-            "flush_operations": ops[_FLUSH] - failed[_FLUSH], "unmap_operations": 0,
-            "rd_total_time_ns": total[_READ], "wr_total_time_ns": total[_WRITE],
-            "flush_total_time_ns": total[_FLUSH], "unmap_total_time_ns": 0,
-            "rd_merged": 0, "wr_merged": 0, "unmap_merged": 0,
-            "failed_rd_operations": failed[_READ], "failed_wr_operations": failed[_WRITE],
-            "failed_flush_operations": failed[_FLUSH], "failed_unmap_operations": 0,
-            "invalid_rd_operations": 0, "invalid_wr_operations": 0,
-            "invalid_flush_operations": 0, "invalid_unmap_operations": 0,
-            "account_invalid": False, "account_failed": True, "timed_stats": [],
-            "rd_latency_histogram": {"boundaries": list(LATENCY_BOUNDS_NS),
-                                     "bins": latency[_READ]},
-            "wr_latency_histogram": {"boundaries": list(LATENCY_BOUNDS_NS),
-                                     "bins": latency[_WRITE]},
-            # Ours (QEMU has no such member): requests that waited for the rate limiter,
-            # and GET_ID, DISCARD, WRITE_ZEROES and malformed requests.
-            "x-throttled-operations": c["throttled"], "x-other-operations": ops[_OTHER],
-            "x-failed-other-operations": failed[_OTHER],
-        }
-        result.append({"device": occupant.id, "node-name": occupant.config or occupant.id,
-                       "qdev": f"/machine/peripheral/{occupant.id}", "stats": stats})
-    return result
+    return [block_entry(occupant.id, occupant.config or occupant.id, counters[slot]["counters"])
+            for slot, occupant in hotplug.occupants(DISK) if slot in counters]
 
 
-def _stat(name: str, value) -> dict:
-    return {"name": name, "value": value}
+def block_entry(device: str, node: str, c: dict) -> dict:
+    """A disk's BlockStats from its page's counters (DevicePage.read_blk): QEMU's members;
+    those we do not count -- merged, invalid, unmap -- are 0, as QEMU allows."""
+    ops, failed, data, total, latency = c["ops"], c["failed"], c["bytes"], c["total_ns"], \
+        c["latency"]
+    stats = {
+        "rd_bytes": data[_READ], "wr_bytes": data[_WRITE], "unmap_bytes": 0,
+        "rd_operations": ops[_READ] - failed[_READ],
+        "wr_operations": ops[_WRITE] - failed[_WRITE],
+        "flush_operations": ops[_FLUSH] - failed[_FLUSH], "unmap_operations": 0,
+        "rd_total_time_ns": total[_READ], "wr_total_time_ns": total[_WRITE],
+        "flush_total_time_ns": total[_FLUSH], "unmap_total_time_ns": 0,
+        "rd_merged": 0, "wr_merged": 0, "unmap_merged": 0,
+        "failed_rd_operations": failed[_READ], "failed_wr_operations": failed[_WRITE],
+        "failed_flush_operations": failed[_FLUSH], "failed_unmap_operations": 0,
+        "invalid_rd_operations": 0, "invalid_wr_operations": 0,
+        "invalid_flush_operations": 0, "invalid_unmap_operations": 0,
+        "account_invalid": False, "account_failed": True, "timed_stats": [],
+        "rd_latency_histogram": {"boundaries": list(LATENCY_BOUNDS_NS), "bins": latency[_READ]},
+        "wr_latency_histogram": {"boundaries": list(LATENCY_BOUNDS_NS), "bins": latency[_WRITE]},
+        # Ours (QEMU has no such member): requests that waited for the rate limiter,
+        # and GET_ID, DISCARD, WRITE_ZEROES and malformed requests.
+        "x-throttled-operations": c["throttled"], "x-other-operations": ops[_OTHER],
+        "x-failed-other-operations": failed[_OTHER],
+    }
+    return {"device": device, "node-name": node, "qdev": f"/machine/peripheral/{device}",
+            "stats": stats}
+
+
+def nic_entry(device: str, c: dict) -> dict:
+    """A NIC's StatsResult entry from its page's counters (DevicePage.read_net)."""
+    return {"provider": "virtio-net", "qom-path": f"/machine/peripheral/{device}",
+            "stats": [_stat(f"{direction}-{name.replace('_', '-')}", value)
+                      for direction in ("rx", "tx") for name, value in c[direction].items()]}
+
+
+def restarts_entry(restarts: dict[str, int]) -> dict:
+    return {"provider": "vmm", "stats": [_stat(f"backend-restarts-{device}", count)
+                                         for device, count in sorted(restarts.items())]}
 
 
 def stats(hotplug, machine, target: str, providers: list | None,
@@ -93,15 +111,12 @@ def stats(hotplug, machine, target: str, providers: list | None,
                 [_stat("exits", sum(exits.values()))] +
                 [_stat(f"exits-{kind}", count) for kind, count in sorted(exits.items())])
         return results
-    add("vmm", None, [_stat(f"backend-restarts-{device}", count)
-                      for device, count in sorted(hotplug.restarts.items())])
+    entries = [restarts_entry(hotplug.restarts)]
     counters = _device_counters(hotplug)
-    for slot, occupant in hotplug.occupants(NIC):
-        c = counters.get(slot, {}).get("counters")
-        if c is not None:
-            add("virtio-net", f"/machine/peripheral/{occupant.id}",
-                [_stat(f"{direction}-{name.replace('_', '-')}", value)
-                 for direction in ("rx", "tx") for name, value in c[direction].items()])
+    entries += [nic_entry(occupant.id, counters[slot]["counters"])
+                for slot, occupant in hotplug.occupants(NIC) if slot in counters]
+    for entry in entries:
+        add(entry["provider"], entry.get("qom-path"), entry["stats"])
     return results
 
 
@@ -159,6 +174,44 @@ def prometheus(block: list[dict], vm: list[dict], vcpus: list[dict]) -> str:
             shown = ",".join(f'{k}="{v}"' for k, v in labels.items())
             lines.append(f"stratovirt_{name}{suffix}{{{shown}}} {value}")
     return "\n".join(lines) + "\n"
+
+
+class MetricsFile:
+    """-metrics PATH, kept by the launcher: every FILE_INTERVAL s the disks' and NICs'
+    counters from their pages and the backend restarts, as Prometheus text written to
+    PATH.tmp and renamed over PATH, so node_exporter's textfile collector never reads
+    half a file. The vCPUs' exits are the vm process's, over QMP only."""
+
+    def __init__(self, path, broker, policy):
+        self.path = path
+        self.scratch = path.with_name(path.name + ".tmp")
+        self.broker, self.policy = broker, policy
+        self.due = time.monotonic()
+
+    def write(self) -> None:
+        self.due = time.monotonic() + FILE_INTERVAL
+        block, vm, restarts = [], [], {}
+        for slot, backend in sorted(self.broker.backends.items()):
+            restarts[backend.device] = self.policy.restarts(slot)
+            page = backend.attached.page
+            if page is None:
+                continue
+            if slot < layout.BLK_SLOTS:
+                block.append(block_entry(backend.device, backend.device, page.read_blk()))
+            else:
+                vm.append(nic_entry(backend.device, page.read_net()))
+        text = prometheus(block, [restarts_entry(restarts), *vm], [])
+        try:
+            fd = os.open(self.scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o644)
+            try:
+                os.write(fd, text.encode())
+            finally:
+                os.close(fd)
+            os.replace(self.scratch, self.path)
+        except OSError as error:
+            log.warning("-metrics: %s: %s; tried again in %.0f s", self.path, error.strerror,
+                        FILE_INTERVAL)
 
 
 USAGE = "usage: stratovirt metrics unix:API_SOCKET [--json]"

@@ -6,6 +6,7 @@ the nested suite's, with Debian's guest reading a disk)."""
 
 import subprocess
 import sys
+import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -93,3 +94,49 @@ def test_stratovirt_metrics_refusals(argv, message):
                          timeout=60)
     assert run.returncode in (1, 2) and run.stderr.strip() == message, run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_the_metrics_file_is_written_parses_and_goes_at_exit(tmp_path, tiny_guest):
+    """-metrics PATH: written by the launcher under its seccomp filter (replaced through a
+    rename), parsed by prometheus_client; removed, with its scratch file, when the VM
+    ends."""
+    (tmp_path / "d.img").write_bytes(bytes(MiB))
+    out = tmp_path / "prom" / "vm.prom"
+    out.parent.mkdir()
+    vm = Microvm(tmp_path, tiny_guest, "-drive", f"file={tmp_path / 'd.img'},id=disk0",
+                 "-metrics", str(out), append="wait")
+    vm.spawn().wait_for_api()
+    try:
+        deadline = time.monotonic() + 30
+        while not out.exists() and time.monotonic() < deadline and vm.process.poll() is None:
+            time.sleep(0.1)
+        families = {f.name: f for f in text_string_to_metric_families(out.read_text())}
+        [sample] = families["stratovirt_block_rd_operations"].samples
+        assert sample.labels == {"device": "disk0"} and sample.value == 0
+        [restarts] = families["stratovirt_vmm_backend_restarts"].samples
+        assert restarts.labels == {"device": "disk0"} and restarts.value == 0
+        first = out.stat().st_mtime_ns
+        deadline = time.monotonic() + 30
+        while out.stat().st_mtime_ns == first and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert out.stat().st_mtime_ns != first, "not written again"
+    finally:
+        ask(vm, ("quit", {}))
+        vm.process.wait(30)
+    assert vm.process.returncode == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("where,message", [
+    ("missing/vm.prom", 'the directory of metrics file "{dir}/missing/vm.prom" does not exist'),
+    (".", 'metrics file "{dir}" is not a regular file'),
+])
+def test_bad_metrics_paths_are_refused(tmp_path, tiny_guest, where, message):
+    run = subprocess.run([sys.executable, "-m", "vmm", "-kernel", str(tiny_guest),
+                          "-api-channel", f"unix:{tmp_path / 'api.sock'}",
+                          "-metrics", str(tmp_path / where)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert run.stderr.strip().startswith(f"stratovirt: error: -metrics: "
+                                         f"{message.format(dir=tmp_path)}"), run.stderr
+    assert not (tmp_path / "api.sock").exists()

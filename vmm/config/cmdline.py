@@ -98,6 +98,9 @@ _VALUE_OPTIONS = {
     "-api-channel": ("unix:SOCKET", "QMP control socket; required; the path must not exist yet."),
     "-serial": ("stdio", "ttyS0 on the VMM's stdin/stdout."),
     "-D": ("PATH", "Log file (appended to; created if missing)."),
+    "-metrics": ("PATH", "Write the VM's disk and NIC figures here as Prometheus text, "
+                         "replaced atomically every 5 s (node_exporter's textfile "
+                         "collector), removed at exit; docs/metrics.md."),
     "-pidfile": ("PATH", "PID file, only with -daemonize; must not exist yet."),
     "-backend-restart": ("restarts=N[,window=SECONDS]",
                          "A device backend that dies is restarted, at most N times in any "
@@ -251,6 +254,7 @@ def draft_from_options(values: dict) -> Draft:
     one("-api-channel", "api_channel", _parse_api_channel)
     one("-serial", "serial_stdio", parse_serial)
     one("-D", "log_file")
+    one("-metrics", "metrics_file")
     one("-pidfile", "pidfile")
     for text in values.get("backend_restart") or ():
         item = _item("restart", "-backend-restart", text, _RESTART)

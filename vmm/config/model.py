@@ -95,3 +95,4 @@ class MachineConfig:
     daemonize: bool
     seccomp: bool
     backend_restart: BackendRestart
+    metrics_file: Path | None = None

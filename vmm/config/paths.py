@@ -111,6 +111,17 @@ def log_path(setting: Setting) -> Path:
     return path
 
 
+def metrics_path(setting: Setting) -> Path:
+    """The metrics file is replaced (a new file renamed over it) every few seconds: its
+    directory must exist and be writable; what is there may only be a regular file."""
+    path = absolute(setting)
+    _directory_of(path, setting, "metrics file")
+    if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
+        raise ConfigError(setting.where, f"metrics file {show(str(path))} is not a regular file",
+                          "give a regular file or a new path")
+    return path
+
+
 def _directory_of(path: Path, setting: Setting, what: str) -> None:
     if not os.path.isdir(path.parent):
         raise ConfigError(setting.where,

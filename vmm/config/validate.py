@@ -180,14 +180,15 @@ def _check_combinations(s: dict[str, Setting], devices: dict[str, list[Item]]) -
     if daemonize and _value(s, "serial_stdio", False):
         raise ConfigError(s["serial_stdio"].where, "a daemon has no stdio for the serial port",
                           "drop -serial stdio or -daemonize")
-    created = [s[name] for name in ("api_channel", "pidfile", "log_file") if name in s]
+    created = [s[name] for name in ("api_channel", "pidfile", "log_file", "metrics_file")
+               if name in s]
     created += [item.fields["socket"] for item in devices["console"]]
     seen: dict = {}
     for setting in created:
         path = paths.absolute(setting)
         if path in seen:
             raise ConfigError(setting.where, f"{show(str(path))} is also {seen[path].where}",
-                              "give each socket, pidfile and log its own path")
+                              "give each socket, pidfile, log and metrics file its own path")
         seen[path] = setting
 
 
@@ -283,4 +284,5 @@ def _with_host_checks(s: dict[str, Setting], devices: dict[str, list[Item]]) -> 
         backend_restart=BackendRestart(
             _value(s, "backend_restarts", L.DEFAULT_BACKEND_RESTARTS),
             _value(s, "backend_restart_window", L.DEFAULT_BACKEND_RESTART_WINDOW)),
+        metrics_file=paths.metrics_path(s["metrics_file"]) if "metrics_file" in s else None,
     )

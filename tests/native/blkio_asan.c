@@ -57,6 +57,14 @@ static unsigned long ok, ioerr, unsupp, broken_rings;
 static unsigned long async_started, async_batches, async_broken;
 static struct blk_engine engine;            /* 1 MiB: static, zeroed */
 static struct blk_worker async_worker;
+static struct blk_stats stats, async_stats;   /* the workers' counters (blk_stats) */
+
+/* Every completed chain is counted once in its worker's statistics. */
+static uint64_t counted(const struct blk_stats *st)
+{
+    return st->ops[BLK_OP_READ] + st->ops[BLK_OP_WRITE] + st->ops[BLK_OP_FLUSH] +
+           st->ops[BLK_OP_OTHER];
+}
 
 #define CHECK(cond) do { if (!(cond)) { \
     fprintf(stderr, "blkio_asan: %s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
@@ -575,6 +583,8 @@ static void async_phase(int kind, const char *name)
     }
     CHECK(blk_worker_init(&async_worker, &disk_direct, bounce, 64 * 1024) == 0);
     async_worker.engine = &engine;
+    memset(&async_stats, 0, sizeof async_stats);
+    async_worker.stats = &async_stats;
     setup();
     for (i = 0; i < ASYNC_BATCHES; i++) {
         if (below(5) == 0)
@@ -583,6 +593,7 @@ static void async_phase(int kind, const char *name)
             async_batch(&disk_direct);
     }
     CHECK(engine.inflight == 0 && engine.queued == 0 && engine.nfree == engine.depth);
+    CHECK(counted(&async_stats) == async_worker.requests);
     async_started += engine.started;
     printf("blkio_asan: %s: %lu requests through the engine\n", name,
            (unsigned long)engine.started);
@@ -644,6 +655,7 @@ int main(int argc, char **argv)
     disk_scratch_direct = disk_direct;
     disk_scratch_direct.fd = fd_scratch_direct;
     CHECK(blk_worker_init(&worker, &disk_direct, bounce, 64 * 1024) == 0);
+    worker.stats = &stats;
     /* Bad descriptions are refused. */
     {
         struct blk_worker w;
@@ -674,6 +686,7 @@ int main(int argc, char **argv)
         for (i = 0; i < DISK_BYTES; i++)
             CHECK(!known[i] || file[i] == model[i]);
     }
+    CHECK(counted(&stats) == worker.requests);
     printf("blkio_asan: %d iterations, %lu ok, %lu ioerr, %lu unsupp, %lu broken,"
            " %lu bounced, %lu async_batches, %lu async_started, %lu async_broken\n",
            ITERATIONS, ok, ioerr, unsupp, broken_rings, (unsigned long)worker.bounced,

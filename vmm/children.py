@@ -47,6 +47,11 @@ class Child:
             os.close(self.pidfd)
         return True
 
+    def by_seccomp(self) -> bool:
+        """It ended by SIGSYS: a seccomp violation (the reporter re-raises it)."""
+        return self.status is not None and os.WIFSIGNALED(self.status) and \
+            os.WTERMSIG(self.status) == signal.SIGSYS
+
     def describe_end(self) -> str:
         if os.WIFSIGNALED(self.status):
             number = os.WTERMSIG(self.status)

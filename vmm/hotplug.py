@@ -72,6 +72,7 @@ class Hotplug:
         self.cold = {drive.id: Blockdev(drive.id, str(drive.path), drive.read_only,
                                         drive.direct, -1) for drive in config.drives}
         self.restarts: dict[str, int] = {}      # device id -> its backend's restarts
+        self.seccomp_faults: dict[str, int] = {}    # seccomp role -> processes it ended
         # Disks' rate limits as they are now (query-block shows them), by device id.
         self.limits: dict[str, RateLimit] = {drive.id: drive.rate_limit
                                              for drive in config.drives if drive.rate_limit}
@@ -353,6 +354,10 @@ class Hotplug:
             return                # unplugged meanwhile: its backend goes with the fd
         transport = self.slots.transport(slot)
         reason = str(message.get("reason"))
+        faults = message.get("seccomp_faults")
+        if isinstance(faults, dict):
+            self.seccomp_faults = {str(role)[:32]: count for role, count in faults.items()
+                                   if isinstance(count, int)}
         if event == "restarted" and len(fds) == 1:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=fds.pop())
             try:

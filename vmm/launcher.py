@@ -173,13 +173,14 @@ def _launch(config: MachineConfig, cleanup: _Cleanup, readiness, inherited: set[
     from .restart import RestartPolicy
     broker = Broker(config, memory, attached, inherited)
     policy = RestartPolicy(config.backend_restart)
+    faults: dict[str, int] = {}         # seccomp role -> its processes a violation ended
     metrics_file = None
     if config.metrics_file:
         from .metrics import MetricsFile
-        metrics_file = MetricsFile(config.metrics_file, broker, policy)
+        metrics_file = MetricsFile(config.metrics_file, broker, policy, faults)
         cleanup.paths += [config.metrics_file, metrics_file.scratch]
     return _supervise(vm, ours, readiness, broker, cleanup, config.seccomp, policy,
-                      metrics_file)
+                      metrics_file, faults)
 
 
 def _attach_devices(config: MachineConfig, memory: GuestMemory,
@@ -243,8 +244,14 @@ def _raw_terminal(fd: int) -> None:
     termios.tcsetattr(fd, termios.TCSADRAIN, attributes)
 
 
+# A backend's process name prefix -> its seccomp role, for the fault counts (metrics).
+_SECCOMP_ROLES = {"vmm-blk": "virtio-blk", "vmm-net": "virtio-net", "vmm-con": "virtio-console",
+                  "vmm-vsock": "virtio-vsock"}
+
+
 def _supervise(vm: children.Child, channel: socket.socket, readiness, broker: Broker,
-               cleanup: _Cleanup, seccomp: bool, policy: RestartPolicy, metrics_file) -> int:
+               cleanup: _Cleanup, seccomp: bool, policy: RestartPolicy, metrics_file,
+               faults: dict[str, int]) -> int:
     from .devices.virtio.attach import AttachError
     # From here the launcher waits, signals, cleans up, and brokers (vmm/broker.py):
     # its filter allows no more than that and what the backends it forks need before
@@ -279,6 +286,10 @@ def _supervise(vm: children.Child, channel: socket.socket, readiness, broker: Br
                     cleanup.children.append(child)
 
     def reaped(child: children.Child, killed: bool = False) -> None:
+        if child.by_seccomp():
+            role = next((role for prefix, role in _SECCOMP_ROLES.items()
+                         if child.name.startswith(prefix + "-")), child.name)
+            faults[role] = faults.get(role, 0) + 1
         expected = broker.ended(child)
         grace.pop(child.pid, None)
         backend = None if expected or ended else broker.slot_of(child)
@@ -297,7 +308,7 @@ def _supervise(vm: children.Child, channel: socket.socket, readiness, broker: Br
             log.error("%s: its backend process %s%s; the device no longer works, the "
                       "VM goes on", child.what, why, policy.describe())
             tell({"event": "backend-failed", "slot": backend.slot, "device": backend.device,
-                  "reason": why})
+                  "reason": why, "seccomp_faults": faults})
         elif not expected and not ended:
             log.error("%s: its backend process %s; the device no longer works, the VM "
                       "goes on", child.what, child.describe_end())
@@ -324,7 +335,8 @@ def _supervise(vm: children.Child, channel: socket.socket, readiness, broker: Br
         fd = attached.connection.detach()
         try:
             tell({"event": "restarted", "slot": slot, "device": attached.slot.id,
-                  "count": policy.restarts(slot), "reason": why}, (fd,))
+                  "count": policy.restarts(slot), "reason": why, "seccomp_faults": faults},
+                 (fd,))
         finally:
             os.close(fd)
         log.info("%s: backend %d started (restart %d)", attached.slot.name,

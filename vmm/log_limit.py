@@ -27,8 +27,10 @@ A key's device is a slot's name in the vm process; in a backend process, which s
 one device (its role in the log prefix names it), it is "". Kinds are fixed strings
 (vsock's refused connections add an errno's name), so the keys are few.
 
-counts() gives every key's occurrences, logged or not: issue 14 part 2 (metrics) will
-export them.
+counts() gives every key's occurrences, logged or not: query-stats reports the vm
+process's by kind; a backend process also adds each occurrence to its device page
+(count_into), which the launcher reads for query-blockstats, query-stats and -metrics
+(docs/metrics.md).
 """
 
 import logging
@@ -56,6 +58,11 @@ class Limiter:
         self.interval = interval
         self._keys: dict[tuple[str, str], _Key] = {}
         self._lock = threading.Lock()       # vCPU and ring threads log at once
+        self._sink = None                   # a uint64_t * every occurrence also adds to
+
+    def count_into(self, sink) -> None:
+        """Add every occurrence to *sink as well (a cffi uint64_t * in a device page)."""
+        self._sink = sink
 
     def log(self, logger: logging.Logger, level: int, device: str, kind: str,
             message: str, *args) -> None:
@@ -65,6 +72,8 @@ class Limiter:
             if key is None:
                 key = self._keys[device, kind] = _Key()
             key.count += 1
+            if self._sink is not None:
+                self._sink[0] += 1
             if key.count <= self.first:
                 if key.count == self.first:
                     key.last = time.monotonic()

@@ -15,6 +15,7 @@ import os
 import time
 
 from . import layout
+from .log_limit import guest as guest_lines
 from .devices.virtio.slots import DISK, NIC
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,8 @@ def block_entry(device: str, node: str, c: dict) -> dict:
         # and GET_ID, DISCARD, WRITE_ZEROES and malformed requests.
         "x-throttled-operations": c["throttled"], "x-other-operations": ops[_OTHER],
         "x-failed-other-operations": failed[_OTHER],
+        # What the guest got wrong that the backend noticed (vmm/log_limit.py).
+        "x-guest-errors": c["guest_errors"],
     }
     return {"device": device, "node-name": node, "qdev": f"/machine/peripheral/{device}",
             "stats": stats}
@@ -73,17 +76,22 @@ def nic_entry(device: str, c: dict) -> dict:
     """A NIC's StatsResult entry from its page's counters (DevicePage.read_net)."""
     return {"provider": "virtio-net", "qom-path": f"/machine/peripheral/{device}",
             "stats": [_stat(f"{direction}-{name.replace('_', '-')}", value)
-                      for direction in ("rx", "tx") for name, value in c[direction].items()]}
+                      for direction in ("rx", "tx") for name, value in c[direction].items()]
+            + [_stat("guest-errors", c["guest_errors"])]}
 
 
-def restarts_entry(restarts: dict[str, int]) -> dict:
+def restarts_entry(restarts: dict[str, int], faults: dict[str, int]) -> dict:
+    """Provider vmm: backend restarts per device, seccomp faults per role (processes a
+    violation ended)."""
     return {"provider": "vmm", "stats": [_stat(f"backend-restarts-{device}", count)
-                                         for device, count in sorted(restarts.items())]}
+                                         for device, count in sorted(restarts.items())] +
+            [_stat(f"seccomp-faults-{role}", count) for role, count in sorted(faults.items())]}
 
 
 def stats(hotplug, machine, target: str, providers: list | None,
           vcpus: list | None = None) -> list[dict]:
-    """query-stats: target "vm" gives provider "vmm" (backend restarts per device) and
+    """query-stats: target "vm" gives provider "vmm" (backend restarts per device, seccomp
+    faults per role, guest errors by kind) and
     "virtio-net" (each NIC's counters); target "vcpu" gives provider "kvm" (each vCPU's
     exits by kind). providers: [{"provider", "names"?}] and vcpus (qom-paths) filter, as
     QEMU's do."""
@@ -111,7 +119,14 @@ def stats(hotplug, machine, target: str, providers: list | None,
                 [_stat("exits", sum(exits.values()))] +
                 [_stat(f"exits-{kind}", count) for kind, count in sorted(exits.items())])
         return results
-    entries = [restarts_entry(hotplug.restarts)]
+    entries = [restarts_entry(hotplug.restarts, hotplug.seccomp_faults)]
+    # The vm process's own (transport registers, rings it reads), summed by kind.
+    by_kind: dict[str, int] = {}
+    for (_, kind), count in guest_lines.counts().items():
+        slug = "-".join(kind.lower().split())
+        by_kind[slug] = by_kind.get(slug, 0) + count
+    entries[0]["stats"] += [_stat(f"guest-errors-{kind}", count)
+                            for kind, count in sorted(by_kind.items())]
     counters = _device_counters(hotplug)
     entries += [nic_entry(occupant.id, counters[slot]["counters"])
                 for slot, occupant in hotplug.occupants(NIC) if slot in counters]
@@ -136,7 +151,8 @@ def prometheus(block: list[dict], vm: list[dict], vcpus: list[dict]) -> str:
             ("failed_wr_operations", "Writes that failed"),
             ("failed_flush_operations", "Flushes that failed"),
             ("x-throttled-operations", "Requests that waited for the rate limiter"),
-            ("x-other-operations", "GET_ID, DISCARD, WRITE_ZEROES and malformed requests")):
+            ("x-other-operations", "GET_ID, DISCARD, WRITE_ZEROES and malformed requests"),
+            ("x-guest-errors", "What the guest got wrong that the disk's backend noticed")):
         name = "block_" + member.removeprefix("x-").replace("-", "_") + "_total"
         for b in block:
             sample(name, "counter", text, {"device": b["device"]}, b["stats"][member])
@@ -160,6 +176,10 @@ def prometheus(block: list[dict], vm: list[dict], vcpus: list[dict]) -> str:
             labels = {"device": device} if device else {}
             if stat.startswith("backend-restarts-"):
                 stat, labels = "backend-restarts", {"device": stat.removeprefix("backend-restarts-")}
+            elif stat.startswith("guest-errors-"):
+                stat, labels = "guest-errors", {"kind": stat.removeprefix("guest-errors-")}
+            elif stat.startswith("seccomp-faults-"):
+                stat, labels = "seccomp-faults", {"role": stat.removeprefix("seccomp-faults-")}
             name = f"{entry['provider']}_{stat}_total".replace("-", "_")
             sample(name, "counter", f"{entry['provider']} {stat}", labels, s["value"])
     for entry in vcpus:
@@ -182,10 +202,11 @@ class MetricsFile:
     PATH.tmp and renamed over PATH, so node_exporter's textfile collector never reads
     half a file. The vCPUs' exits are the vm process's, over QMP only."""
 
-    def __init__(self, path, broker, policy):
+    def __init__(self, path, broker, policy, faults: dict[str, int]):
+        """faults: the launcher's seccomp faults per role, as it counts them."""
         self.path = path
         self.scratch = path.with_name(path.name + ".tmp")
-        self.broker, self.policy = broker, policy
+        self.broker, self.policy, self.faults = broker, policy, faults
         self.due = time.monotonic()
 
     def write(self) -> None:
@@ -200,7 +221,7 @@ class MetricsFile:
                 block.append(block_entry(backend.device, backend.device, page.read_blk()))
             else:
                 vm.append(nic_entry(backend.device, page.read_net()))
-        text = prometheus(block, [restarts_entry(restarts), *vm], [])
+        text = prometheus(block, [restarts_entry(restarts, self.faults), *vm], [])
         try:
             fd = os.open(self.scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
                          | os.O_CLOEXEC, 0o644)

@@ -7,6 +7,7 @@ again on the same page counts on. And the Prometheus text of those counters pars
 with prometheus_client's own parser."""
 
 import struct
+import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -83,6 +84,22 @@ def test_failures_and_other_requests_are_counted_apart(image):
     assert c["bytes"] == [4096, 0] and sum(c["latency"][0]) == 1
 
 
+def test_what_the_guest_got_wrong_is_counted_in_the_page(image):
+    """A chain outside guest RAM breaks the ring: the backend logs it (bounded,
+    vmm/log_limit.py) and counts it where the launcher reads it."""
+    page = DevicePage()
+    child, connection, driver = start(image, page)
+    try:
+        driver.write_descriptor(0, 1 << 40, 16, 0, 0)
+        driver.publish(0)
+        deadline = time.monotonic() + 10
+        while page.read_blk()["guest_errors"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        stop(child, connection, driver)
+    assert page.read_blk()["guest_errors"] == 1
+
+
 def test_a_backend_forked_again_counts_on(image):
     page = DevicePage()
     first = start(image, page)
@@ -117,13 +134,15 @@ def test_prometheus_text_parses_and_carries_the_counts():
     stats = {"rd_operations": 8, "wr_operations": 3, "flush_operations": 1, "rd_bytes": 32768,
              "wr_bytes": 12288, "failed_rd_operations": 0, "failed_wr_operations": 1,
              "failed_flush_operations": 0, "x-throttled-operations": 2, "x-other-operations": 1,
-             "rd_total_time_ns": 9_000_000, "wr_total_time_ns": 0,
+             "rd_total_time_ns": 9_000_000, "wr_total_time_ns": 0, "x-guest-errors": 4,
              "rd_latency_histogram": {"boundaries": list(metrics.LATENCY_BOUNDS_NS), "bins": bins},
              "wr_latency_histogram": {"boundaries": list(metrics.LATENCY_BOUNDS_NS),
                                       "bins": [0] * 16}}
     text = metrics.prometheus(
         [{"device": "rootfs", "stats": stats}],
-        [{"provider": "vmm", "stats": [{"name": "backend-restarts-rootfs", "value": 1}]},
+        [{"provider": "vmm", "stats": [{"name": "backend-restarts-rootfs", "value": 1},
+                                       {"name": "guest-errors-broken-ring", "value": 3},
+                                       {"name": "seccomp-faults-virtio-net", "value": 2}]},
          {"provider": "virtio-net", "qom-path": "/machine/peripheral/net0",
           "stats": [{"name": "tx-frames", "value": 5}]}],
         [{"provider": "kvm", "qom-path": "/machine/unattached/device[0]",
@@ -138,5 +157,8 @@ def test_prometheus_text_parses_and_carries_the_counts():
     assert samples[(f"{read}_count", (("device", "rootfs"),))] == 8
     assert samples[(f"{read}_sum", (("device", "rootfs"),))] == pytest.approx(0.009)
     assert samples[("stratovirt_vmm_backend_restarts_total", (("device", "rootfs"),))] == 1
+    assert samples[("stratovirt_vmm_guest_errors_total", (("kind", "broken-ring"),))] == 3
+    assert samples[("stratovirt_vmm_seccomp_faults_total", (("role", "virtio-net"),))] == 2
+    assert samples[("stratovirt_block_guest_errors_total", (("device", "rootfs"),))] == 4
     assert samples[("stratovirt_virtio_net_tx_frames_total", (("device", "net0"),))] == 5
     assert samples[("stratovirt_vcpu_exits_io_total", (("vcpu", "0"),))] == 30

@@ -88,6 +88,14 @@ def test_a_seccomp_kill_is_a_death_like_any_other(vm):
     assert data["device"] == "d0" and data["count"] == 2
     assert "seccomp violation (SIGSYS" in data["reason"]
     assert new and block[0]["restarts"] == 2
+    # Counted for the operator, per role (docs/metrics.md).
+
+    async def steps(client, events):
+        return await client.execute("query-stats", {"target": "vm",
+                                                    "providers": [{"provider": "vmm"}]})
+    [vmm] = session(vm.api, steps)
+    values = {s["name"]: s["value"] for s in vmm["stats"]}
+    assert values["seccomp-faults-virtio-blk"] == 1 and values["backend-restarts-d0"] == 2
 
 
 def test_nic_console_and_vsock_backends_come_back(vm):

@@ -17,6 +17,8 @@ more.
 Layout (offsets in bytes):
     0    limits slot 0: a disk's, or a NIC's receive (struct rl_config, 64 bytes)
     64   limits slot 1: a NIC's transmit
+    128  what the backend's guest got wrong (a uint64: the occurrences vmm/log_limit.py
+         counts in the backend process, logged or not)
     256  counters: a disk's struct blk_stats per queue (384 bytes each), or a NIC's
          struct net_stats for receive, then at 320 for transmit
 Each counter is written by one worker thread only (its queue's or its direction's).
@@ -32,6 +34,7 @@ from ..config.model import Bucket, RateLimit
 
 SLOTS = 2
 _SLOT_BYTES = 64
+_GUEST_ERRORS = 128
 _STATS = 256
 _BLK_STATS_BYTES = lib.BLK_STATS_BYTES
 _NET_STATS_BYTES = 64
@@ -97,10 +100,15 @@ class DevicePage:
         """struct net_stats * of a NIC's receive (0) or transmit (1) direction."""
         return ffi.cast("struct net_stats *", self._base + _STATS + direction * _NET_STATS_BYTES)
 
+    def guest_errors(self):
+        """uint64_t * of the backend's guest-error count (log_limit.Limiter.count_into)."""
+        return ffi.cast("uint64_t *", self._base + _GUEST_ERRORS)
+
     def read_blk(self) -> dict:
         """A disk's counters, summed over its queues."""
         total = {"ops": [0] * 4, "failed": [0] * 4, "bytes": [0] * 2, "total_ns": [0] * 3,
-                 "throttled": 0, "latency": [[0] * lib.BLK_LAT_BUCKETS for _ in range(2)]}
+                 "throttled": 0, "latency": [[0] * lib.BLK_LAT_BUCKETS for _ in range(2)],
+                 "guest_errors": self.guest_errors()[0]}
         for queue in range(MAX_QUEUES):
             stats = self.blk_stats(queue)
             for name in ("ops", "failed", "bytes", "total_ns"):
@@ -115,8 +123,9 @@ class DevicePage:
     def read_net(self) -> dict:
         """A NIC's counters: {"rx": {...}, "tx": {...}}."""
         names = ("frames", "bytes", "dropped", "bad_chains", "throttled")
-        return {direction: {name: getattr(self.net_stats(index), name) for name in names}
-                for index, direction in enumerate(("rx", "tx"))}
+        return {**{direction: {name: getattr(self.net_stats(index), name) for name in names}
+                   for index, direction in enumerate(("rx", "tx"))},
+                "guest_errors": self.guest_errors()[0]}
 
     def close(self) -> None:
         _pages.discard(self)

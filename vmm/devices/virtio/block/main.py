@@ -12,6 +12,7 @@ import os
 import socket
 
 from .... import sandbox
+from ....log_limit import guest
 from .. import program
 from . import request
 from .device import MAX_QUEUES, BlockDevice
@@ -98,6 +99,8 @@ def serve_disk(disk_fd: int, sock: socket.socket, read_only: bool, direct: bool,
     make them are not in its profile. `page`: the disk's DevicePage (limits the
     launcher writes, counters it reads)."""
     program.exit_on_sigterm()
+    if page is not None:
+        guest.count_into(page.guest_errors())       # what the guest got wrong, counted
     device = BlockDevice(disk_fd, read_only, direct, serial, num_queues, engine, page)
     sandbox.confine("virtio-blk", seccomp=seccomp)
     try:

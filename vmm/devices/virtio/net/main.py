@@ -14,6 +14,7 @@ import socket
 
 
 from .... import sandbox
+from ....log_limit import guest
 from .. import program
 from . import tap as T
 from .device import NetDevice, format_mac, generated_mac, parse_mac
@@ -111,6 +112,8 @@ def serve_nic(tap_fd: int, sock: socket.socket, mac: bytes, mtu: int | None,
     the tap is already open, the socket already connected. The process is confined
     (the virtio-net profile) before it reads a byte from the vm process or the guest."""
     program.exit_on_sigterm()
+    if page is not None:
+        guest.count_into(page.guest_errors())       # what the guest got wrong, counted
     device = NetDevice(tap_fd, mac, mtu, page)
     sandbox.confine("virtio-net", seccomp=seccomp)
     program.serve_connection(device, sock)

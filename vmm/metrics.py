@@ -6,8 +6,10 @@ Where they are counted: a disk's reads, writes, flushes, bytes, failures, latenc
 rate-limiter waits, and a NIC's frames, bytes, drops and waits, by the backend's C data
 path, in the device's page (vmm/virtio/device_page.py), per queue and without a message;
 the launcher reads the pages when asked (the broker's `stats`). A vCPU's exits by kind
-by its own thread (vmm/machine/vcpu.py); backend restarts by the vm process when the
-launcher tells it of one. Nothing here runs unless a client asks.
+by its own thread (vmm/machine/vcpu.py); backend restarts and seccomp faults by the
+launcher, which tells the vm process with its restart news; guest errors by the bounded
+guest log (vmm/log_limit.py), a backend's into its page. Nothing here runs unless a
+client asks, or -metrics has the launcher write the file every FILE_INTERVAL s.
 """
 
 import logging
@@ -22,11 +24,11 @@ log = logging.getLogger(__name__)
 
 _READ, _WRITE, _FLUSH, _OTHER = 0, 1, 2, 3
 FILE_INTERVAL = 5.0             # seconds between two writes of the -metrics file
+LATENCY_BOUNDS_NS = tuple(16_000 << i for i in range(15))     # then +Inf (native/blkio.h)
 
 
 def _stat(name: str, value) -> dict:
     return {"name": name, "value": value}
-LATENCY_BOUNDS_NS = tuple(16_000 << i for i in range(15))     # then +Inf (native/blkio.h)
 
 
 def _device_counters(hotplug) -> dict[int, dict]:

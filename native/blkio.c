@@ -478,16 +478,10 @@ static int64_t request(const struct blk_disk *d, struct blk_worker *w, struct bl
     return written;
 }
 
-static uint64_t now_ns(void)
-{
-    struct timespec t;
-
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
-}
-
-/* Counts one completed request in the worker's statistics. */
-static void account(struct blk_worker *w, uint32_t op, int ok, uint64_t bytes, uint64_t start_ns)
+/* Counts one completed request, popped at start_ns and completed at now, in the
+ * worker's statistics. */
+static void account(struct blk_worker *w, uint32_t op, int ok, uint64_t bytes,
+                    uint64_t start_ns, uint64_t now)
 {
     struct blk_stats *st = w->stats;
     uint64_t took, bound;
@@ -502,7 +496,7 @@ static void account(struct blk_worker *w, uint32_t op, int ok, uint64_t bytes, u
     }
     if (op == BLK_OP_OTHER)
         return;
-    took = now_ns() - start_ns;
+    took = now - start_ns;
     st->total_ns[op] += took;
     if (op == BLK_OP_FLUSH)
         return;
@@ -517,8 +511,8 @@ static int64_t run_request(const struct blk_disk *d, struct blk_worker *w, struc
 {
     int64_t written = request(d, w, e);
 
-    if (written != PENDING)
-        account(w, w->op, (int)w->op_ok, w->op_bytes, w->start_ns);
+    if (written != PENDING && w->stats)
+        account(w, w->op, (int)w->op_ok, w->op_bytes, w->start_ns, rl_now());
     return written;
 }
 
@@ -535,17 +529,22 @@ static int next_chain(struct vq *q, const struct blk_disk *d, struct blk_worker 
 
         if (rc <= 0)
             return rc;
-        if (w->stats)
-            w->start_ns = now_ns();
+        w->start_ns = w->batch_ns;
     }
     /* One op and the data bytes: the buffers less a header and a status byte. */
     data = (w->chain.readable_bytes > HEADER_BYTES ? w->chain.readable_bytes - HEADER_BYTES : 0) +
            (w->chain.writable_bytes > 1 ? w->chain.writable_bytes - 1 : 0);
-    w->wait_ns = rl_consume(d->limiter, data, first);
+    w->wait_ns = rl_consume(d->limiter, data, first, w->batch_ns);
     w->held = w->wait_ns != 0;
     if (w->held && first && w->stats)
         w->stats->throttled++;
     return w->held ? BLK_THROTTLED : 1;
+}
+
+/* The clock, read once for a pass over the ring, when something will use it. */
+static void begin_pass(const struct blk_disk *d, struct blk_worker *w)
+{
+    w->batch_ns = w->stats || d->limiter ? rl_now() : 0;
 }
 
 int blk_process(struct vq *q, const struct blk_disk *d, struct blk_worker *w,
@@ -554,6 +553,7 @@ int blk_process(struct vq *q, const struct blk_disk *d, struct blk_worker *w,
     uint32_t done = 0;
     int rc = 0, more = 0, throttled = 0;
 
+    begin_pass(d, w);
     for (;;) {
         if (done == budget) {
             more = 1;
@@ -839,7 +839,7 @@ static void finish(struct vq *q, const struct blk_disk *d, struct blk_worker *w,
     if (!ok)
         w->errors++;
     account(w, s->type == BLK_T_IN ? BLK_OP_READ : s->type == BLK_T_OUT ? BLK_OP_WRITE
-            : BLK_OP_FLUSH, ok, s->len, s->start_ns);
+            : BLK_OP_FLUSH, ok, s->len, s->start_ns, w->done_ns);
     vq_add_used_late(q, s->head, ok ? s->written : 1);
     w->requests++;
     e->completed++;
@@ -855,6 +855,7 @@ static void run_inline(struct vq *q, const struct blk_disk *d, struct blk_worker
     int64_t res;
 
     e->refused++;
+    w->done_ns = w->stats ? rl_now() : 0;
     if (s->type == BLK_T_FLUSH)
         res = fdatasync(d->fd) ? -errno : 0;
     else
@@ -938,6 +939,7 @@ static int reap(struct vq *q, const struct blk_disk *d, struct blk_worker *w,
             if (rc < 0)
                 return rc;
         }
+        w->done_ns = w->stats ? rl_now() : 0;
         io_uring_for_each_cqe(&e->ring, head, cqe) {
             uint64_t i = cqe->user_data;
 
@@ -965,6 +967,7 @@ static int reap(struct vq *q, const struct blk_disk *d, struct blk_worker *w,
                     continue;
                 return -errno;
             }
+            w->done_ns = w->stats && n ? rl_now() : 0;
             for (k = 0; k < n; k++) {
                 uint64_t i = e->events[k].data;
 
@@ -994,6 +997,7 @@ int blk_pump(struct vq *q, const struct blk_disk *d, struct blk_worker *w, uint3
     if (!e || e->kind == BLK_ENGINE_INLINE)
         return blk_process(q, d, w, budget < BLK_INLINE_BATCH ? budget : BLK_INLINE_BATCH);
     n = reap(q, d, w, e, 0);
+    begin_pass(d, w);
     if (n < 0)
         return n;
     for (;;) {

@@ -155,7 +155,10 @@ struct blk_worker {
     uint64_t wait_ns;
     /* The statistics this worker adds to (NULL: none), and what request() last did. */
     struct blk_stats *stats;
-    uint64_t start_ns;            /* when w->chain was popped */
+    uint64_t batch_ns;            /* when this pass over the ring began (one clock read
+                                     for its pops, its start times, the limiter) */
+    uint64_t done_ns;             /* when the engine's current completions were reaped */
+    uint64_t start_ns;            /* when w->chain was popped (its pass's start) */
     uint32_t op, op_ok;
     uint64_t op_bytes;
     struct vq_chain chain;

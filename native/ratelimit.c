@@ -10,7 +10,7 @@
 
 typedef unsigned __int128 u128;
 
-static uint64_t now_ns(void)
+uint64_t rl_now(void)
 {
     struct timespec t;
 
@@ -74,7 +74,7 @@ static int reload(struct rl_limiter *l, uint64_t sequence)
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
     if (__atomic_load_n(&l->config->sequence, __ATOMIC_RELAXED) != sequence)
         return l->on;                            /* changed while we read: next time */
-    now = now_ns();
+    now = rl_now();
     bucket_set(&l->ops, ops, now);
     bucket_set(&l->bytes, bytes, now);
     __atomic_store_n(&l->on, l->ops.p.size || l->bytes.p.size, __ATOMIC_RELAXED);
@@ -132,9 +132,9 @@ static void charge(struct rl_bucket *b, uint64_t tokens)
     b->budget -= (int64_t)(need < (uint64_t)INT64_MAX ? need : (uint64_t)INT64_MAX);
 }
 
-uint64_t rl_consume(struct rl_limiter *l, uint64_t bytes, int first)
+uint64_t rl_consume(struct rl_limiter *l, uint64_t bytes, int first, uint64_t now)
 {
-    uint64_t sequence, wait, wait_bytes, now;
+    uint64_t sequence, wait, wait_bytes;
 
     if (!l)
         return 0;
@@ -148,7 +148,8 @@ uint64_t rl_consume(struct rl_limiter *l, uint64_t bytes, int first)
         pthread_mutex_unlock(&l->lock);
         return 0;
     }
-    now = now_ns();
+    if (!now)
+        now = rl_now();
     if (l->ops.p.size)
         refill(&l->ops, now);
     if (l->bytes.p.size)

@@ -87,7 +87,7 @@ struct rl_limiter { uint64_t throttled; ...; };
 int rl_init(struct rl_limiter *l, const volatile struct rl_config *config);
 void rl_configure(volatile struct rl_config *config, const struct rl_params *ops,
                   const struct rl_params *bytes);
-uint64_t rl_consume(struct rl_limiter *l, uint64_t bytes, int first);
+uint64_t rl_consume(struct rl_limiter *l, uint64_t bytes, int first, uint64_t now);
 
 #define BLK_SECTOR ...
 #define BLK_ID_BYTES ...

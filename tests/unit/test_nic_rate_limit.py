@@ -9,8 +9,10 @@ Rates are taken after the first half second (the buckets start full); ±10%, the
 issue's tolerance."""
 
 import socket
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +23,7 @@ from vmm.config.ratelimit import rate_bucket
 from vmm.virtio.device_page import DevicePage
 
 pytestmark = pytest.mark.needs_root
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def within(value: float, target: float, tolerance: float = 0.10) -> bool:
@@ -89,3 +92,20 @@ def test_no_limits_no_throttling(nic):
     driver, _, tap_mac = nic(DevicePage())
     start, times = transmit(driver, udp_frame(tap_mac, bytes(100)), 1.0)
     assert rate(times, start, 0.2, 1.0) > 5000
+
+
+@pytest.mark.parametrize("options,message", [
+    (["--rx-pps", "0"], "--rx-pps: 0 is out of range; allowed 1..9223372036854775807"),
+    (["--tx-bps", "fast"], '--tx-bps: "fast" is not a whole number'),
+    (["--tx-bps", str(1 << 63)], f"--tx-bps: {1 << 63} is out of range"),
+])
+def test_the_program_refuses_bad_limits_in_one_line(tmp_path, options, message):
+    """stratovirt-vhost-user-net's --{rx,tx}-{bps,pps}: the rules and messages of
+    -netdev's throttling.*, checked before the tap is opened."""
+    sock = tmp_path / "refused.sock"
+    run = subprocess.run([str(ROOT / ".venv/bin/stratovirt-vhost-user-net"), "--socket-path",
+                          str(sock), "--tap", "nosuch0", *options],
+                         capture_output=True, text=True, timeout=30)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1].startswith(f"Error: {message}"), run.stderr
+    assert "Traceback" not in run.stderr and not sock.exists()

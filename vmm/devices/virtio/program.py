@@ -22,6 +22,26 @@ from .listener import listen_unix, remove_stale
 log = logging.getLogger(__name__)
 
 
+def limits_page(options: dict, parse: Callable):
+    """A program's rate-limit options (click's values, None when not given) as its
+    DevicePage (vmm/virtio/device_page.py), or None when none was given. parse(given),
+    given {name: (text, "--name")}, returns the page's limits in slot order, with the
+    rules and messages of the command line's throttling.* (vmm/config/ratelimit.py);
+    its ConfigError is the program's usage error."""
+    import click
+
+    from ...config.errors import ConfigError
+    from ...virtio.device_page import DevicePage
+    given = {name.replace("_", "-"): (text, "--" + name.replace("_", "-"))
+             for name, text in options.items() if text is not None}
+    if not given:
+        return None
+    try:
+        return DevicePage(parse(given))
+    except ConfigError as error:
+        raise click.UsageError(str(error)) from None
+
+
 def exit_on_sigterm() -> None:
     """SIGTERM raises SystemExit in the main thread, so `finally` clauses remove what
     the program created."""

@@ -56,7 +56,9 @@ def main() -> None:
             return
         if (socket_path is None) == (fd is None) or not blk_file:
             raise click.UsageError("give --blk-file and one of --socket-path or --fd")
-        limits = _limits(throttling)
+        from ....config import ratelimit
+        limits = program.limits_page(
+            throttling, lambda given: (ratelimit.from_throttling(given, prefix="--"),))
         logging.basicConfig(level=logging.INFO, format="vhost-user-blk: %(message)s")
         flags = ((os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC |
                  (os.O_DIRECT if direct else 0))
@@ -69,24 +71,6 @@ def main() -> None:
                                           limits), socket_path, fd)
 
     command()
-
-
-def _limits(throttling: dict):
-    """The --*-total options as the disk's DevicePage (the same rules and messages as
-    -drive's throttling.*), or None."""
-    import click
-
-    from ....config import ratelimit
-    from ....config.errors import ConfigError
-    from ....virtio.device_page import DevicePage
-    given = {name.replace("_", "-"): (text, "--" + name.replace("_", "-"))
-             for name, text in throttling.items() if text is not None}
-    if not given:
-        return None
-    try:
-        return DevicePage((ratelimit.from_throttling(given, prefix="--"),))
-    except ConfigError as error:
-        raise click.UsageError(str(error)) from None
 
 
 def serve_disk(disk_fd: int, sock: socket.socket, read_only: bool, direct: bool,

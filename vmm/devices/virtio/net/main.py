@@ -58,7 +58,12 @@ def main() -> None:
             mac_bytes = parse_mac(mac) if mac else None
         except ValueError as error:
             raise click.BadParameter(str(error), param_hint="--mac") from None
-        limits = _limits(throttling)
+        from ....config import ratelimit
+
+        def parse(given):
+            limits = ratelimit.nic_throttling(given, prefix="--")
+            return limits.get("rx"), limits.get("tx")
+        limits = program.limits_page(throttling, parse)
         try:
             tap = _inherited_tap(tap_fd) if tap_fd is not None else T.open_tap(tap_name)
             name = T.name_of(tap)
@@ -70,25 +75,6 @@ def main() -> None:
         program.serve(lambda: device, socket_path, fd)
 
     command()
-
-
-def _limits(throttling: dict):
-    """The --{rx,tx}-{bps,pps} options as the NIC's DevicePage (the rules and messages of
-    -netdev's throttling.*), or None."""
-    import click
-
-    from ....config import ratelimit
-    from ....config.errors import ConfigError
-    from ....virtio.device_page import DevicePage
-    given = {name.replace("_", "-"): (text, "--" + name.replace("_", "-"))
-             for name, text in throttling.items() if text is not None}
-    if not given:
-        return None
-    try:
-        limits = ratelimit.nic_throttling(given, prefix="--")
-    except ConfigError as error:
-        raise click.UsageError(str(error)) from None
-    return DevicePage((limits.get("rx"), limits.get("tx")))
 
 
 def _mtu(name: str) -> int | None:

@@ -534,7 +534,7 @@ static int next_chain(struct vq *q, const struct blk_disk *d, struct blk_worker 
     /* One op and the data bytes: the buffers less a header and a status byte. */
     data = (w->chain.readable_bytes > HEADER_BYTES ? w->chain.readable_bytes - HEADER_BYTES : 0) +
            (w->chain.writable_bytes > 1 ? w->chain.writable_bytes - 1 : 0);
-    w->wait_ns = rl_consume(d->limiter, data, first, w->batch_ns);
+    w->wait_ns = rl_consume(d->limiter, data, w->batch_ns);
     w->held = w->wait_ns != 0;
     if (w->held && first && w->stats)
         w->stats->throttled++;

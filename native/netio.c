@@ -199,7 +199,7 @@ int net_rx_process(struct vq *q, int tap, struct net_rx *rx, uint32_t budget)
         if (!rx->charged) {
             int first = !rx->wait_ns;
 
-            rx->wait_ns = rl_consume(rx->limiter, rx->pending - rx->hdr_len, first, 0);
+            rx->wait_ns = rl_consume(rx->limiter, rx->pending - rx->hdr_len, 0);
             if (rx->wait_ns) {
                 rx->stats->throttled += first;
                 result |= NET_THROTTLED;
@@ -281,7 +281,7 @@ int net_tx_process(struct vq *q, int tap, struct net_tx *tx, uint32_t budget)
                 continue;
             }
         }
-        tx->wait_ns = rl_consume(tx->limiter, c->readable_bytes - tx->hdr_len, first, 0);
+        tx->wait_ns = rl_consume(tx->limiter, c->readable_bytes - tx->hdr_len, 0);
         tx->held = tx->wait_ns != 0;
         if (tx->held) {
             tx->stats->throttled += first;

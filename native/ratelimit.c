@@ -25,7 +25,6 @@ int rl_init(struct rl_limiter *l, const volatile struct rl_config *config)
     l->config = config;
     l->seen = UINT64_MAX;        /* no sequence has this (they are even): read it first */
     l->on = 0;
-    l->throttled = 0;
     return -pthread_mutex_init(&l->lock, NULL);
 }
 
@@ -132,7 +131,7 @@ static void charge(struct rl_bucket *b, uint64_t tokens)
     b->budget -= (int64_t)(need < (uint64_t)INT64_MAX ? need : (uint64_t)INT64_MAX);
 }
 
-uint64_t rl_consume(struct rl_limiter *l, uint64_t bytes, int first, uint64_t now)
+uint64_t rl_consume(struct rl_limiter *l, uint64_t bytes, uint64_t now)
 {
     uint64_t sequence, wait, wait_bytes;
 
@@ -161,8 +160,6 @@ uint64_t rl_consume(struct rl_limiter *l, uint64_t bytes, int first, uint64_t no
     if (wait == 0) {
         charge(&l->ops, 1);
         charge(&l->bytes, bytes);
-    } else if (first) {
-        l->throttled++;
     }
     pthread_mutex_unlock(&l->lock);
     return wait;

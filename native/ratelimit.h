@@ -52,7 +52,6 @@ struct rl_limiter {
     int on;                      /* some bucket has a size */
     pthread_mutex_t lock;
     struct rl_bucket ops, bytes;
-    uint64_t throttled;          /* requests that had to wait (each counted once) */
 };
 
 /* Binds a zeroed limiter to its configuration (which must stay mapped); the first
@@ -65,10 +64,9 @@ void rl_configure(volatile struct rl_config *config, const struct rl_params *ops
 
 /* Charges a request of `bytes` data bytes (and one op) if the buckets can pay now:
  * 0. Otherwise nothing is charged and the answer is the nanoseconds until they can
- * (at least 1). `first`: this is the request's first try (counted in throttled when
- * it must wait). `now`: CLOCK_MONOTONIC in ns if the caller has it (a batch's start),
+ * (at least 1); the data paths count the waits in their statistics. `now`: CLOCK_MONOTONIC in ns if the caller has it (a batch's start),
  * else 0 and it is read here, only when a bucket is on. NULL limiter: always 0. */
-uint64_t rl_consume(struct rl_limiter *l, uint64_t bytes, int first, uint64_t now);
+uint64_t rl_consume(struct rl_limiter *l, uint64_t bytes, uint64_t now);
 
 /* CLOCK_MONOTONIC in ns (the vDSO: no system call). */
 uint64_t rl_now(void);

@@ -82,12 +82,12 @@ int vq_inflight_start(struct vq *q, uint8_t *region, uint32_t queue_size);
 
 struct rl_params { uint64_t size; uint64_t one_time_burst; uint64_t refill_ns; };
 struct rl_config { uint64_t sequence; struct rl_params ops, bytes; ...; };
-struct rl_limiter { uint64_t throttled; ...; };
+struct rl_limiter { ...; };
 #define RL_MAX_REFILL_NS ...
 int rl_init(struct rl_limiter *l, const volatile struct rl_config *config);
 void rl_configure(volatile struct rl_config *config, const struct rl_params *ops,
                   const struct rl_params *bytes);
-uint64_t rl_consume(struct rl_limiter *l, uint64_t bytes, int first, uint64_t now);
+uint64_t rl_consume(struct rl_limiter *l, uint64_t bytes, uint64_t now);
 
 #define BLK_SECTOR ...
 #define BLK_ID_BYTES ...

@@ -66,7 +66,7 @@ int main(void)
             rl_configure(&config, &ops, &bytes);
             changes++;
         }
-        uint64_t bytes = pick(), wait = rl_consume(&limiter, bytes, (int)(next() & 1), 0);
+        uint64_t bytes = pick(), wait = rl_consume(&limiter, bytes, 0);
 
         if (wait) {
             waits++;

@@ -251,11 +251,11 @@ class Requests:
         zeroes_written (write-zeroes done by writing), summed over the live queues;
         throttled: requests that waited for the rate limiter."""
         names = ("requests", "errors", "bounced", "zeroes_written")
-        totals = dict.fromkeys(names, 0)
+        totals = dict.fromkeys(names, 0) | {"throttled": 0}
         for worker in list(self._workers.values()):
             for name in names:
                 totals[name] += getattr(worker.native, name)
-        totals["throttled"] = self._limiter.throttled if self._limiter else 0
+            totals["throttled"] += worker.stats.throttled
         return totals
 
 

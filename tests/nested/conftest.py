@@ -52,7 +52,7 @@ def run_checks(rig, *scripts: str, qmp_wheel: pathlib.Path | None = None,
                files: dict[str, pathlib.Path] | None = None, timeout: int = 1200) -> dict:
     """Boot L1 once, run each tests/nested/l1/<script> there in turn (with qemu.qmp
     installed first when its wheel is given), and collect their `CHECK <name> <json>`
-    lines: {name: [data, ...], "console": L1's console text}."""
+    lines: {name: [data, ...], "console": L1's console text, "why": what a failing test shows}."""
     files = {**{script: L1_DIR / script for script in scripts},
              "console.py": FRAMEWORK / "console.py", "l2_shell.py": L1_DIR / "l2_shell.py",
              **(files or {})}
@@ -61,10 +61,20 @@ def run_checks(rig, *scripts: str, qmp_wheel: pathlib.Path | None = None,
         files[qmp_wheel.name] = qmp_wheel
         command = f"pip install -q --no-index --no-deps {qmp_wheel.name} && {{ {command}; }}"
     result = rig.run(command, files=files, timeout=timeout)
-    found = {}
-    for line in result.output:
+    found, failures = {}, []
+    for number, line in enumerate(result.output):
         if line.startswith("CHECK "):
             _, name, data = line.split(" ", 2)
             found.setdefault(name, []).append(json.loads(data))
+        elif line.startswith("CHECK-FAILED"):
+            failures.append("\n".join(result.output[max(0, number - 60):number + 1]))
     found["console"] = result.console
+    found["why"] = explain(failures, result.console)
     return found
+
+
+def explain(failures: list[str], console: str) -> str:
+    """What a test shows when a check is missing: each CHECK-FAILED line with the output
+    before it (the L2 console that led there), then L1's console tail."""
+    parts = [f"--- check failed:\n{failure}" for failure in failures]
+    return "\n".join(parts + ["--- L1 console, tail:\n" + console[-3000:]])

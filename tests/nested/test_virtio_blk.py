@@ -16,7 +16,7 @@ def checks(rig):
 
 def _one(checks, name):
     [found] = checks.get(name, [None])
-    assert found, checks["console"][-4000:]
+    assert found, checks["why"]
     return found
 
 

@@ -2,7 +2,8 @@
 # Builds a Linux guest from Debian's own packages into assets/ (not committed):
 #   assets/vmlinuz       Debian's cloud kernel (bzImage)
 #   assets/vmlinux       the same kernel as an ELF vmlinux, extracted from the bzImage
-#   assets/initrd.img    busybox initramfs that loads the virtio modules (and evdev and
+#   assets/initrd.img    busybox initramfs that loads the virtio modules (virtio-rng too: the
+#                        hw_random core is built in, and so is /dev/hwrng) (and evdev and
 #                        button, for the ACPI power button), then mounts root= (rw if
 #                        asked) and switches to it, or else runs a shell
 #   assets/rootfs.ext4   a small ext4 root filesystem with busybox; its acpid powers the
@@ -34,6 +35,9 @@ if [ ! -s "$out/vmlinuz" ] || [ ! -s "$out/initrd.img" ]; then
     (cd "$work" && apt-get download -q -o APT::Sandbox::User=root "$kernel_package")
     dpkg-deb -x "$work"/linux-image-*.deb "$work/k"
     cp "$work"/k/boot/vmlinuz-* "$out/vmlinuz"
+    # The ELF vmlinux below is extracted from this bzImage: an older one would not load
+    # the initramfs's modules (another kernel's version magic).
+    rm -f "$out/vmlinux"
 
     root="$work/initramfs"
     mkdir -p "$root"/{bin,dev,proc,sys,mnt,lib/modules}
@@ -41,7 +45,7 @@ if [ ! -s "$out/vmlinuz" ] || [ ! -s "$out/initrd.img" ]; then
     # busybox has no AF_VSOCK tool: ours (guest/vsock-io.c), static.
     gcc -static -O2 -o "$root/bin/vsock-io" guest/vsock-io.c
     for tool in sh mount umount insmod mkdir cat echo ls poweroff reboot sync sleep dd md5sum \
-            head grep switch_root ip ifconfig route ping nc; do
+            head grep switch_root ip ifconfig route ping nc wc cut; do
         ln -s busybox "$root/bin/$tool"
     done
     # Virtio is built as modules in the cloud kernel; this order satisfies their depends=.
@@ -49,7 +53,7 @@ if [ ! -s "$out/vmlinuz" ] || [ ! -s "$out/initrd.img" ]; then
     # GED notifies; docs/machine.md) are modules too, depending on nothing.
     modules="virtio_ring virtio virtio_mmio virtio_blk failover net_failover virtio_net
              virtio_console vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport
-             evdev button"
+             virtio-rng evdev button"
     for module in $modules; do
         found=$(find "$work/k/lib/modules" -name "$module.ko*" | head -n 1)
         if [ -n "$found" ]; then cp "$found" "$root/lib/modules/"; fi

@@ -315,6 +315,21 @@ VSOCK = [
     rule("fcntl", "Python's mmap duplicates the memfd it maps.", eq(1, "F_DUPFD_CLOEXEC")),
 ]
 
+# An rng backend: vhost-user, and reading its entropy source into guest RAM.
+RNG = [
+    rule("read", "Kick eventfds and the ring's stop pipe."),
+    rule("readv", "The entropy source (the fd the launcher opened) straight into the "
+         "guest's buffers."),
+    rule("recvmsg", "vhost-user requests, with the fds of guest RAM and of the eventfds as "
+         "SCM_RIGHTS."),
+    rule("recvfrom", "The payload of a vhost-user request."),
+    rule("sendto", "vhost-user replies."),
+    rule("poll", "The ring's worker waits for its kick or stop pipe, at most until the "
+         "rate limit lets the next request go."),
+    rule("pipe2", "A ring's stop pipe, made when the frontend starts the ring."),
+    rule("fcntl", "Python's mmap duplicates the memfd it maps.", eq(1, "F_DUPFD_CLOEXEC")),
+]
+
 # The launcher alone may open files, and only without following a symlink in the last
 # component: the broker's images (an O_PATH look at the type first), /dev/net/tun for a
 # tap, /dev/null for a forked backend's stdin (vmm/broker.py has the policy), and a
@@ -477,11 +492,14 @@ ROLES = {
                      "thread starts and before it reads anything from its socket, the "
                      "guest or a host client; it may create and connect AF_UNIX sockets "
                      "(the guest's streams to <socket>_<port>).", VSOCK + THREADS),
+    "virtio-rng": ("A virtio-rng vhost-user backend process, installed before it reads "
+                   "anything from its socket or its entropy source.", RNG + THREADS),
 }
 # Their threads start under the vm filter; hot-plugged backends (disks, NICs) and
 # restarted ones (every kind: vmm/restart.py) are forked under the launcher's.
 INHERITED_BY = {"vm": ("vcpu", "api"),
-                "launcher": ("virtio-blk", "virtio-net", "virtio-console", "virtio-vsock")}
+                "launcher": ("virtio-blk", "virtio-net", "virtio-console", "virtio-vsock",
+                             "virtio-rng")}
 OPENERS = ("launcher",)
 
 DEFAULT_COMMENT = (

@@ -186,7 +186,7 @@ def _launch(config: MachineConfig, cleanup: _Cleanup, readiness, inherited: set[
 def _attach_devices(config: MachineConfig, memory: GuestMemory,
                     cleanup: _Cleanup) -> list[Attached]:
     """One backend process per device, in slot order (disks fill slots 0..5, NICs 6
-    and 7, then the console and vsock)."""
+    and 7, then the console, vsock and rng)."""
     from .devices.virtio.attach import AttachError
     attached = []           # each kind's module imported only when the VM has one
     try:
@@ -199,7 +199,7 @@ def _attach_devices(config: MachineConfig, memory: GuestMemory,
             attached.append(net_attach.attach(nic, index, config.machine.name, memory,
                                               config.seccomp))
             cleanup.children.append(attached[-1].backend)
-        # Then the console (slot 8) and vsock (the next slot), each when configured
+        # Then the console (slot 8), vsock and rng (the next slots), each when configured
         # (discovery.slot_count). Their sockets are removed on every exit path.
         index = layout.BLK_SLOTS + layout.NET_SLOTS
         if config.console:
@@ -212,6 +212,11 @@ def _attach_devices(config: MachineConfig, memory: GuestMemory,
             from .devices.virtio.vsock import attach as vsock_attach
             attached.append(vsock_attach.attach(config.vsock, index, memory, cleanup.paths,
                                                 config.seccomp))
+            cleanup.children.append(attached[-1].backend)
+            index += 1
+        if config.rng:
+            from .devices.virtio.rng import attach as rng_attach
+            attached.append(rng_attach.attach(config.rng, index, memory, config.seccomp))
             cleanup.children.append(attached[-1].backend)
     except AttachError as error:
         for a in attached:
@@ -242,11 +247,6 @@ def _raw_terminal(fd: int) -> None:
     attributes = termios.tcgetattr(fd)
     attributes[3] |= termios.ISIG
     termios.tcsetattr(fd, termios.TCSADRAIN, attributes)
-
-
-# A backend's process name prefix -> its seccomp role, for the fault counts (metrics).
-_SECCOMP_ROLES = {"vmm-blk": "virtio-blk", "vmm-net": "virtio-net", "vmm-con": "virtio-console",
-                  "vmm-vsock": "virtio-vsock"}
 
 
 def _supervise(vm: children.Child, channel: socket.socket, readiness, broker: Broker,
@@ -287,8 +287,7 @@ def _supervise(vm: children.Child, channel: socket.socket, readiness, broker: Br
 
     def reaped(child: children.Child, killed: bool = False) -> None:
         if child.by_seccomp():
-            role = next((role for prefix, role in _SECCOMP_ROLES.items()
-                         if child.name.startswith(prefix + "-")), child.name)
+            role = sandbox.backend_role(child.name) or child.name
             faults[role] = faults.get(role, 0) + 1
         expected = broker.ended(child)
         grace.pop(child.pid, None)

@@ -17,7 +17,7 @@ Host sessions (this machine's /dev/kvm, the tiny guest), each its own strace run
 - hotplug: in a network namespace of its own: disks and NICs plugged and unplugged
            through QMP (by tap name and by a getfd fd), cold-plugged ones removed,
            refusals, queries, system_powerdown, system_reset.
-- restart: every kind of backend (disk, NIC, console, vsock) killed under the running
+- restart: every kind of backend (disk, NIC, console, vsock, rng) killed under the running
            VM and restarted by the launcher (vmm/restart.py), the disk's also by SIGSYS;
            a console client on the restarted console.
 - blk-io:  disk backends forked and confined exactly as the launcher does it
@@ -332,11 +332,13 @@ def session_restart(workdir: Path) -> recorder.Usage:
     with Netns("vmmsr") as ns:
         ns.add_tap("tap0")
         console = workdir / "con.sock"
+        rng = workdir / "rng.json"      # the seed's command line has no rng; its JSON has
+        rng.write_text(json.dumps({"rng": {"rng_id": "r0", "random_file": "/dev/urandom"}}))
         traced = Traced(workdir, "restart",
                         _vm(workdir, "-D", str(workdir / "restart.log"), *_disks(workdir),
                             "-netdev", "id=n0,netdev=tap0", "-chardev",
                             f"id=c0,path={console}", "-device", "vsock,id=v0,guest-cid=3",
-                            append="wait"),
+                            "-config", str(rng), append="wait"),
                         prefix=ns.command(), stdin=subprocess.DEVNULL,
                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         _wait_for_api(workdir, traced)
@@ -344,7 +346,8 @@ def session_restart(workdir: Path) -> recorder.Usage:
         async def steps(qmp, events):
             for name, number in (("vmm-blk-d0", signal.SIGKILL), ("vmm-blk-d0", signal.SIGSYS),
                                  ("vmm-net-n0", signal.SIGKILL), ("vmm-con-c0", signal.SIGKILL),
-                                 ("vmm-vsock-v0", signal.SIGKILL)):
+                                 ("vmm-vsock-v0", signal.SIGKILL),
+                                 ("vmm-rng-r0", signal.SIGKILL)):
                 events.seen.clear()
                 os.kill(_backend(traced, name), number)
                 await events.wait("BACKEND_RESTARTED", timeout=60)

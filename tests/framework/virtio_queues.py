@@ -157,10 +157,15 @@ class QueueDriver:
                                   r.file_offset) for r in self.memory.regions]
         self.frontend.set_mem_table(regions, [self.memory.fd] * len(regions))
         for ring in self.rings if rings is None else [self.rings[i] for i in rings]:
-            addresses = RingAddresses(*(self.user_address(a) for a in
-                                        (ring.desc, ring.avail, ring.used)))
-            self.frontend.start_ring(ring.index, ring.num, addresses, 0, ring.kick, ring.call)
+            self.restart_ring(ring.index, 0)
         return negotiated
+
+    def restart_ring(self, index: int, base: int) -> None:
+        """Start ring `index` (again, after GET_VRING_BASE gave `base`)."""
+        ring = self.rings[index]
+        addresses = RingAddresses(*(self.user_address(a) for a in
+                                    (ring.desc, ring.avail, ring.used)))
+        self.frontend.start_ring(ring.index, ring.num, addresses, base, ring.kick, ring.call)
 
     def config(self, size: int) -> bytes:
         return self.frontend.get_config(size)

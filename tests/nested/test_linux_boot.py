@@ -1,6 +1,6 @@
 """Debian's stock kernel booted by our VMM as L2 inside the nested rig, as a bzImage and
 as an ELF vmlinux: ACPI discovery of the vCPUs, interrupts, the serial console both
-ways, reboot, QMP through qemu.qmp, daemon mode. One L1 boot runs every check (tests/nested/l1/boot_checks.py), and the
+ways, reboot, Kata's 2.x line with virtio-rng, QMP through qemu.qmp, daemon mode. One L1 boot runs every check (tests/nested/l1/boot_checks.py), and the
 jailer's (tests/nested/test_jailer.py) after them."""
 
 import pytest
@@ -37,6 +37,17 @@ def test_seed_example_runs_as_written(checks):
     # The example with the initramfs, root disk and all: tests/nested/test_virtio_blk.py.
     assert seed["root"].startswith("VFS: Unable to mount root fs")
     assert seed["status"] == 0 and not seed["api_left"]
+
+
+def test_kata_line_with_virtio_rng_feeds_dev_hwrng_at_its_rate(checks):
+    [rng] = checks.get("kata_rng", [None])
+    assert rng, checks["why"]
+    assert rng["current"] == "virtio_rng.0"
+    assert len(set(rng["sums"])) == 2               # two reads, two different blocks
+    assert rng["bytes"] == 40960
+    # 8 KiB/s, at most one 8 KiB bucket left before the read: 4..5 s, within 15%
+    assert 4 * 0.85 <= rng["seconds"] <= 5 * 1.15, rng
+    assert rng["trouble"] == [] and rng["status"] == 0 and not rng["api_left"]
 
 
 def test_qmp_stop_cont_quit_with_qemu_qmp(checks):

@@ -57,7 +57,7 @@ def printed(result) -> dict:
 
 
 def test_kata_command_line_prints_the_seed_schema(files):
-    doc = printed(stratovirt(*kata_line(files), "-print-config"))
+    doc = printed(stratovirt(*kata_line(files, rng=True), "-print-config"))
     assert doc == {
         "boot-source": {"kernel_image_path": str(files.kernel), "boot_args": KERNEL_PARAMS},
         "machine-config": {"name": f"sandbox-{SANDBOX}", "vcpu_count": 1, "mem_size": 2 * GiB,
@@ -68,6 +68,8 @@ def test_kata_command_line_prints_the_seed_schema(files):
         "net": [{"iface_id": "eth0", "host_dev_name": "tap0_kata", "mac": "02:42:ac:11:00:02"}],
         "console": {"console_id": "virtio-console0",
                     "socket_path": str(files.dir / "console.socket")},
+        "rng": {"rng_id": "virtio-rng0", "random_file": "/dev/urandom", "max_bytes": 65536,
+                "period": 1000},
     }
     assert sorted(os.listdir(files.dir)) == sorted(
         ["vmlinux.bin", "initrd.img", *(d.name for d in files.disks)])
@@ -80,16 +82,14 @@ def test_kata_line_with_mem_share_and_initrd(files):
 
 
 @pytest.mark.parametrize("extra,error", [
-    ({"rng": True}, "-device[0]: virtio-rng-device is not supported yet; "
-                    "remove it and its -object rng-random"),
     ({"vsock_fd": 3}, "-device[3]: vhost-vsock-device is not supported yet; remove it "
                       "(the seed form's -device vsock is a userspace vsock)"),
     ({"tap_fds": "3:4"}, "-netdev[0].fds: a tap passed as fds is not supported yet; "
                          "name the tap with ifname=TAP"),
 ])
 def test_kata_parts_not_supported_yet(files, extra, error):
-    """Kata always adds virtio-rng, and vhost-vsock and tap fds when it has them: read
-    and checked, then refused until the VMM has them (issue 15, parts 2-4)."""
+    """Kata adds vhost-vsock and tap fds when it has them: read and checked, then
+    refused until the VMM has them (issue 15, parts 3 and 4)."""
     assert stratovirt(*kata_line(files, **extra)).error == error
 
 
@@ -387,3 +387,59 @@ def test_2x_print_config_round_trips_through_the_seed_json(files):
     again = config.parse(["-config", str(path), "-api-channel",
                           f"unix:{files.dir}/qmp.socket", "-disable-seccomp"]).config
     assert again == first
+
+
+RNG_DEVICE = "virtio-rng-device,rng=objrng0,id=virtio-rng0"
+
+
+@pytest.mark.parametrize("old,new,error", [
+    (RNG_DEVICE, RNG_DEVICE + ",max-bytes=0",
+     "-device[0].max-bytes: 0 bytes is out of range; allowed 1..9223372036854775807"),
+    (RNG_DEVICE, RNG_DEVICE + ",period=0", "-device[0].period: 0 ms is out of range; "
+                                           "allowed 1..3600000"),
+    (RNG_DEVICE, RNG_DEVICE + ",max-bytes=-5", "-device[0].max-bytes: "),
+    (RNG_DEVICE, RNG_DEVICE + ",period=soon", "-device[0].period: "),
+    (RNG_DEVICE, RNG_DEVICE + ",max-bytes=63,period=1000",
+     "-device[0].max-bytes: 63 bytes per 1000 ms is 63 bytes/s; allowed 64..1000000000 "
+     "bytes/s (max-bytes * 1000 / period)"),
+    (RNG_DEVICE, RNG_DEVICE + ",max-bytes=1000000001",
+     "-device[0].max-bytes: 1000000001 bytes per 1000 ms is 1000000001 bytes/s; allowed"),
+    (RNG_DEVICE, RNG_DEVICE + ",max-bytes=9223372036854775808", "-device[0].max-bytes: "),
+    ("rng-random,id=objrng0,filename=/dev/urandom", "rng-random,id=objrng0,filename=/nowhere",
+     '-object[0].filename: entropy source "/nowhere": No such file or directory; give a '
+     "character device such as /dev/urandom"),
+    ("rng-random,id=objrng0,filename=/dev/urandom", "rng-random,id=objrng0,filename=/etc/hostname",
+     '-object[0].filename: entropy source "/etc/hostname" is not a character device; give a '
+     "character device such as /dev/urandom"),
+    ("rng-random,id=objrng0,filename=/dev/urandom", "rng-egd,id=objrng0,chardev=c",
+     '-object[0]: "rng-egd" is not supported; the only -object type is rng-random'),
+    (RNG_DEVICE, "virtio-rng-device,rng=other,id=virtio-rng0",
+     '-device[0].rng: no -object has id "other"'),
+])
+def test_bad_rng_is_one_line(files, old, new, error):
+    result = stratovirt(*replace(kata_line(files, rng=True), old, new))
+    assert result.code == 2 and result.error.startswith(error), result
+    assert sorted(os.listdir(files.dir)) == sorted(
+        ["vmlinux.bin", "initrd.img", *(d.name for d in files.disks)])
+
+
+def test_two_rngs_refused(files):
+    argv = kata_line(files, rng=True) + [
+        "-object", "rng-random,id=objrng1,filename=/dev/random",
+        "-device", "virtio-rng-device,rng=objrng1,id=virtio-rng1"]
+    assert stratovirt(*argv).error == ("-device[5]: 2 rng devices given; at most 1 (one "
+                                       "virtio-rng, besides the console and vsock)")
+
+
+def test_rng_in_the_json_file_for_a_seed_line(files):
+    """The seed's command line has no rng: its JSON file does, with the same checks."""
+    rng = files.dir / "rng.json"
+    rng.write_text(json.dumps({"rng": {"rng_id": "r0", "random_file": "/dev/random",
+                                       "max_bytes": 1024, "period": 100}}))
+    doc = printed(stratovirt(*files.base(), "-config", str(rng), "-print-config"))
+    assert doc["rng"] == {"rng_id": "r0", "random_file": "/dev/random", "max_bytes": 1024,
+                          "period": 100}
+    rng.write_text(json.dumps({"rng": {"rng_id": "r0", "random_file": "/dev/random",
+                                       "period": 0}}))
+    assert stratovirt(*files.base(), "-config", str(rng)).error == (
+        "rng.period: 0 ms is out of range; allowed 1..3600000")

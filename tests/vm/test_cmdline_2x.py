@@ -1,6 +1,7 @@
 """A StratoVirt 2.x command line, in Kata's syntax, runs the tiny guest on this host's
 /dev/kvm: QMP on -qmp through qemu.qmp, the disk of -drive + -device virtio-blk-device
-under its -device id, and the VM's exit through QMP leaves nothing behind."""
+under its -device id, the rng's confined backend, and the VM's exit through QMP leaves
+nothing behind."""
 
 import sys
 from pathlib import Path
@@ -23,15 +24,19 @@ def test_2x_line_boots_and_answers_qmp(tmp_path, tiny_guest):
                "-kernel", str(tiny_guest), "-append", "wait",
                "-qmp", f"unix:{vm.api},server,nowait", "-D",
                "-machine", "type=microvm,dump-guest-core=off",
+               "-object", "rng-random,id=objrng0,filename=/dev/urandom",
+               "-device", "virtio-rng-device,rng=objrng0,id=virtio-rng0",
                "-drive", f"id=rootfs,file={image},readonly=on,direct=off",
                "-device", "virtio-blk-device,drive=rootfs,id=virtio-blk0",
                "-serial", "stdio"]
     vm.spawn()
     try:
         vm.wait_for_api()
-        [vm_pid] = [pid for pid in vm.children()
-                    if Path(f"/proc/{pid}/comm").read_text().strip() == "vmm-vm"]
-        assert "dd" in ram_flags(vm_pid)        # dump-guest-core=off: MADV_DONTDUMP
+        names = {Path(f"/proc/{pid}/comm").read_text().strip(): pid for pid in vm.children()}
+        assert "dd" in ram_flags(names["vmm-vm"])        # dump-guest-core=off: MADV_DONTDUMP
+        # The rng's backend (comm: 15 bytes of vmm-rng-virtio-rng0) under its filter.
+        status = Path(f"/proc/{names['vmm-rng-virtio-']}/status").read_text()
+        assert "\nSeccomp:\t2\n" in status and "\nNoNewPrivs:\t1\n" in status
 
         async def steps(qmp, events):
             answers = {command: await qmp.execute(command)

@@ -22,7 +22,8 @@ class BootEntry:
 
 def load(config: MachineConfig, memory: GuestMemory) -> BootEntry:
     """The kernel gets the user's command line plus the virtio-mmio slots' words."""
-    slots = discovery.slot_count(config.console is not None, config.vsock is not None)
+    slots = discovery.slot_count(config.console is not None, config.vsock is not None,
+                                 config.rng is not None)
     cmdline = discovery.kernel_cmdline(config.boot.boot_args, slots)
     data = config.boot.kernel.read_bytes()
     image = inspect(data[:HEAD_SIZE], len(data))

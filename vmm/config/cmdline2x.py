@@ -41,7 +41,8 @@ _DEVICES = {
     "virtio-net-device": {"id": (True, None), "netdev": (True, None), "mac": (False, None)},
     "virtio-serial-device": {"id": (True, None)},
     "virtconsole": {"id": (True, None), "chardev": (True, None), "nr": (False, parse_int)},
-    "virtio-rng-device": {"id": (True, None), "rng": (True, None)},
+    "virtio-rng-device": {"id": (True, None), "rng": (True, None),
+                          "max-bytes": (False, parse_int), "period": (False, parse_int)},
     "vhost-vsock-device": {"id": (True, None), "guest-cid": (True, parse_int),
                            "vhostfd": (False, parse_int)},
 }
@@ -61,7 +62,6 @@ _BACKENDS = {
 _LINKS = {"virtio-blk-device": ("drive", "-drive"), "virtio-net-device": ("netdev", "-netdev"),
           "virtconsole": ("chardev", "-chardev"), "virtio-rng-device": ("rng", "-object")}
 _NOT_YET = {
-    "virtio-rng-device": "remove it and its -object rng-random",
     "vhost-vsock-device": "remove it (the seed form's -device vsock is a userspace vsock)",
 }
 
@@ -287,7 +287,7 @@ def _device(where: str, text: str, marker: str) -> tuple[str, dict[str, Setting]
 
 
 def _devices(given: dict[str, list], marker: str, draft: Draft) -> None:
-    """Every -device with its backend -> the Draft's disks, NICs and console, in the
+    """Every -device with its backend -> the Draft's disks, NICs, console and rng, in the
     order of the -device options (the slot order)."""
     backends = _backends(given, marker)
     devices = _device_list(given, marker)
@@ -301,7 +301,8 @@ def _devices(given: dict[str, list], marker: str, draft: Draft) -> None:
             raise ConfigError(props["fds"].where, "a tap passed as fds is not supported yet",
                               "name the tap with ifname=TAP")
 
-    kinds = {"virtio-blk-device": "drive", "virtio-net-device": "nic", "virtconsole": "console"}
+    kinds = {"virtio-blk-device": "drive", "virtio-net-device": "nic", "virtconsole": "console",
+             "virtio-rng-device": "rng"}
     for where, driver, props in devices:
         if driver not in kinds:
             continue
@@ -313,6 +314,8 @@ def _devices(given: dict[str, list], marker: str, draft: Draft) -> None:
                       "direct": backend.get("direct"), "serial": props.get("serial")},
             "nic": {"tap": backend.get("ifname"), "mac": props.get("mac")},
             "console": {"socket": backend.get("path")},
+            "rng": {"source": backend.get("filename"), "max_bytes": props.get("max-bytes"),
+                    "period": props.get("period")},
         }[item.kind]
         if item.kind in ("drive", "nic"):
             fields.update((name, setting) for name, setting in backend.items()

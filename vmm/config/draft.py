@@ -20,6 +20,7 @@ DEVICE_FIELDS = {
     "nic": ("id", "tap", "mac", "rx_rate_limit", "tx_rate_limit"),
     "console": ("id", "socket"),
     "vsock": ("id", "guest_cid"),
+    "rng": ("id", "source", "max_bytes", "period"),
 }
 
 

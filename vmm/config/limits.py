@@ -21,6 +21,20 @@ MAX_CONSOLES = 1
 MAX_VSOCKS = 1
 # Devices besides disks and NICs on x86_64 (12 on AArch64, which we do not target).
 MAX_OTHER_DEVICES = 2
+# virtio-rng, which the seed does not have (StratoVirt 2.x's, Kata always adds one): a
+# slot of its own after those two, so Kata's console + vsock + rng fit (the last IRQ, 15;
+# docs/configuration.md, "virtio-rng").
+MAX_RNGS = 1
+# Its rate limit: max_bytes per period ms (QEMU's and StratoVirt's virtio-rng-device
+# properties), as a byte token bucket. The rate max_bytes * 1000 / period is checked
+# against StratoVirt's bounds; the period is at most the limiter's longest refill.
+RNG_MAX_BYTES = (1, 2**63 - 1)
+RNG_PERIOD_MS = (1, 3_600_000)
+RNG_RATE = (64, 1_000_000_000)          # bytes per second
+# Without max-bytes/period a guest still gets at most 64 KiB/s: one tenant cannot keep
+# the host's entropy source (or a backend's CPU) busy. QEMU's default is unlimited.
+DEFAULT_RNG_MAX_BYTES = 65536
+DEFAULT_RNG_PERIOD_MS = 1000
 
 # Device ids become QMP identifiers and process names: QEMU's rule for ids.
 ID_CHARS = (1, 64)

@@ -73,6 +73,16 @@ class Vsock:
 
 
 @dataclass(frozen=True)
+class Rng:
+    """virtio-rng: entropy from `source` (a character device), at most max_bytes per
+    period ms."""
+    id: str
+    source: Path
+    max_bytes: int
+    period: int      # ms
+
+
+@dataclass(frozen=True)
 class BackendRestart:
     """-backend-restart: at most `restarts` restarts of one device's backend in any
     `window` seconds (vmm/restart.py)."""
@@ -96,3 +106,4 @@ class MachineConfig:
     seccomp: bool
     backend_restart: BackendRestart
     metrics_file: Path | None = None
+    rng: Rng | None = None

@@ -45,6 +45,26 @@ def existing_file(setting: Setting, what: str, writable: bool = False,
     return info
 
 
+def entropy_source(setting: Setting) -> Path:
+    """virtio-rng's source: a readable character device (/dev/urandom, /dev/random,
+    /dev/hwrng). A regular file would run dry, and a guest would then wait forever."""
+    path = absolute(setting)
+    try:
+        info = os.stat(path)
+    except OSError as error:
+        raise ConfigError(setting.where, f"entropy source {show(str(path))}: {error.strerror}",
+                          "give a character device such as /dev/urandom") from None
+    if not stat.S_ISCHR(info.st_mode):
+        raise ConfigError(setting.where, f"entropy source {show(str(path))} is not a "
+                          "character device", "give a character device such as /dev/urandom")
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK))
+    except OSError as error:
+        raise ConfigError(setting.where, f"cannot read entropy source {show(str(path))}: "
+                          f"{error.strerror}", "make it readable") from None
+    return path
+
+
 def supports_direct_io(setting: Setting) -> None:
     """O_DIRECT is refused by some filesystems (tmpfs): find out now, not at boot."""
     path = absolute(setting)

@@ -24,7 +24,8 @@ def to_document(config: MachineConfig) -> dict:
     document = {section: _entry(keys, values) for section, keys in SECTIONS.items()}
     devices = {"drive": config.drives, "nic": config.nics,
                "console": [config.console] if config.console else [],
-               "vsock": [config.vsock] if config.vsock else []}
+               "vsock": [config.vsock] if config.vsock else [],
+               "rng": [config.rng] if config.rng else []}
     for key, (kind, keys) in DEVICE_LISTS.items():
         document[key] = [_entry(keys, _fields(d)) for d in devices[kind]]
     for key, (kind, keys) in DEVICE_OBJECTS.items():
@@ -38,7 +39,7 @@ def to_json(config: MachineConfig) -> str:
 
 
 def _fields(device) -> dict:
-    return {name: str(value) if name in ("path", "socket") else
+    return {name: str(value) if name in ("path", "socket", "source") else
             ratelimit.to_json(value) if name.endswith("rate_limit") and value else value
             for name, value in vars(device).items()}
 

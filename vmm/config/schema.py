@@ -60,6 +60,12 @@ DEVICE_OBJECTS = {
         Key("vsock_id", "id", str),
         Key("guest_cid", "guest_cid", int),
     )),
+    "rng": ("rng", (
+        Key("rng_id", "id", str),
+        Key("random_file", "source", str),
+        Key("max_bytes", "max_bytes", int, required=False),
+        Key("period", "period", int, required=False),
+    )),
 }
 
 TOP_LEVEL = (*SECTIONS, *DEVICE_LISTS, *DEVICE_OBJECTS)

@@ -15,7 +15,7 @@ from . import paths
 from .draft import Draft, Item, Setting
 from .errors import ConfigError
 from .model import (BackendRestart, BootSource, Console, Drive, MachineConfig, MachineSpec, Nic,
-                    Vsock)
+                    Rng, Vsock)
 from .values import human_size, memory_out_of_range, show
 
 _ID = re.compile(L.ID_PATTERN)
@@ -94,6 +94,7 @@ _COUNT_LIMITS = {
     "nic": (L.MAX_NICS, "NICs", "hot-plugged ones included"),
     "console": (L.MAX_CONSOLES, "consoles", _OTHERS),
     "vsock": (L.MAX_VSOCKS, "vsock devices", _OTHERS),
+    "rng": (L.MAX_RNGS, "rng devices", "one virtio-rng, besides the console and vsock"),
 }
 
 
@@ -120,7 +121,32 @@ def _check_devices(devices: dict[str, list[Item]]) -> None:
             _check_mac(item.fields["mac"])
     for item in devices["vsock"]:
         _check_range(item.fields["guest_cid"], *L.GUEST_CID, "as guest CID")
+    for item in devices["rng"]:
+        _check_rng_rate(item)
     _check_distinct(devices["nic"], "tap", "tap")
+
+
+def _check_rng_rate(item: Item) -> None:
+    f = item.fields
+    if "max_bytes" in f:
+        _check_range(f["max_bytes"], *L.RNG_MAX_BYTES, "bytes")
+    if "period" in f:
+        _check_range(f["period"], *L.RNG_PERIOD_MS, "ms")
+    max_bytes = f["max_bytes"].value if "max_bytes" in f else L.DEFAULT_RNG_MAX_BYTES
+    period = f["period"].value if "period" in f else L.DEFAULT_RNG_PERIOD_MS
+    rate = max_bytes * 1000 // period
+    low, high = L.RNG_RATE
+    if not low <= rate <= high:
+        where = f["max_bytes"].where if "max_bytes" in f else f["period"].where
+        raise ConfigError(where, f"{max_bytes} bytes per {period} ms is {rate} bytes/s",
+                          f"allowed {low}..{high} bytes/s (max-bytes * 1000 / period)")
+
+
+def _rng(item: Item) -> Rng:
+    f = item.fields
+    return Rng(item.id, paths.entropy_source(f["source"]),
+               f["max_bytes"].value if "max_bytes" in f else L.DEFAULT_RNG_MAX_BYTES,
+               f["period"].value if "period" in f else L.DEFAULT_RNG_PERIOD_MS)
 
 
 def _check_id(ident: Setting) -> None:
@@ -207,7 +233,8 @@ def _with_host_checks(s: dict[str, Setting], devices: dict[str, list[Item]]) -> 
     paths.existing_file(kernel, "kernel")
     image = _kernel_image(kernel)
     boot_args = _value(s, "boot_args", "")
-    slots = discovery.slot_count(bool(devices["console"]), bool(devices["vsock"]))
+    slots = discovery.slot_count(bool(devices["console"]), bool(devices["vsock"]),
+                                 bool(devices["rng"]))
     cmdline = discovery.kernel_cmdline(boot_args, slots)
     if len(cmdline.encode("utf-8", "surrogateescape")) >= image.cmdline_size:
         room = image.cmdline_size - 2 - len(discovery.cmdline_devices(slots))
@@ -285,4 +312,5 @@ def _with_host_checks(s: dict[str, Setting], devices: dict[str, list[Item]]) -> 
             _value(s, "backend_restarts", L.DEFAULT_BACKEND_RESTARTS),
             _value(s, "backend_restart_window", L.DEFAULT_BACKEND_RESTART_WINDOW)),
         metrics_file=paths.metrics_path(s["metrics_file"]) if "metrics_file" in s else None,
+        rng=next((_rng(item) for item in devices["rng"]), None),
     )

@@ -98,7 +98,8 @@ class Machine:
         transports = []
         occupants, fixed = {}, {}
         for index in range(discovery.slot_count(self.config.console is not None,
-                                                self.config.vsock is not None)):
+                                                self.config.vsock is not None,
+                                                self.config.rng is not None)):
             name = SlotTable.label(index)
             if index in by_index:
                 slot, sock = by_index[index]

@@ -24,11 +24,19 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-ROLES = ("launcher", "vm", "vcpu", "api", "virtio-blk", "virtio-net", "virtio-console",
-         "virtio-vsock")
-# The device backends' roles: each such process gets an empty root (empty_root.py).
-BACKENDS = ("virtio-blk", "virtio-net", "virtio-console", "virtio-vsock")
+# The device backends' roles, each with its processes' name prefix (vmm-blk-<id>): each
+# such process gets an empty root (empty_root.py); `seccomp audit` and the fault counts
+# (metrics) tell a backend's role by its name (backend_role).
+BACKENDS = {"virtio-blk": "vmm-blk-", "virtio-net": "vmm-net-", "virtio-console": "vmm-con-",
+            "virtio-vsock": "vmm-vsock-", "virtio-rng": "vmm-rng-"}
+ROLES = ("launcher", "vm", "vcpu", "api", *BACKENDS)
 _filters: dict = {}
+
+
+def backend_role(process_name: str) -> str | None:
+    """The role of a backend process by its name (comm), None if it is not one."""
+    return next((role for role, prefix in BACKENDS.items()
+                 if process_name.startswith(prefix)), None)
 
 
 def prepare() -> None:

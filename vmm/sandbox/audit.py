@@ -27,6 +27,7 @@ import click
 
 from . import constants
 from . import seccomp as _seccomp
+from . import BACKENDS, backend_role
 from .profile import Profile, ProfileError, Rule, load, roles
 
 EXIT_DIFFERENT = EXIT_UNFILTERED = 1
@@ -36,8 +37,7 @@ _MODES = {0: "disabled", 1: "strict", 2: "filter"}
 # backend hot-plugged or restarted while the VM runs was forked under the launcher's
 # filter and stacks its own on it.
 EXPECTED_FILTERS = {"launcher": (1,), "vm": (1,), "vcpu": (2,), "api": (2,),
-                    "virtio-blk": (1, 2), "virtio-net": (1, 2), "virtio-console": (1, 2),
-                    "virtio-vsock": (1, 2)}
+                    **{role: (1, 2) for role in BACKENDS}}
 HOT_PLUGGED = "  (hot-plugged or restarted: its own on the launcher's)"
 # KVM's own worker threads (kvm-nx-lpage-recovery) sit in the vm process's thread group
 # but never run user code: a filter means nothing to them.
@@ -242,14 +242,8 @@ def role_of(name: str, process_name: str, is_root: bool) -> str:
             return "api"
         if candidate == "vmm-vm":
             return "vm"
-        if candidate.startswith("vmm-blk-"):
-            return "virtio-blk"
-        if candidate.startswith("vmm-net-"):
-            return "virtio-net"
-        if candidate.startswith("vmm-con-"):
-            return "virtio-console"
-        if candidate.startswith("vmm-vsock-"):
-            return "virtio-vsock"
+        if backend_role(candidate):
+            return backend_role(candidate)
     return "launcher" if is_root else "?"
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pyseccomp
 
+from . import BACKENDS
 from . import seccomp as _seccomp
 from .live_filters import SECCOMP_FILTER_FLAG_LOG, Filter, Gone, Instruction, parse_bpf, \
     read_filters
@@ -34,7 +35,6 @@ from .profile import load, roles
 # under its own.
 STACKS = {"launcher": ("launcher",), "vm": ("vm",), "vcpu": ("vm", "vcpu"),
           "api": ("vm", "api")}
-BACKENDS = ("virtio-blk", "virtio-net", "virtio-console", "virtio-vsock")
 # Task flags (include/linux/sched.h) of threads the kernel makes and runs, which never
 # return to user code: KVM's nx-lpage worker is a user worker (vhost_task) since 6.4.
 PF_IO_WORKER, PF_USER_WORKER, PF_KTHREAD = 0x10, 0x4000, 0x00200000

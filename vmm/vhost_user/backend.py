@@ -6,7 +6,8 @@ negotiation, the memory table, ring setup and teardown, kicks and calls.
 
 process() may return a Served (vmm/virtio/queue.py): whether to interrupt the driver,
 and whether chains may remain because the device stopped at a budget (the worker then
-looks at its stop pipe without waiting and calls again). A process() that returns None
+looks at its stop pipe without waiting and calls again) or gave one back to wait
+(virtio-rng's rate limit: the worker calls again after `retry_in` or at a kick). A process() that returns None
 consumed everything, and the worker asks the queue whether to interrupt.
 
 A device may take over the worker's whole loop instead, in C where the loop is hot:
@@ -41,6 +42,7 @@ process's own device ("").
 
 import fcntl
 import logging
+import math
 import mmap
 import os
 import select
@@ -155,19 +157,28 @@ class Vring:
                 served = Served(self.queue.needs_interrupt(), False)
             if served.notify and self.call >= 0:
                 os.eventfd_write(self.call, 1)
-            if not served.more and self.queue.event_idx:
+            if not served.more and served.retry_in is None and self.queue.event_idx:
                 # avail_event moves on, or the driver would not kick again; then one
                 # more look, for chains made available before it could see that.
                 self.queue.want_notifications()
                 if self.queue.pending():
                     continue
-            events = dict(poller.poll(0 if served.more else None))
+            events = dict(poller.poll(_timeout_ms(served)))
             if self._stop_read in events:
                 return
             if self.kick in events:
                 os.eventfd_read(self.kick)
             if wake in events:
                 os.eventfd_read(wake)
+
+
+def _timeout_ms(served: Served) -> int | None:
+    """How long the worker may wait for a kick before it calls process() again."""
+    if served.more:
+        return 0
+    if served.retry_in is None:
+        return None
+    return max(1, math.ceil(served.retry_in * 1000))
 
 
 class Backend:

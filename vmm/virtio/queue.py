@@ -43,9 +43,11 @@ class Served(NamedTuple):
     """What one call of a device's process(queue) did: `notify`: chains were completed
     and the driver wants an interrupt; `more`: it stopped with chains possibly still
     available (a budget ran out), so the caller should call again before it waits for
-    a kick."""
+    a kick; `retry_in`: seconds after which to call again even without a kick (a rate
+    limit or a source with nothing now made it give a chain back: Virtqueue.unpop)."""
     notify: bool
     more: bool
+    retry_in: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +108,12 @@ class Virtqueue:
             view = memoryview(ffi.buffer(segment.addr, segment.len))
             (writable if index >= chain.nreadable else readable).append(view)
         return Chain(chain.head, readable, writable, iovecs)
+
+    def unpop(self) -> None:
+        """Give back the chain pop() just handed out, untouched and not pushed: the next
+        pop() hands it out again (a device that may not serve it yet). Not for a queue
+        that tracks in-flight chains."""
+        lib.vq_set_last_avail_idx(self._q, (self.last_avail_idx - 1) & 0xFFFF)
 
     def push(self, head: int, written: int) -> None:
         """Return chain `head` to the guest, `written` bytes of its writable buffers

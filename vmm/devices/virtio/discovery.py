@@ -20,10 +20,10 @@ from ... import layout
 SLOTS = layout.BLK_SLOTS + layout.NET_SLOTS      # always there; other devices follow
 
 
-def slot_count(console: bool, vsock: bool) -> int:
+def slot_count(console: bool, vsock: bool, rng: bool) -> int:
     """How many slots a machine has: the disks' and NICs', and one per other device
-    that is configured (in this order: console, vsock)."""
-    return SLOTS + console + vsock
+    that is configured (in this order: console, vsock, rng)."""
+    return SLOTS + console + vsock + rng
 
 
 def cmdline_devices(slots: int = SLOTS) -> str:

@@ -86,7 +86,7 @@ def run(config: MachineConfig, notes: tuple[str, ...]) -> int:
     # halfway, leaving its sockets behind: they wait, blocked, until then (children
     # unblock them, vmm/children.py).
     signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED)
-    setup_logging(config.log_file)
+    setup_logging(config.log_file, config.log_stdout)
     for note in notes:
         log.info("config: %s", note)
     cleanup = _Cleanup()

@@ -1,9 +1,14 @@
 """Logging for every process of the VMM: one format, which says when, which process
-(role and pid) and which thread.
+(role and pid), which thread, and the level between colons (`:INFO:`, `:WARN:`,
+`:ERROR:`, `:DEBUG:`), the markers Kata's log reader looks for:
 
-With -D the log file gets everything from INFO up, appended by every process (O_APPEND
-keeps their lines whole). Without it, warnings and errors go to stderr. As in StratoVirt,
-the environment variable STRATOVIRT_LOG_LEVEL (trace, debug, info, warn, error) sets the
+    2026-12-07T18:00:00.123 launcher[812] MainThread :INFO: vmm.launcher: ...
+
+With -D PATH the log file gets everything from INFO up, appended by every process
+(O_APPEND keeps their lines whole). With StratoVirt 2.x's -D alone (Kata's debug flag)
+the same goes to stdout, which the backends inherit; with -serial stdio the guest's
+console shares it. Without -D, warnings and errors go to stderr. As in StratoVirt, the
+environment variable STRATOVIRT_LOG_LEVEL (trace, debug, info, warn, error) sets the
 level instead; at debug (or trace) the log carries the start-up timeline (timeline.py).
 """
 
@@ -16,7 +21,9 @@ from . import timeline
 
 _role = "launcher"
 FORMAT = ("%(asctime)s.%(msecs)03d %(role)s[%(process)d] %(threadName)s "
-          "%(levelname)s %(name)s: %(message)s")
+          ":%(level)s: %(name)s: %(message)s")
+MARKERS = {logging.DEBUG: "DEBUG", logging.INFO: "INFO", logging.WARNING: "WARN",
+           logging.ERROR: "ERROR", logging.CRITICAL: "ERROR"}
 
 
 LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
@@ -27,6 +34,7 @@ LEVEL_VARIABLE = "STRATOVIRT_LOG_LEVEL"
 class _RoleFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.role = _role
+        record.level = MARKERS.get(record.levelno, record.levelname)
         return True
 
 
@@ -41,12 +49,15 @@ def level() -> int | None:
     return LEVELS.get(os.environ.get(LEVEL_VARIABLE, "").strip().lower())
 
 
-def setup(log_file: Path | None) -> None:
+def setup(log_file: Path | None, stdout: bool = False) -> None:
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
     if log_file is not None:
         handler: logging.Handler = logging.FileHandler(log_file, mode="a", encoding="utf-8")
+        default = logging.INFO
+    elif stdout:
+        handler = logging.StreamHandler(sys.stdout)
         default = logging.INFO
     else:
         handler = logging.StreamHandler(sys.stderr)

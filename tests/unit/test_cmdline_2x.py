@@ -1,6 +1,7 @@
 """StratoVirt 2.x's command line as Kata Containers writes it: read into the same
 MachineConfig as the seed's, one-line errors for bad input, mixed lines refused."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -382,11 +383,13 @@ def test_generated_2x_lines_end_in_0_or_one_line_2(pool_2x, argv):
 
 
 def test_2x_print_config_round_trips_through_the_seed_json(files):
-    first = config.parse(kata_line(files)).config
-    path = files.write_json(json.loads(stratovirt(*kata_line(files), "-print-config").out))
+    """-D (alone here: the log on stdout) has no JSON key, as in the seed's form."""
+    first = config.parse(kata_line(files, rng=True)).config
+    path = files.write_json(json.loads(stratovirt(*kata_line(files, rng=True),
+                                                  "-print-config").out))
     again = config.parse(["-config", str(path), "-api-channel",
                           f"unix:{files.dir}/qmp.socket", "-disable-seccomp"]).config
-    assert again == first
+    assert again == dataclasses.replace(first, log_stdout=False) and again.rng
 
 
 RNG_DEVICE = "virtio-rng-device,rng=objrng0,id=virtio-rng0"
@@ -443,3 +446,12 @@ def test_rng_in_the_json_file_for_a_seed_line(files):
                                        "period": 0}}))
     assert stratovirt(*files.base(), "-config", str(rng)).error == (
         "rng.period: 0 ms is out of range; allowed 1..3600000")
+
+
+def test_log_alone_is_stdout_and_not_for_a_daemon(files):
+    argv = [*kata_line(files), "-daemonize", "-pidfile", str(files.dir / "pid")]
+    assert stratovirt(*argv).error == ("-D: -D without a file logs to stdout, which a daemon "
+                                       "does not have; give -D PATH or drop -daemonize")
+    assert config.parse(kata_line(files)).config.log_stdout
+    with_file = [word for word in kata_line(files) if word != "-D"] + ["-D", str(files.dir / "log")]
+    assert not config.parse(with_file).config.log_stdout

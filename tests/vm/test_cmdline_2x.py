@@ -3,6 +3,7 @@
 under its -device id, the rng's confined backend, and the VM's exit through QMP leaves
 nothing behind."""
 
+import re
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from tests.framework.qmp import session
 
 pytestmark = pytest.mark.needs_kvm
 MiB = 1 << 20
+LOG_LINE = re.compile(r"\S+ ([\w.-]+)\[\d+\] \S+ :(DEBUG|INFO|WARN|ERROR): \S+: ")
 
 
 def test_2x_line_boots_and_answers_qmp(tmp_path, tiny_guest):
@@ -54,7 +56,14 @@ def test_2x_line_boots_and_answers_qmp(tmp_path, tiny_guest):
         assert disk["inserted"]["cache"]["direct"] is False
         code, out, err = vm.communicate()
         assert code == 0, err
-        assert out.startswith("tiny guest: 64-bit entry, cmdline: wait ")
+        # -D alone: the log on stdout, beside the serial console, each line's level
+        # between colons (Kata's markers); nothing on stderr.
+        lines = out.splitlines()
+        assert any(line.startswith("tiny guest: 64-bit entry, cmdline: wait ") for line in lines)
+        logged = [line for line in lines if LOG_LINE.match(line)]
+        assert {"launcher", "blk-virtio-blk0"} <= {LOG_LINE.match(line)[1] for line in logged}
+        assert any(line.endswith(":INFO: vmm.launcher: VM ended: host-qmp-quit") for line in logged)
+        assert err == ""
         assert sorted(p.name for p in tmp_path.iterdir()) == ["rootfs.img"]
     finally:
         vm.kill()

@@ -110,7 +110,7 @@ def test_no_user_namespace_for_a_backend_is_one_line_and_no_vm(tmp_path, tiny_gu
     assert code == 1
     [line] = err.splitlines()
     assert line.startswith("stratovirt: error: disk d0: vhost-user backend: "), err
-    why = ("ERROR vmm.children: cannot enter an empty root: unshare(CLONE_NEWUSER|"
+    why = (":ERROR: vmm.children: cannot enter an empty root: unshare(CLONE_NEWUSER|"
            "CLONE_NEWNS|CLONE_NEWIPC): No space left on device (user.max_user_namespaces, "
            "max_mnt_namespaces or max_ipc_namespaces is 0 or used up)")
     lines = log.read_text().splitlines()

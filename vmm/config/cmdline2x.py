@@ -31,7 +31,7 @@ _VALUE_OPTIONS = {
 _REPEATABLE = ("-object", "-device", "-drive", "-netdev", "-chardev")
 _FLAGS = {"-disable-seccomp": "disable_seccomp", "-daemonize": "daemonize",
           "-print-config": None}
-_LOG = "-D"        # with a file, or alone (the default log: stderr)
+_LOG = "-D"        # with a file, or alone (the log on stdout, as Kata reads it: vmm/log.py)
 _HELP = ("-h", "-help", "--help", "-version", "--version")
 
 _FLAG = object()   # a property written as a bare word (server, nowait)
@@ -140,6 +140,8 @@ def _scalars(given: dict[str, list]) -> Draft:
     one("-pidfile", "pidfile")
     if given[_LOG] and given[_LOG][0] is not None:
         s["log_file"] = Setting(given[_LOG][0], _LOG)
+    elif given[_LOG]:
+        s["log_stdout"] = Setting(True, _LOG)
     for flag, name in _FLAGS.items():
         if name and given[flag]:
             s[name] = Setting(True, flag)

@@ -10,7 +10,7 @@ from typing import Any
 
 # Settings of the machine as a whole, by their internal names.
 SCALARS = ("kernel", "boot_args", "initrd", "name", "vcpus", "mem_size",
-           "omit_vm_memory", "serial_stdio", "api_channel", "log_file", "pidfile",
+           "omit_vm_memory", "serial_stdio", "api_channel", "log_file", "log_stdout", "pidfile",
            "daemonize", "disable_seccomp", "backend_restarts", "backend_restart_window",
            "metrics_file")
 

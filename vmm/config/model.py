@@ -106,4 +106,5 @@ class MachineConfig:
     seccomp: bool
     backend_restart: BackendRestart
     metrics_file: Path | None = None
+    log_stdout: bool = False         # 2.x's -D alone (vmm/log.py)
     rng: Rng | None = None

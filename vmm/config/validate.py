@@ -203,6 +203,9 @@ def _check_combinations(s: dict[str, Setting], devices: dict[str, list[Item]]) -
     if "pidfile" in s and not daemonize:
         raise ConfigError(s["pidfile"].where, "only works with -daemonize",
                           "add -daemonize or drop -pidfile")
+    if daemonize and _value(s, "log_stdout", False):
+        raise ConfigError(s["log_stdout"].where, "-D without a file logs to stdout, which a "
+                          "daemon does not have", "give -D PATH or drop -daemonize")
     if daemonize and _value(s, "serial_stdio", False):
         raise ConfigError(s["serial_stdio"].where, "a daemon has no stdio for the serial port",
                           "drop -serial stdio or -daemonize")
@@ -313,4 +316,5 @@ def _with_host_checks(s: dict[str, Setting], devices: dict[str, list[Item]]) -> 
             _value(s, "backend_restart_window", L.DEFAULT_BACKEND_RESTART_WINDOW)),
         metrics_file=paths.metrics_path(s["metrics_file"]) if "metrics_file" in s else None,
         rng=next((_rng(item) for item in devices["rng"]), None),
+        log_stdout=_value(s, "log_stdout", False),
     )

@@ -232,7 +232,7 @@ def data_run() -> None:
         log = open("/tmp/cv.log").read() if os.path.exists("/tmp/cv.log") else ""
         report("ended", status=status, left=sorted(os.listdir(DIR)),
                violations=[line for line in log.splitlines() if "seccomp violation" in line],
-               errors=[line for line in log.splitlines() if " ERROR " in line][-5:])
+               errors=[line for line in log.splitlines() if " :ERROR: " in line][-5:])
     finally:
         vm.kill()
 

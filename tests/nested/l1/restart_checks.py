@@ -798,7 +798,7 @@ async def vm1() -> None:
                violations=log_lines(LOG, "seccomp violation: "),
                resubmitted=log_lines(LOG, "are resubmitted"),
                failed=log_lines(LOG, "no longer works"),
-               errors=[line for line in log_lines(LOG, " ERROR ")][-10:],
+               errors=[line for line in log_lines(LOG, " :ERROR: ")][-10:],
                left=sorted(os.listdir(DIR)), backends=[live(n) for n in
                                                        ("vmm-blk-d0", "vmm-net-n0")])
         report("timings", **timings)

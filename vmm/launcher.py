@@ -154,6 +154,10 @@ def _launch(config: MachineConfig, cleanup: _Cleanup, readiness, inherited: set[
             raise LaunchError(f"-pidfile: {config.pidfile}: {error.strerror}") from None
         cleanup.paths.append(config.pidfile)
     attached = _attach_devices(config, memory, cleanup)
+    for nic in config.nics:     # an inherited tap is its backend's alone now
+        if nic.fd is not None:
+            os.close(nic.fd)
+            inherited.discard(nic.fd)
     if config.serial_stdio and os.isatty(0):
         cleanup.terminal = (0, termios.tcgetattr(0))
         _raw_terminal(0)
@@ -196,8 +200,11 @@ def _attach_devices(config: MachineConfig, memory: GuestMemory,
             cleanup.children.append(attached[-1].backend)
         for index, nic in enumerate(config.nics, layout.BLK_SLOTS):
             from .devices.virtio.net import attach as net_attach
+            if nic.fd is not None:
+                # Read until EAGAIN by its backend: one passed blocking would stall it.
+                os.set_blocking(nic.fd, False)
             attached.append(net_attach.attach(nic, index, config.machine.name, memory,
-                                              config.seccomp))
+                                              config.seccomp, tap=nic.fd))
             cleanup.children.append(attached[-1].backend)
         # Then the console (slot 8), vsock and rng (the next slots), each when configured
         # (discovery.slot_count). Their sockets are removed on every exit path.

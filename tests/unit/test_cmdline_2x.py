@@ -13,8 +13,10 @@ from hypothesis import strategies as st
 
 from tests.framework.cli import stratovirt, stratovirt_process
 from tests.framework.guest import tiny_guest
+from tests.framework.netns import Netns
 from vmm import config
 from vmm.config.form import marker_2x
+from vmm.devices.virtio.net import tap
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -85,12 +87,10 @@ def test_kata_line_with_mem_share_and_initrd(files):
 @pytest.mark.parametrize("extra,error", [
     ({"vsock_fd": 3}, "-device[3]: vhost-vsock-device is not supported yet; remove it "
                       "(the seed form's -device vsock is a userspace vsock)"),
-    ({"tap_fds": "3:4"}, "-netdev[0].fds: a tap passed as fds is not supported yet; "
-                         "name the tap with ifname=TAP"),
 ])
 def test_kata_parts_not_supported_yet(files, extra, error):
-    """Kata adds vhost-vsock and tap fds when it has them: read and checked, then
-    refused until the VMM has them (issue 15, parts 3 and 4)."""
+    """Kata adds vhost-vsock when it has it: read and checked, then refused until the
+    VMM has it (issue 15, part 3)."""
     assert stratovirt(*kata_line(files, **extra)).error == error
 
 
@@ -455,3 +455,52 @@ def test_log_alone_is_stdout_and_not_for_a_daemon(files):
     assert config.parse(kata_line(files)).config.log_stdout
     with_file = [word for word in kata_line(files) if word != "-D"] + ["-D", str(files.dir / "log")]
     assert not config.parse(with_file).config.log_stdout
+
+
+@pytest.fixture
+def tap_fd():
+    """A tap opened the way Kata opens one, in a network namespace of its own."""
+    with Netns("vmmfd") as ns:
+        ns.add_tap("tap7")
+        fd = ns.call(tap.open_tap, "tap7")
+        yield fd
+        os.close(fd)
+
+
+@pytest.mark.needs_root
+def test_tap_passed_as_an_fd(files, tap_fd):
+    doc = printed(stratovirt(*kata_line(files, tap_fds=str(tap_fd)), "-print-config"))
+    assert doc["net"] == [{"iface_id": "eth0", "host_dev_name": "tap7",
+                           "mac": "02:42:ac:11:00:02"}]
+    nic = config.parse(kata_line(files, tap_fds=str(tap_fd))).config.nics[0]
+    assert (nic.tap, nic.fd) == ("tap7", tap_fd)
+
+
+@pytest.mark.needs_root
+def test_two_nics_on_one_fd_refused(files, tap_fd):
+    argv = kata_line(files, tap_fds=str(tap_fd)) + [
+        "-netdev", f"tap,id=eth1,fds={tap_fd}",
+        "-device", "virtio-net-device,netdev=eth1,id=eth1"]
+    assert stratovirt(*argv).error == (
+        f'-netdev[1].fds: file descriptor {tap_fd} is also used by -netdev[0].fds; give each '
+        "device its own file descriptor")
+
+
+@pytest.mark.parametrize("fds,error", [
+    ("1", "-netdev[0].fds: 1 is stdio, not a tap; pass the tap as an extra file, numbered "
+          "from 3"),
+    ("999", "-netdev[0].fds: 999 is not an open file descriptor; start stratovirt with the "
+            "tap open as fd 999"),
+    ("{file}", "-netdev[0].fds: fd {file} cannot be the NIC's tap: tap fd {file}: not a tap "
+               "(Inappropriate ioctl for device); pass a tap opened with IFF_TAP | IFF_NO_PI | "
+               "IFF_VNET_HDR"),
+    ("3:4", "-netdev[0].fds: 2 file descriptors given; give one: a NIC has one queue pair "
+            "here (one tap queue)"),
+    ("x", '-netdev[0].fds: "x" is not a list of file descriptors; write fds=FD[:FD...], '
+          "each a decimal number"),
+])
+def test_bad_tap_fds(files, fds, error):
+    with open(files.kernel, "rb") as regular:
+        number = str(regular.fileno())
+        result = stratovirt(*kata_line(files, tap_fds=fds.format(file=number)))
+    assert result.code == 2 and result.error == error.format(file=number)

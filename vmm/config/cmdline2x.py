@@ -9,6 +9,7 @@ device of the MachineConfig takes its -device's id, the name QMP's device_del us
 Only called for a line form.marker_2x recognised.
 """
 
+from . import inherited
 from . import limits as L
 from . import ratelimit
 from .cmdline import parse_command_line
@@ -268,14 +269,8 @@ def _backend(option: str, where: str, text: str, marker: str) -> dict[str, Setti
             raise ConfigError(where, "needs ifname=TAP or fds=FD:FD..., one of them",
                               "write -netdev tap,id=ID,ifname=TAP")
         if "fds" in props:
-            _check_fds(props["fds"])
+            props["fds"] = Setting(inherited.parse_fds(props["fds"]), props["fds"].where)
     return props
-
-
-def _check_fds(fds: Setting) -> None:
-    if not all(part.isascii() and part.isdigit() for part in fds.value.split(":")):
-        raise ConfigError(fds.where, f"{show(fds.value)} is not a list of file descriptors",
-                          "write fds=FD[:FD...], each a decimal number")
 
 
 def _device(where: str, text: str, marker: str) -> tuple[str, dict[str, Setting]]:
@@ -298,10 +293,6 @@ def _devices(given: dict[str, list], marker: str, draft: Draft) -> None:
     for where, driver, props in devices:
         if driver in _NOT_YET:
             raise ConfigError(where, f"{driver} is not supported yet", _NOT_YET[driver])
-    for where, props in backends["-netdev"].values():
-        if "fds" in props:
-            raise ConfigError(props["fds"].where, "a tap passed as fds is not supported yet",
-                              "name the tap with ifname=TAP")
 
     kinds = {"virtio-blk-device": "drive", "virtio-net-device": "nic", "virtconsole": "console",
              "virtio-rng-device": "rng"}
@@ -314,7 +305,8 @@ def _devices(given: dict[str, list], marker: str, draft: Draft) -> None:
         fields = {      # internal field: the property of the device or its backend
             "drive": {"path": backend.get("file"), "read_only": backend.get("readonly"),
                       "direct": backend.get("direct"), "serial": props.get("serial")},
-            "nic": {"tap": backend.get("ifname"), "mac": props.get("mac")},
+            "nic": {"tap": backend.get("ifname"), "tap_fd": backend.get("fds"),
+                    "mac": props.get("mac")},
             "console": {"socket": backend.get("path")},
             "rng": {"source": backend.get("filename"), "max_bytes": props.get("max-bytes"),
                     "period": props.get("period")},

@@ -17,7 +17,7 @@ SCALARS = ("kernel", "boot_args", "initrd", "name", "vcpus", "mem_size",
 # Device kinds and their fields, by internal names.
 DEVICE_FIELDS = {
     "drive": ("id", "path", "read_only", "direct", "serial", "rate_limit"),
-    "nic": ("id", "tap", "mac", "rx_rate_limit", "tx_rate_limit"),
+    "nic": ("id", "tap", "tap_fd", "mac", "rx_rate_limit", "tx_rate_limit"),
     "console": ("id", "socket"),
     "vsock": ("id", "guest_cid"),
     "rng": ("id", "source", "max_bytes", "period"),

@@ -57,6 +57,7 @@ class Nic:
     mac: str | None  # lower case aa:bb:cc:dd:ee:ff
     rx_rate_limit: RateLimit | None = None
     tx_rate_limit: RateLimit | None = None
+    fd: int | None = None    # a tap the caller passed (2.x fds=); `tap` is then its name
 
 
 @dataclass(frozen=True)

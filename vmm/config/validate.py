@@ -10,6 +10,7 @@ import string
 from ..boot.kernel import BadKernel, KernelImage, initrd_address, inspect, read_head
 from .. import layout
 from ..devices.virtio import discovery
+from . import inherited
 from . import limits as L
 from . import paths
 from .draft import Draft, Item, Setting
@@ -116,14 +117,26 @@ def _check_devices(devices: dict[str, list[Item]]) -> None:
         if "serial" in item.fields:
             _check_serial(item.fields["serial"])
     for item in devices["nic"]:
-        _check_tap(item.fields["tap"])
+        if "tap" in item.fields:
+            _check_tap(item.fields["tap"])
         if "mac" in item.fields:
             _check_mac(item.fields["mac"])
     for item in devices["vsock"]:
         _check_range(item.fields["guest_cid"], *L.GUEST_CID, "as guest CID")
     for item in devices["rng"]:
         _check_rng_rate(item)
-    _check_distinct(devices["nic"], "tap", "tap")
+    _check_distinct([i for i in devices["nic"] if "tap" in i.fields], "tap", "tap")
+    _check_distinct([i for i in devices["nic"] if "tap_fd" in i.fields], "tap_fd",
+                    "file descriptor")
+
+
+def _nic(item: Item) -> Nic:
+    f = item.fields
+    fd = f["tap_fd"].value if "tap_fd" in f else None
+    return Nic(item.id, inherited.tap(f["tap_fd"]) if fd is not None else f["tap"].value,
+               f["mac"].value.lower() if "mac" in f else None,
+               *(f[f"{d}_rate_limit"].value if f"{d}_rate_limit" in f else None
+                 for d in ("rx", "tx")), fd=fd)
 
 
 def _check_rng_rate(item: Item) -> None:
@@ -298,11 +311,7 @@ def _with_host_checks(s: dict[str, Setting], devices: dict[str, list[Item]]) -> 
                             _value(s, "mem_size", L.DEFAULT_MEM_SIZE),
                             _value(s, "omit_vm_memory", False)),
         drives=tuple(drives),
-        nics=tuple(Nic(i.id, i.fields["tap"].value,
-                       i.fields["mac"].value.lower() if "mac" in i.fields else None,
-                       *(i.fields[f"{d}_rate_limit"].value if f"{d}_rate_limit" in i.fields
-                         else None for d in ("rx", "tx")))
-                   for i in devices["nic"]),
+        nics=tuple(_nic(item) for item in devices["nic"]),
         console=console,
         vsock=vsock,
         serial_stdio=_value(s, "serial_stdio", False),

@@ -1,4 +1,5 @@
-"""cffi build script for vmm._kvm: the KVM API from <linux/kvm.h>, and the vCPU run call.
+"""cffi build script for vmm._kvm: the KVM API from <linux/kvm.h> (and the vhost API from
+<linux/vhost.h>, for the kernel's vhost-vsock), and the vCPU run call.
 
 Constants and struct layouts come from the kernel header at build time (`...` lets the
 compiler fill them in), never retyped by hand. ioctl is wrapped to take an unsigned
@@ -34,6 +35,9 @@ KVM_SYSTEM_EVENT_SHUTDOWN KVM_SYSTEM_EVENT_RESET KVM_SYSTEM_EVENT_CRASH
 KVM_MP_STATE_RUNNABLE KVM_MP_STATE_UNINITIALIZED
 KVM_IOEVENTFD KVM_IRQFD KVM_CAP_IOEVENTFD KVM_CAP_IRQFD
 KVM_IOEVENTFD_FLAG_DATAMATCH KVM_IOEVENTFD_FLAG_DEASSIGN KVM_IRQFD_FLAG_DEASSIGN
+VHOST_GET_FEATURES VHOST_SET_FEATURES VHOST_SET_OWNER VHOST_SET_MEM_TABLE VHOST_SET_VRING_NUM
+VHOST_SET_VRING_ADDR VHOST_SET_VRING_BASE VHOST_GET_VRING_BASE VHOST_SET_VRING_KICK
+VHOST_SET_VRING_CALL VHOST_VSOCK_SET_GUEST_CID VHOST_VSOCK_SET_RUNNING
 """.split()
 
 ffibuilder.cdef("\n".join(f"#define {name} ..." for name in _CONSTANTS) + """
@@ -73,6 +77,18 @@ struct kvm_mp_state { uint32_t mp_state; };
 struct kvm_run { uint8_t immediate_exit; ...; };
 struct kvm_ioeventfd { uint64_t datamatch; uint64_t addr; uint32_t len; int32_t fd; uint32_t flags; ...; };
 struct kvm_irqfd { uint32_t fd; uint32_t gsi; uint32_t flags; ...; };
+struct vhost_vring_state { unsigned int index; unsigned int num; };
+struct vhost_vring_file { unsigned int index; int fd; };
+struct vhost_vring_addr {
+    unsigned int index; unsigned int flags;
+    uint64_t desc_user_addr; uint64_t used_user_addr; uint64_t avail_user_addr;
+    uint64_t log_guest_addr;
+};
+struct vhost_memory_region {
+    uint64_t guest_phys_addr; uint64_t memory_size; uint64_t userspace_addr;
+    uint64_t flags_padding;
+};
+struct vhost_memory { uint32_t nregions; uint32_t padding; struct vhost_memory_region regions[]; };
 
 """ + _EXIT_STRUCT + """
 
@@ -89,6 +105,7 @@ ffibuilder.set_source("vmm._kvm", r"""
 #include <stdint.h>
 #include <sys/ioctl.h>
 #include <linux/kvm.h>
+#include <linux/vhost.h>
 
 #include "vmm_kvm.h"
 

@@ -155,6 +155,21 @@ VCPU = [
          "sends vhost-user requests, the kick and call eventfds as SCM_RIGHTS.", nested=True),
     rule("recvfrom recvmsg", "vhost-user replies (REPLY_ACK, GET_VRING_BASE on reset).",
          nested=True),
+] + [
+    # The kernel's vhost-vsock (vmm/devices/virtio/vsock/vhost.py): owner, CID and memory
+    # table are set before any filter; the thread that writes DRIVER_OK or resets the
+    # device hands the kernel the rings and starts or stops it.
+    ioctl(name, why, stays="only with a vhost-vsock device (2.x's vhost-vsock-device; "
+          "the nested run's Kata check)")
+    for name, why in (
+        ("VHOST_SET_FEATURES", "the features the guest's driver accepted."),
+        ("VHOST_SET_VRING_NUM", "a ring's size."),
+        ("VHOST_SET_VRING_BASE", "where a ring resumes."),
+        ("VHOST_SET_VRING_ADDR", "a ring's place in guest RAM (this process's addresses)."),
+        ("VHOST_SET_VRING_KICK", "the queue's ioeventfd as the ring's kick."),
+        ("VHOST_SET_VRING_CALL", "the slot's irqfd as the ring's call."),
+        ("VHOST_VSOCK_SET_RUNNING", "start the device at DRIVER_OK, stop it at a reset."),
+        ("VHOST_GET_VRING_BASE", "where a stopped ring is (a reset)."))
 ]
 
 API = [

@@ -44,7 +44,7 @@ from .machine.kvm import KVM_PATH, open_kvm
 
 if TYPE_CHECKING:       # imported where they are first used (the start-up order above)
     from .broker import Broker
-    from .devices.virtio.attach import Attached
+    from .devices.virtio.attach import Attached, Slot
     from .machine.memory import GuestMemory
     from .restart import RestartPolicy
 
@@ -153,23 +153,29 @@ def _launch(config: MachineConfig, cleanup: _Cleanup, readiness, inherited: set[
         except OSError as error:
             raise LaunchError(f"-pidfile: {config.pidfile}: {error.strerror}") from None
         cleanup.paths.append(config.pidfile)
-    attached = _attach_devices(config, memory, cleanup)
-    for nic in config.nics:     # an inherited tap is its backend's alone now
-        if nic.fd is not None:
-            os.close(nic.fd)
-            inherited.discard(nic.fd)
+    attached, kernel = _attach_devices(config, memory, cleanup)
+    # What the caller passed is its device's alone now: a tap its backend's, a
+    # vhost-vsock the vm process's.
+    for fd in [nic.fd for nic in config.nics] + [config.vsock and config.vsock.fd]:
+        if fd is not None:
+            os.close(fd)
+            inherited.discard(fd)
     if config.serial_stdio and os.isatty(0):
         cleanup.terminal = (0, termios.tcgetattr(0))
         _raw_terminal(0)
 
     try:
-        control.send(ours, vm_process.start_message(entry, [a.slot for a in attached]),
-                     (memory.fd, listener.fileno(), *(a.connection.fileno() for a in attached)))
+        control.send(ours, vm_process.start_message(
+                         entry, [a.slot for a in attached] + [slot for slot, _ in kernel]),
+                     (memory.fd, listener.fileno(), *(a.connection.fileno() for a in attached),
+                      *(fd for _, fd in kernel)))
     except OSError as error:        # it died before: _supervise reaps it and says how
         log.warning("vm process: its start was not delivered: %s", error)
     listener.close()
     for a in attached:
         a.connection.close()
+    for _, fd in kernel:
+        os.close(fd)
     log.info("vm process %d started", vm.pid)
     # What only hot-plug and restarts use, imported while the guest starts, and before
     # the launcher's filter closes the files its modules are in.
@@ -188,11 +194,13 @@ def _launch(config: MachineConfig, cleanup: _Cleanup, readiness, inherited: set[
 
 
 def _attach_devices(config: MachineConfig, memory: GuestMemory,
-                    cleanup: _Cleanup) -> list[Attached]:
+                    cleanup: _Cleanup) -> tuple[list[Attached], list[tuple[Slot, int]]]:
     """One backend process per device, in slot order (disks fill slots 0..5, NICs 6
-    and 7, then the console, vsock and rng)."""
+    and 7, then the console, vsock and rng); and the devices the host kernel serves (the
+    vhost-vsock), each slot with the fd the vm process drives it through."""
     from .devices.virtio.attach import AttachError
     attached = []           # each kind's module imported only when the VM has one
+    kernel = []
     try:
         for index, drive in enumerate(config.drives):
             from .devices.virtio.block import attach as block_attach
@@ -215,7 +223,11 @@ def _attach_devices(config: MachineConfig, memory: GuestMemory,
                                                   cleanup.paths, config.seccomp))
             cleanup.children.append(attached[-1].backend)
             index += 1
-        if config.vsock:
+        if config.vsock and config.vsock.vhost:
+            from .devices.virtio.vsock import vhost
+            kernel.append(vhost.open_device(config.vsock, index))
+            index += 1
+        elif config.vsock:
             from .devices.virtio.vsock import attach as vsock_attach
             attached.append(vsock_attach.attach(config.vsock, index, memory, cleanup.paths,
                                                 config.seccomp))
@@ -229,7 +241,7 @@ def _attach_devices(config: MachineConfig, memory: GuestMemory,
         for a in attached:
             a.connection.close()
         raise LaunchError(str(error)) from None
-    return attached
+    return attached, kernel
 
 
 def _bind(path: Path, cleanup: _Cleanup) -> socket.socket:

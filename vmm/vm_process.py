@@ -62,9 +62,11 @@ def main(config: MachineConfig, kvm_fd: int, channel: socket.socket) -> int:
     memory = GuestMemory(fds[0], config.machine.mem_size,
                          dont_dump=config.machine.omit_vm_memory)
     api_listener = socket.socket(fileno=fds[1])
-    devices = [(Slot(**{key: tuple(value) if isinstance(value, list) else value
-                        for key, value in slot.items()}), socket.socket(fileno=fd))
-               for slot, fd in zip(slots, fds[2:])]
+    devices = []        # each slot with its vhost-user connection, or its vhost-vsock fd
+    for fields, fd in zip(slots, fds[2:]):
+        slot = Slot(**{key: tuple(value) if isinstance(value, list) else value
+                       for key, value in fields.items()})
+        devices.append((slot, fd if slot.kernel_vhost else socket.socket(fileno=fd)))
     try:
         machine = Machine(config, kvm_fd, memory, BootEntry(*message["entry"]),
                           serial_output=1 if config.serial_stdio else None, devices=devices)

@@ -17,12 +17,12 @@ class Timeout(Exception):
 
 
 class Vm:
-    def __init__(self, argv: list[str], timeout: float | None = None):
+    def __init__(self, argv: list[str], timeout: float | None = None, pass_fds=()):
         # $CONSOLE_TIMEOUT: for slower runs, e.g. under strace (scripts/seccomp_usage.py).
         timeout = timeout or float(os.environ.get("CONSOLE_TIMEOUT", 300))
         self.deadline = time.monotonic() + timeout
         self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT)
+                                        stderr=subprocess.STDOUT, pass_fds=pass_fds)
         self._unseen = ""
         self._partial = ""
 

@@ -1,6 +1,7 @@
 """Debian's stock kernel booted by our VMM as L2 inside the nested rig, as a bzImage and
 as an ELF vmlinux: ACPI discovery of the vCPUs, interrupts, the serial console both
-ways, reboot, Kata's 2.x line with virtio-rng, QMP through qemu.qmp, daemon mode. One L1 boot runs every check (tests/nested/l1/boot_checks.py), and the
+ways, reboot, Kata's 2.x line (virtio-rng, vhost-vsock and a tap passed as fds), QMP
+through qemu.qmp, daemon mode. One L1 boot runs every check (tests/nested/l1/boot_checks.py), and the
 jailer's (tests/nested/test_jailer.py) after them."""
 
 import pytest
@@ -47,7 +48,20 @@ def test_kata_line_with_virtio_rng_feeds_dev_hwrng_at_its_rate(checks):
     assert rng["bytes"] == 40960
     # 8 KiB/s, at most one 8 KiB bucket left before the read: 4..5 s, within 15%
     assert 4 * 0.85 <= rng["seconds"] <= 5 * 1.15, rng
-    assert rng["trouble"] == [] and rng["status"] == 0 and not rng["api_left"]
+
+
+def test_kata_vhost_vsock_from_vhostfd_carries_streams_both_ways(checks):
+    [vsock] = checks.get("kata_vsock", [None])
+    assert vsock, checks["why"]
+    assert vsock["guest_sent"] == vsock["host_got"] and vsock["to_host"] == 0
+    assert vsock["host_sent"] == vsock["guest_got"]
+
+
+def test_kata_nic_from_an_inherited_tap_fd_and_a_clean_end(checks):
+    [kata] = checks.get("kata", [None])
+    assert kata, checks["why"]
+    assert kata["ping"] == 0
+    assert kata["trouble"] == [] and kata["status"] == 0 and not kata["api_left"]
 
 
 def test_qmp_stop_cont_quit_with_qemu_qmp(checks):

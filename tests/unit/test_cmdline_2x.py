@@ -84,14 +84,37 @@ def test_kata_line_with_mem_share_and_initrd(files):
     assert doc["boot-source"]["initrd_fs_path"] == str(files.initrd)
 
 
-@pytest.mark.parametrize("extra,error", [
-    ({"vsock_fd": 3}, "-device[3]: vhost-vsock-device is not supported yet; remove it "
-                      "(the seed form's -device vsock is a userspace vsock)"),
+def test_vhost_vsock_without_an_fd_prints_as_the_kernels(files):
+    """Without vhostfd the launcher opens /dev/vhost-vsock itself; the JSON says vhost."""
+    argv = kata_line(files) + ["-device", "vhost-vsock-device,id=vsock-id,guest-cid=3"]
+    doc = printed(stratovirt(*argv, "-print-config"))
+    assert doc["vsock"] == {"vsock_id": "vsock-id", "guest_cid": 3, "vhost": True}
+    vsock = config.parse(argv).config.vsock
+    assert (vsock.vhost, vsock.fd, vsock.socket) == (True, None, None)
+
+
+@pytest.mark.parametrize("vhostfd,error", [
+    ("2", "-device[3].vhostfd: 2 is stdio, not a vhost-vsock device; pass the vhost-vsock "
+          "device as an extra file, numbered from 3"),
+    ("999", "-device[3].vhostfd: 999 is not an open file descriptor; start stratovirt with "
+            "the vhost-vsock device open as fd 999"),
+    ("{null}", "-device[3].vhostfd: fd {null} is not /dev/vhost-vsock; pass /dev/vhost-vsock "
+               "open for reading and writing"),
+    ("{file}", "-device[3].vhostfd: fd {file} is not /dev/vhost-vsock; pass /dev/vhost-vsock "
+               "open for reading and writing"),
+    ("x", "-device[3].vhostfd: "),
 ])
-def test_kata_parts_not_supported_yet(files, extra, error):
-    """Kata adds vhost-vsock when it has it: read and checked, then refused until the
-    VMM has it (issue 15, part 3)."""
-    assert stratovirt(*kata_line(files, **extra)).error == error
+def test_bad_vhostfd(files, vhostfd, error):
+    with open("/dev/null", "rb") as null, open(files.kernel, "rb") as regular:
+        numbers = {"null": str(null.fileno()), "file": str(regular.fileno())}
+        result = stratovirt(*kata_line(files, vsock_fd=vhostfd.format(**numbers)))
+    assert result.code == 2 and result.error.startswith(error.format(**numbers)), result
+
+
+def test_two_vsocks_refused(files):
+    argv = kata_line(files) + ["-device", "vhost-vsock-device,id=v1,guest-cid=3",
+                               "-device", "vhost-vsock-device,id=v2,guest-cid=4"]
+    assert stratovirt(*argv).error.startswith("-device[5]: 2 vsock devices given; at most 1")
 
 
 def test_same_vm_in_both_forms_is_the_same_machine_config(files):

@@ -30,7 +30,7 @@ def test_show_names_conditions_and_why(capsys):
     assert "default action: SCMP_ACT_TRAP" in out
     ioctl = [line for line in out.splitlines() if line.startswith("ioctl ")]
     assert any("arg1 == KVM_RUN" in line and "enter the guest" in line for line in ioctl)
-    assert len(ioctl) == 3
+    assert len(ioctl) == 11              # KVM_RUN, KVM_GET_REGS, KVM_IRQ_LINE, 8 vhost-vsock
     status, out, _ = run(capsys, "show", "vm")
     assert "arg0 & (CLONE_THREAD|" in out and "== CLONE_THREAD" in out
     assert "arg2 & PROT_EXEC == 0" in out and "errno(EACCES)" in out

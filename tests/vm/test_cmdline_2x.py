@@ -128,3 +128,33 @@ def ram_flags(pid: int) -> list[str]:
     lines = Path(f"/proc/{pid}/smaps").read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if "memfd:guest-ram" in line)
     return next(line for line in lines[start:] if line.startswith("VmFlags:")).split()[1:]
+
+
+def test_vhost_vsock_on_this_host(tmp_path, tiny_guest):
+    """Where the host has no /dev/vhost-vsock (this one): one line, exit 1, nothing left
+    behind. Where it has one: the vm process becomes its owner with the guest's CID and
+    the VM runs until QMP's quit. (A guest using it: tests/nested/test_linux_boot.py.)"""
+    vm = Microvm(tmp_path, tiny_guest)
+    vm.argv = [sys.executable, "-m", "vmm", "-kernel", str(tiny_guest), "-append", "wait",
+               "-qmp", f"unix:{vm.api},server,nowait", "-machine", "type=microvm",
+               "-device", "vhost-vsock-device,id=vsock-id,guest-cid=1234"]
+    if not os.path.exists("/dev/vhost-vsock"):
+        code, out, err = vm.run()
+        assert (code, out) == (1, "")
+        assert err == ("stratovirt: error: vhost-vsock vsock-id: /dev/vhost-vsock: No such "
+                       "file or directory (modprobe vhost_vsock)\n")
+        assert os.listdir(tmp_path) == []
+        return
+    vm.spawn()
+    try:
+        vm.wait_for_api()
+
+        async def steps(qmp, events):
+            await qmp.execute("quit")
+            return await events.wait("SHUTDOWN")
+
+        session(vm.api, steps)
+        code, _, err = vm.communicate()
+        assert code == 0, err
+    finally:
+        vm.kill()

@@ -62,9 +62,6 @@ _BACKENDS = {
 # driver -> (its property naming a backend, that backend's option)
 _LINKS = {"virtio-blk-device": ("drive", "-drive"), "virtio-net-device": ("netdev", "-netdev"),
           "virtconsole": ("chardev", "-chardev"), "virtio-rng-device": ("rng", "-object")}
-_NOT_YET = {
-    "vhost-vsock-device": "remove it (the seed form's -device vsock is a userspace vsock)",
-}
 
 
 def read(argv: list[str], marker: str) -> tuple[Draft, bool] | int:
@@ -290,17 +287,13 @@ def _devices(given: dict[str, list], marker: str, draft: Draft) -> None:
     devices = _device_list(given, marker)
     _check_links(devices, backends)
     _check_serial_bus(devices)
-    for where, driver, props in devices:
-        if driver in _NOT_YET:
-            raise ConfigError(where, f"{driver} is not supported yet", _NOT_YET[driver])
-
     kinds = {"virtio-blk-device": "drive", "virtio-net-device": "nic", "virtconsole": "console",
-             "virtio-rng-device": "rng"}
+             "virtio-rng-device": "rng", "vhost-vsock-device": "vsock"}
     for where, driver, props in devices:
         if driver not in kinds:
             continue
-        key, option = _LINKS[driver]
-        backend = backends[option][props[key].value][1]
+        key, option = _LINKS.get(driver, (None, None))
+        backend = backends[option][props[key].value][1] if option else {}
         item = Item(kinds[driver], where, {"id": props["id"]})
         fields = {      # internal field: the property of the device or its backend
             "drive": {"path": backend.get("file"), "read_only": backend.get("readonly"),
@@ -310,6 +303,8 @@ def _devices(given: dict[str, list], marker: str, draft: Draft) -> None:
             "console": {"socket": backend.get("path")},
             "rng": {"source": backend.get("filename"), "max_bytes": props.get("max-bytes"),
                     "period": props.get("period")},
+            "vsock": {"guest_cid": props.get("guest-cid"), "vhost": Setting(True, where),
+                      "vhost_fd": props.get("vhostfd")},
         }[item.kind]
         if item.kind in ("drive", "nic"):
             fields.update((name, setting) for name, setting in backend.items()

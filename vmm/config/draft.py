@@ -19,7 +19,7 @@ DEVICE_FIELDS = {
     "drive": ("id", "path", "read_only", "direct", "serial", "rate_limit"),
     "nic": ("id", "tap", "tap_fd", "mac", "rx_rate_limit", "tx_rate_limit"),
     "console": ("id", "socket"),
-    "vsock": ("id", "guest_cid"),
+    "vsock": ("id", "guest_cid", "vhost", "vhost_fd"),
     "rng": ("id", "source", "max_bytes", "period"),
 }
 

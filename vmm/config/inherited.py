@@ -4,7 +4,9 @@ that is not open, or names the wrong kind of file, is one error line before anyt
 starts. The launcher then gives each to the one process that needs it and closes its
 own copy (docs/configuration.md, "Inherited file descriptors")."""
 
+import fcntl
 import os
+import stat
 
 from .draft import Setting
 from .errors import ConfigError
@@ -49,3 +51,21 @@ def tap(setting: Setting) -> str:
     except (T.TapError, OSError) as error:
         raise ConfigError(setting.where, f"fd {fd} cannot be the NIC's tap: {error}",
                           "pass a tap opened with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR") from None
+
+
+# The kernel's VHOST_VSOCK_MINOR, on the misc major (include/linux/miscdevice.h).
+VHOST_VSOCK_DEVICE = (10, 241)
+
+
+def vhost_vsock(setting: Setting) -> int:
+    """An open /dev/vhost-vsock (Kata's vhostfd=): the descriptor, checked."""
+    fd = open_fd(setting, "vhost-vsock device")
+    info = os.fstat(fd)
+    if not (stat.S_ISCHR(info.st_mode) and
+            (os.major(info.st_rdev), os.minor(info.st_rdev)) == VHOST_VSOCK_DEVICE):
+        raise ConfigError(setting.where, f"fd {fd} is not /dev/vhost-vsock",
+                          "pass /dev/vhost-vsock open for reading and writing")
+    if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDWR:
+        raise ConfigError(setting.where, f"fd {fd} is /dev/vhost-vsock, not open for reading "
+                          "and writing", "open it with O_RDWR")
+    return fd

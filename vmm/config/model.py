@@ -70,7 +70,11 @@ class Console:
 class Vsock:
     id: str
     guest_cid: int
-    socket: Path     # derived: <api-channel's directory>/<id>.vsock (docs/machine.md)
+    # The userspace device's host socket, derived: <api-channel's directory>/<id>.vsock
+    # (docs/machine.md); None for the kernel's vhost-vsock.
+    socket: Path | None
+    vhost: bool = False      # the kernel's vhost-vsock (2.x's vhost-vsock-device)
+    fd: int | None = None    # its /dev/vhost-vsock, passed by the caller (vhostfd=)
 
 
 @dataclass(frozen=True)

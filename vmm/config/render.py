@@ -39,8 +39,9 @@ def to_json(config: MachineConfig) -> str:
 
 
 def _fields(device) -> dict:
-    return {name: str(value) if name in ("path", "socket", "source") else
-            ratelimit.to_json(value) if name.endswith("rate_limit") and value else value
+    return {name: str(value) if name in ("path", "socket", "source") and value else
+            ratelimit.to_json(value) if name.endswith("rate_limit") and value else
+            None if name == "vhost" and not value else value
             for name, value in vars(device).items()}
 
 

@@ -59,6 +59,7 @@ DEVICE_OBJECTS = {
     "vsock": ("vsock", (
         Key("vsock_id", "id", str),
         Key("guest_cid", "guest_cid", int),
+        Key("vhost", "vhost", bool, required=False),
     )),
     "rng": ("rng", (
         Key("rng_id", "id", str),

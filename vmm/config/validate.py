@@ -162,6 +162,20 @@ def _rng(item: Item) -> Rng:
                f["period"].value if "period" in f else L.DEFAULT_RNG_PERIOD_MS)
 
 
+def _vsock(item: Item, api_channel: Setting, others: list) -> Vsock:
+    """The userspace vsock, with its host socket beside the api-channel; or the kernel's
+    vhost-vsock (2.x), on the caller's fd when it passed one."""
+    f = item.fields
+    if "vhost" in f and f["vhost"].value:
+        fd = inherited.vhost_vsock(f["vhost_fd"]) if "vhost_fd" in f else None
+        return Vsock(item.id, f["guest_cid"].value, None, vhost=True, fd=fd)
+    vsock = Vsock(item.id, f["guest_cid"].value, paths.vsock_socket(f["id"], api_channel))
+    if vsock.socket in others:
+        raise ConfigError(f["id"].where, f"the vsock socket {show(str(vsock.socket))} is also "
+                          "the path of another file it creates", "choose another vsock id")
+    return vsock
+
+
 def _check_id(ident: Setting) -> None:
     low, high = L.ID_CHARS
     if not (low <= len(ident.value) <= high and _ID.fullmatch(ident.value)):
@@ -293,15 +307,8 @@ def _with_host_checks(s: dict[str, Setting], devices: dict[str, list[Item]]) -> 
     api_channel = paths.new_path(s["api_channel"], "api-channel socket", socket=True)
     pidfile = paths.new_path(s["pidfile"], "pidfile") if "pidfile" in s else None
     log_file = paths.log_path(s["log_file"]) if "log_file" in s else None
-    vsock = None
-    for item in devices["vsock"]:
-        vsock = Vsock(item.id, item.fields["guest_cid"].value,
-                      paths.vsock_socket(item.fields["id"], s["api_channel"]))
-        others = [p for p in (api_channel, console and console.socket, pidfile, log_file) if p]
-        if vsock.socket in others:
-            raise ConfigError(item.fields["id"].where, f"the vsock socket "
-                              f"{show(str(vsock.socket))} is also the path of another file it creates",
-                              "choose another vsock id")
+    others = [p for p in (api_channel, console and console.socket, pidfile, log_file) if p]
+    vsock = next((_vsock(item, s["api_channel"], others) for item in devices["vsock"]), None)
 
     return MachineConfig(
         boot=BootSource(paths.absolute(kernel), boot_args,

@@ -22,6 +22,7 @@ from ..devices.virtio.empty import EmptyDisk, EmptyNic, Placeholder
 from ..devices.virtio.mmio import MmioTransport
 from ..devices.virtio.slots import Occupant, SlotTable
 from ..devices.virtio.vhost_user_device import VhostUserDevice
+from ..devices.virtio.vsock.vhost import VhostVsockDevice
 from . import cpu
 from .bus import Bus
 from .kvm import Kvm
@@ -43,8 +44,8 @@ class Machine:
     def __init__(self, config: MachineConfig, kvm_fd: int, memory: GuestMemory,
                  entry: BootEntry, serial_output: int | None,
                  devices: list[tuple[Slot, socket.socket]]):
-        """devices: each backend's slot and the vhost-user connection to it.
-        DeviceError if a backend cannot be set up."""
+        """devices: each backend's slot and the vhost-user connection to it (or, for the
+        kernel's vhost-vsock, its fd). DeviceError if a device cannot be set up."""
         self.config = config
         self.memory = memory
         kvm = Kvm(kvm_fd)
@@ -101,7 +102,12 @@ class Machine:
                                                 self.config.vsock is not None,
                                                 self.config.rng is not None)):
             name = SlotTable.label(index)
-            if index in by_index:
+            if index in by_index and by_index[index][0].kernel_vhost:
+                slot, fd = by_index[index]
+                device = VhostVsockDevice(slot.name, fd, self.config.vsock.guest_cid,
+                                          self.memory)
+                fixed[slot.id] = slot.name
+            elif index in by_index:
                 slot, sock = by_index[index]
                 device = VhostUserDevice(slot.name, slot.device_id, sock, self.memory,
                                          slot.queue_sizes, slot.config_size)

@@ -9,7 +9,7 @@ from .._sigsys import lib
 
 # Which family of names an argument of a syscall is drawn from (syscall, index) -> prefixes.
 _ARG_FAMILIES = {
-    ("ioctl", 1): ("KVM_", "TC", "FIO", "TUN", "BLK", "SIOC"),
+    ("ioctl", 1): ("KVM_", "VHOST_", "TC", "FIO", "TUN", "BLK", "SIOC"),
     ("openat", 2): ("O_",),
     ("setsockopt", 1): ("SOL_",),
     ("setsockopt", 2): ("SO_",),

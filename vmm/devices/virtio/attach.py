@@ -36,6 +36,8 @@ class Slot:
     device_id: int
     queue_sizes: tuple[int, ...]
     config_size: int            # bytes of configuration space to read (GET_CONFIG)
+    kernel_vhost: bool = False  # its fd is the kernel's vhost-vsock, not a vhost-user
+                                # connection (vsock/vhost.py)
 
 
 # serve(sock, fds, restarts) runs in the backend process: its end of the socket pair, the

@@ -40,6 +40,25 @@ def test_seed_example_runs_as_written(checks):
     assert seed["status"] == 0 and not seed["api_left"]
 
 
+def test_kata_line_runs_with_every_thread_filtered(checks):
+    [census] = checks.get("kata_seccomp", [None])
+    assert census, checks["why"]
+    assert census["unfiltered"] == []
+
+
+def test_kata_rootfs_read_only_and_virtconsole(checks):
+    [devices] = checks.get("kata_devices", [None])
+    assert devices, checks["why"]
+    assert devices == {"read_only": True, "console": True}
+
+
+def test_kata_hot_plug_sequence_with_the_guest_reading_the_disk(checks):
+    [hotplug] = checks.get("kata_hotplug", [None])
+    assert hotplug, checks["why"]
+    assert hotplug["guest"] == hotplug["host"]
+    assert hotplug["deleted"]["device"] == "drive-1"
+
+
 def test_kata_line_with_virtio_rng_feeds_dev_hwrng_at_its_rate(checks):
     [rng] = checks.get("kata_rng", [None])
     assert rng, checks["why"]

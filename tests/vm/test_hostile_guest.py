@@ -29,7 +29,7 @@ SLOTS = ["disk slot 0 (disk d0)", *(f"disk slot {i}" for i in range(1, 6)),
          "NIC slot 0 (NIC n0)", "NIC slot 1", "slot 8 (console c0)", "slot 9 (vsock v0)"]
 EMPTY = {"disk slot 1", "disk slot 2", "disk slot 3", "disk slot 4", "disk slot 5",
          "NIC slot 1"}
-LINE = re.compile(r"\S+ (?P<role>[\w-]+)\[\d+\] \S+ \w+ [\w.]+: (?P<text>.*)")
+LINE = re.compile(r"\S+ (?P<role>[\w-]+)\[\d+\] \S+ :\w+: [\w.]+: (?P<text>.*)")
 
 
 def first_lines(slot: str) -> list[str]:

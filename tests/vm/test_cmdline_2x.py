@@ -96,16 +96,20 @@ def test_a_tap_passed_as_an_fd_ends_up_in_its_backend_alone(tmp_path, tiny_guest
             assert taps(vm.process.pid) == ["tap7"]
             assert not Path(f"/proc/{vm.process.pid}/fd/{fd}").exists() or \
                 os.readlink(f"/proc/{vm.process.pid}/fd/{fd}") != "/dev/net/tun"
-
-            async def steps(qmp, events):
-                await qmp.execute("quit")
-                return await events.wait("SHUTDOWN")
-
-            session(vm.api, steps)
-            code, _, err = vm.communicate()
-            assert code == 0, err
+            quit_cleanly(vm)
         finally:
             vm.kill()
+
+
+def quit_cleanly(vm: Microvm) -> None:
+    """QMP's quit, its SHUTDOWN event, exit status 0."""
+    async def steps(qmp, events):
+        await qmp.execute("quit")
+        return await events.wait("SHUTDOWN")
+
+    session(vm.api, steps)
+    code, _, err = vm.communicate()
+    assert code == 0, err
 
 
 def taps(pid: int) -> list[str]:
@@ -147,13 +151,6 @@ def test_vhost_vsock_on_this_host(tmp_path, tiny_guest):
     vm.spawn()
     try:
         vm.wait_for_api()
-
-        async def steps(qmp, events):
-            await qmp.execute("quit")
-            return await events.wait("SHUTDOWN")
-
-        session(vm.api, steps)
-        code, _, err = vm.communicate()
-        assert code == 0, err
+        quit_cleanly(vm)
     finally:
         vm.kill()

@@ -411,6 +411,8 @@ def _supervise(vm: children.Child, channel: socket.socket, readiness, broker: Br
                 elif event == "shutdown":
                     ended = True
                     log.info("VM ended: %s", message.get("reason"))
+                elif event == "vcpu-exits" and metrics_file:
+                    metrics_file.take_vcpu_exits(message.get("exits"))
         for pidfd in ready & watched.keys():
             child = watched.pop(pidfd)
             poller.unregister(pidfd)

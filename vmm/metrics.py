@@ -82,6 +82,13 @@ def nic_entry(device: str, c: dict) -> dict:
             + [_stat("guest-errors", c["guest_errors"])]}
 
 
+def vcpu_entry(index: int, exits: dict[str, int]) -> dict:
+    """One vCPU's exits by kind, as query-stats gives them (provider kvm)."""
+    return {"provider": "kvm", "qom-path": f"/machine/unattached/device[{index}]",
+            "stats": [_stat("exits", sum(exits.values()))] +
+                     [_stat(f"exits-{kind}", count) for kind, count in sorted(exits.items())]}
+
+
 def restarts_entry(restarts: dict[str, int], faults: dict[str, int]) -> dict:
     """Provider vmm: backend restarts per device, seccomp faults per role (processes a
     violation ended)."""
@@ -113,13 +120,9 @@ def stats(hotplug, machine, target: str, providers: list | None,
 
     if target == "vcpu":
         for thread in machine.vcpus:
-            path = f"/machine/unattached/device[{thread.vcpu.index}]"
-            if vcpus is not None and path not in vcpus:
-                continue
-            exits = thread.exit_counts()
-            add("kvm", path,
-                [_stat("exits", sum(exits.values()))] +
-                [_stat(f"exits-{kind}", count) for kind, count in sorted(exits.items())])
+            entry = vcpu_entry(thread.vcpu.index, thread.exit_counts())
+            if vcpus is None or entry["qom-path"] in vcpus:
+                add("kvm", entry["qom-path"], entry["stats"])
         return results
     entries = [restarts_entry(hotplug.restarts, hotplug.seccomp_faults)]
     # The vm process's own (transport registers, rings it reads), summed by kind.
@@ -202,7 +205,8 @@ class MetricsFile:
     """-metrics PATH, kept by the launcher: every FILE_INTERVAL s the disks' and NICs'
     counters from their pages and the backend restarts, as Prometheus text written to
     PATH.tmp and renamed over PATH, so node_exporter's textfile collector never reads
-    half a file. The vCPUs' exits are the vm process's, over QMP only."""
+    half a file. The vCPUs' exits are counted in the vm process, which sends them every
+    FILE_INTERVAL s (vm_process._push_vcpu_exits): the file shows the last it sent."""
 
     def __init__(self, path, broker, policy, faults: dict[str, int]):
         """faults: the launcher's seccomp faults per role, as it counts them."""
@@ -210,6 +214,16 @@ class MetricsFile:
         self.scratch = path.with_name(path.name + ".tmp")
         self.broker, self.policy, self.faults = broker, policy, faults
         self.due = time.monotonic()
+        self.vcpus: list[dict] = []         # vcpu_entry of each, from the vm process's last
+
+    def take_vcpu_exits(self, exits) -> None:
+        """The vm process's [[index, {kind: count}], ...]; anything else is dropped."""
+        try:
+            self.vcpus = [vcpu_entry(int(index), {str(kind): int(count)
+                                                  for kind, count in counts.items()})
+                          for index, counts in exits]
+        except (TypeError, ValueError, AttributeError):
+            log.warning("-metrics: a malformed vcpu-exits event from the vm process")
 
     def write(self) -> None:
         self.due = time.monotonic() + FILE_INTERVAL
@@ -223,7 +237,7 @@ class MetricsFile:
                 block.append(block_entry(backend.device, backend.device, page.read_blk()))
             else:
                 vm.append(nic_entry(backend.device, page.read_net()))
-        text = prometheus(block, [restarts_entry(restarts, self.faults), *vm], [])
+        text = prometheus(block, [restarts_entry(restarts, self.faults), *vm], self.vcpus)
         try:
             fd = os.open(self.scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
                          | os.O_CLOEXEC, 0o644)

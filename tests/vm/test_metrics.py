@@ -98,8 +98,8 @@ def test_stratovirt_metrics_refusals(argv, message):
 
 def test_the_metrics_file_is_written_parses_and_goes_at_exit(tmp_path, tiny_guest):
     """-metrics PATH: written by the launcher under its seccomp filter (replaced through a
-    rename), parsed by prometheus_client; removed, with its scratch file, when the VM
-    ends."""
+    rename), parsed by prometheus_client, with the vCPUs' exits the vm process sends;
+    removed, with its scratch file, when the VM ends."""
     (tmp_path / "d.img").write_bytes(bytes(MiB))
     out = tmp_path / "prom" / "vm.prom"
     out.parent.mkdir()
@@ -120,6 +120,14 @@ def test_the_metrics_file_is_written_parses_and_goes_at_exit(tmp_path, tiny_gues
         while out.stat().st_mtime_ns == first and time.monotonic() < deadline:
             time.sleep(0.2)
         assert out.stat().st_mtime_ns != first, "not written again"
+        # The vCPUs' exits: sent by the vm process every 5 s, in the next file after.
+        deadline = time.monotonic() + 30
+        while "stratovirt_vcpu_exits_total" not in out.read_text() and \
+                time.monotonic() < deadline:
+            time.sleep(0.2)
+        families = {f.name: f for f in text_string_to_metric_families(out.read_text())}
+        [exits] = families["stratovirt_vcpu_exits"].samples
+        assert exits.labels == {"vcpu": "0"} and exits.value > 0
     finally:
         ask(vm, ("quit", {}))
         vm.process.wait(30)

@@ -506,13 +506,54 @@ static void account(struct blk_worker *w, uint32_t op, int ok, uint64_t bytes,
     st->latency[op][bucket]++;
 }
 
+/* Counts one request completed inline in this pass, popped at the pass's start: all but
+ * its latency now; that when the pass publishes it (settle), which is when the guest can
+ * see it, with one clock read for the whole pass instead of one per request. */
+static void account_inline(struct blk_worker *w)
+{
+    struct blk_stats *st = w->stats;
+    uint32_t op = w->op;
+
+    if (!w->op_ok || op == BLK_OP_OTHER || w->start_ns != w->batch_ns) {
+        /* failed (no latency), or a held chain from an earlier pass: as it is */
+        account(w, op, (int)w->op_ok, w->op_bytes, w->start_ns, rl_now());
+        return;
+    }
+    st->ops[op]++;
+    if (op != BLK_OP_FLUSH)
+        st->bytes[op] += w->op_bytes;
+    w->unsettled[op]++;
+}
+
+/* The latency of the pass's inline completions, as they are published: now less the
+ * pass's start, the same for each of them. */
+static void settle(struct blk_worker *w)
+{
+    struct blk_stats *st = w->stats;
+    uint64_t took, bound;
+    uint32_t op;
+    int bucket = 0;
+
+    if (!st || !(w->unsettled[0] | w->unsettled[1] | w->unsettled[2]))
+        return;
+    took = rl_now() - w->batch_ns;
+    for (bound = 16000; bucket < BLK_LAT_BUCKETS - 1 && took >= bound; bound *= 2)
+        bucket++;
+    for (op = 0; op < 3; op++) {
+        st->total_ns[op] += (uint64_t)w->unsettled[op] * took;
+        if (op != BLK_OP_FLUSH)
+            st->latency[op][bucket] += w->unsettled[op];
+        w->unsettled[op] = 0;
+    }
+}
+
 /* request() and, when it completed the chain (not PENDING), its accounting. */
 static int64_t run_request(const struct blk_disk *d, struct blk_worker *w, struct blk_engine *e)
 {
     int64_t written = request(d, w, e);
 
     if (written != PENDING && w->stats)
-        account(w, w->op, (int)w->op_ok, w->op_bytes, w->start_ns, rl_now());
+        account_inline(w);
     return written;
 }
 
@@ -570,8 +611,10 @@ int blk_process(struct vq *q, const struct blk_disk *d, struct blk_worker *w,
         w->requests++;
         done++;
     }
-    if (done)
+    if (done) {
         vq_publish_used(q);
+        settle(w);
+    }
     if (rc < 0)
         return -EINVAL;
     return (done && vq_needs_interrupt(q) ? BLK_NOTIFY : 0) | (more ? BLK_MORE : 0) |
@@ -1036,6 +1079,7 @@ int blk_pump(struct vq *q, const struct blk_disk *d, struct blk_worker *w, uint3
     added = w->requests != completed;
     if (added)
         vq_publish_used(q);
+    settle(w);
     if (rc < 0)
         return -EINVAL;
     return (added && vq_needs_interrupt(q) ? BLK_NOTIFY : 0) | (more ? BLK_MORE : 0) |
@@ -1051,6 +1095,7 @@ int blk_drain(struct vq *q, const struct blk_disk *d, struct blk_worker *w)
         w->held = 0;
         vq_add_used_late(q, w->chain.head, (uint32_t)run_request(d, w, NULL));
         w->requests++;
+        settle(w);
     }
     if (!e || e->kind == BLK_ENGINE_INLINE) {
         if (w->requests == completed)

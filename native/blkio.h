@@ -159,6 +159,8 @@ struct blk_worker {
                                      for its pops, its start times, the limiter) */
     uint64_t done_ns;             /* when the engine's current completions were reaped */
     uint64_t start_ns;            /* when w->chain was popped (its pass's start) */
+    uint32_t unsettled[3];        /* reads, writes, flushes this pass completed inline whose
+                                     latency is taken when the pass publishes them */
     uint32_t op, op_ok;
     uint64_t op_bytes;
     struct vq_chain chain;

@@ -81,9 +81,21 @@ static int reload(struct rl_limiter *l, uint64_t sequence)
     return l->on;
 }
 
+/* a * b / c, rounded down: in 64 bits when a * b fits (every request's refill under a
+ * limit of up to ~10^10 tokens per refill, the time since the last one being short),
+ * else in 128 (a division of those costs several times one of 64 bits). */
+static u128 muldiv(uint64_t a, uint64_t b, uint64_t c)
+{
+    uint64_t product;
+
+    if (!__builtin_mul_overflow(a, b, &product))
+        return product / c;
+    return (u128)a * b / c;
+}
+
 static void refill(struct rl_bucket *b, uint64_t now)
 {
-    u128 added = (u128)(now - b->last_ns) * b->p.size / b->p.refill_ns;
+    u128 added = muldiv(now - b->last_ns, b->p.size, b->p.refill_ns);
     __int128 budget = (__int128)b->budget + (__int128)added;
 
     if (added == 0)
@@ -95,7 +107,7 @@ static void refill(struct rl_bucket *b, uint64_t now)
     }
     b->budget = (int64_t)budget;                 /* below size: fits */
     /* Advance by the time those tokens took, not to now: the rest counts next time. */
-    b->last_ns += (uint64_t)(added * b->p.refill_ns / b->p.size);
+    b->last_ns += (uint64_t)muldiv((uint64_t)added, b->p.refill_ns, b->p.size);
 }
 
 /* What the bucket still needs from its regular budget for `tokens` after the one-time

@@ -159,8 +159,8 @@ VCPU = [
     # The kernel's vhost-vsock (vmm/devices/virtio/vsock/vhost.py): owner, CID and memory
     # table are set before any filter; the thread that writes DRIVER_OK or resets the
     # device hands the kernel the rings and starts or stops it.
-    ioctl(name, why, stays="only with a vhost-vsock device (2.x's vhost-vsock-device; "
-          "the nested run's Kata check)")
+    ioctl(name, f"{why} Only with a vhost-vsock device (2.x's vhost-vsock-device).",
+          nested=True)
     for name, why in (
         ("VHOST_SET_FEATURES", "the features the guest's driver accepted."),
         ("VHOST_SET_VRING_NUM", "a ring's size."),

@@ -127,12 +127,12 @@ def run_once(argv: list[str], api: str, env=None) -> tuple[float, float]:
 TIMELINE = re.compile(r"timeline: \+[\d.]+ ms (?P<step>.*) \(monotonic (?P<when>[\d.]+)\)$")
 
 
-def timeline_once(stratovirt: str, kernel: Path, workdir: str) -> dict[str, float]:
+def timeline_once(stratovirt: str, kernel: Path, workdir: str, env: dict) -> dict[str, float]:
     """The steps of one debug-level launch, in ms from the program's start."""
     log, api = f"{workdir}/timeline.log", f"{workdir}/timeline.sock"
     if os.path.exists(log):
         os.unlink(log)
-    env = dict(os.environ, STRATOVIRT_LOG_LEVEL="debug")
+    env = dict(env, STRATOVIRT_LOG_LEVEL="debug")
     if os.path.exists(api):
         os.unlink(api)
     started = Started(ours_argv(stratovirt, kernel, api, ("-D", log)), api, env)
@@ -150,6 +150,9 @@ def spread(values: list[float]) -> str:
     return f"{min(values):.1f}..{max(values):.1f}"
 
 
+SETUPS = ("ours", "ours-zygote", "qemu")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=10, help="runs of each per round")
@@ -160,42 +163,70 @@ def main() -> None:
     stratovirt = str(Path(options.python).parent / "stratovirt")
     kernel = tiny_guest()
     rounds = []
-    with tempfile.TemporaryDirectory() as workdir:
+    with tempfile.TemporaryDirectory() as workdir, Zygote(options.python, workdir) as zygote:
         api = f"{workdir}/api.sock"
-        run_once(ours_argv(stratovirt, kernel, api), api)         # warm the caches
-        run_once(qemu_argv(kernel, api), api)
+        launches = {
+            "ours": lambda: run_once(ours_argv(stratovirt, kernel, api), api, zygote.without),
+            "ours-zygote": lambda: run_once(ours_argv(stratovirt, kernel, api), api, zygote.env),
+            "qemu": lambda: run_once(qemu_argv(kernel, api), api),
+        }
+        for launch in launches.values():                            # warm the caches
+            launch()
         for number in range(options.rounds):
-            ours, qemu = [], []
+            results = {name: [] for name in SETUPS}
             for _ in range(options.runs):
-                ours.append(run_once(ours_argv(stratovirt, kernel, api), api))
-                qemu.append(run_once(qemu_argv(kernel, api), api))
-            medians = {name: [statistics.median(r[i] for r in results) * 1000 for i in (0, 1)]
-                       for name, results in (("ours", ours), ("qemu", qemu))}
+                for name in SETUPS:
+                    results[name].append(launches[name]())
+            medians = {name: [statistics.median(r[i] for r in runs) * 1000 for i in (0, 1)]
+                       for name, runs in results.items()}
             rounds.append(medians)
-            print(f"round {number + 1}: first serial byte ours {medians['ours'][0]:.1f} ms, "
-                  f"QEMU {medians['qemu'][0]:.1f} ms (ratio "
-                  f"{medians['ours'][0] / medians['qemu'][0]:.2f}); api-channel answering "
-                  f"ours {medians['ours'][1]:.1f} ms, QEMU {medians['qemu'][1]:.1f} ms "
-                  f"(ratio {medians['ours'][1] / medians['qemu'][1]:.2f})", flush=True)
+            print(f"round {number + 1}: " + "; ".join(
+                f"{name} serial {m[0]:.1f} ms, api {m[1]:.1f} ms" for name, m in medians.items()),
+                flush=True)
         print(f"{options.rounds} rounds of {options.runs} runs each, interleaved; medians "
-              "of the rounds' medians (spread over the rounds)")
+              "of the rounds' medians (spread over the rounds); ratio = ours/QEMU")
         for index, what in enumerate(("launch -> first serial byte", "launch -> api-channel "
                                       "answering")):
-            o = [r["ours"][index] for r in rounds]
             q = [r["qemu"][index] for r in rounds]
-            ratios = [a / b for a, b in zip(o, q)]
-            print(f"{what}: ours {statistics.median(o):.1f} ms ({spread(o)}), QEMU "
-                  f"{statistics.median(q):.1f} ms ({spread(q)}), ratio "
-                  f"{statistics.median(ratios):.2f} ({min(ratios):.2f}..{max(ratios):.2f})")
+            print(f"{what}: QEMU {statistics.median(q):.1f} ms ({spread(q)})")
+            for name in SETUPS[:2]:
+                o = [r[name][index] for r in rounds]
+                ratios = [a / b for a, b in zip(o, q)]
+                print(f"  {name}: {statistics.median(o):.1f} ms ({spread(o)}), ratio "
+                      f"{statistics.median(ratios):.2f} ({min(ratios):.2f}..{max(ratios):.2f})")
         if options.timeline:
-            runs = [timeline_once(stratovirt, kernel, workdir) for _ in range(options.runs)]
-            print(f"timeline of ours at debug level (median of {options.runs} runs, ms "
-                  "from the program's start):")
-            steps = sorted({step for run in runs for step in run},
-                           key=lambda step: statistics.median(r[step] for r in runs if step in r))
-            for step in steps:
-                values = [r[step] for r in runs if step in r]
-                print(f"  {statistics.median(values):7.1f}  {step}")
+            for name, env in (("ours", zygote.without), ("ours-zygote", zygote.env)):
+                runs = [timeline_once(stratovirt, kernel, workdir, env)
+                        for _ in range(options.runs)]
+                print(f"timeline of {name} at debug level (median of {options.runs} runs, ms "
+                      "from the program's start):")
+                steps = sorted({step for run in runs for step in run}, key=lambda step:
+                               statistics.median(r[step] for r in runs if step in r))
+                for step in steps:
+                    values = [r[step] for r in runs if step in r]
+                    print(f"  {statistics.median(values):7.1f}  {step}")
+
+
+class Zygote:
+    """A `stratovirt-zygote` for the bench's own runs (vmm/zygote/), on a socket of its
+    own; `env` sends `stratovirt` to it, `without` keeps any zygote of the host's out."""
+
+    def __init__(self, python: str, workdir: str):
+        self.socket = f"{workdir}/zygote/zygote.sock"
+        self.env = dict(os.environ, STRATOVIRT_ZYGOTE=self.socket)
+        self.without = dict(os.environ, STRATOVIRT_ZYGOTE="")
+        self.process = subprocess.Popen([str(Path(python).parent / "stratovirt-zygote"),
+                                         "--socket", self.socket], stderr=subprocess.PIPE)
+
+    def __enter__(self):
+        line = self.process.stderr.readline().decode()
+        if "ready on" not in line:
+            raise RuntimeError(f"stratovirt-zygote: {line.strip() or 'ended'}")
+        return self
+
+    def __exit__(self, *_):
+        self.process.terminate()
+        self.process.wait(30)
 
 
 if __name__ == "__main__":

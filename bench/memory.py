@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.boot import VENV_PYTHON, Started, ours_argv, qemu_argv, spread  # noqa: E402
+from bench.boot import VENV_PYTHON, Started, Zygote, ours_argv, qemu_argv, spread  # noqa: E402
 from tests.framework.guest import tiny_guest  # noqa: E402
 
 SETTLE = 1.0          # seconds after the last VM is up, before reading
@@ -49,11 +49,16 @@ def tree(pid: int) -> list[int]:
     return found
 
 
-def role_of(pid: int, top: int) -> str:
+def role_of(pid: int, top: int, zygote: int | None) -> str:
     with open(f"/proc/{pid}/comm") as f:
         name = f.read().strip()
     if pid == top:
-        return "qemu" if name.startswith("qemu") else "launcher"
+        return "qemu" if name.startswith("qemu") else (
+            "stratovirt (zygote's client)" if zygote else "launcher")
+    if pid == zygote:
+        return "zygote"
+    if name == "stratovirt":
+        return "launcher"
     for prefix, role in (("vmm-vm", "vm"), ("vmm-blk-", "disk backend"),
                          ("vmm-net-", "NIC backend"), ("vmm-con-", "console backend"),
                          ("vmm-vsock-", "vsock backend")):
@@ -62,19 +67,25 @@ def role_of(pid: int, top: int) -> str:
     return name
 
 
-def measure(argvs: list[tuple[list[str], str]]) -> tuple[float, dict[str, float]]:
-    """Start every VM, read the PSS of all their processes; (total KiB, KiB per role)."""
+def measure(argvs: list[tuple[list[str], str]], env: dict | None = None,
+            zygote: int | None = None) -> tuple[float, dict[str, float]]:
+    """Start every VM, read the PSS of all their processes; (total KiB, KiB per role).
+    Through a zygote, a VM's processes are its `stratovirt` and the zygote's child
+    (with its own children); the zygote itself counts too, once for all of them."""
     started = []
     try:
         for argv, api in argvs:
-            started.append(Started(argv, api))
+            started.append(Started(argv, api, env))
         time.sleep(SETTLE)
         total, roles = 0, collections.defaultdict(list)
-        for vm in started:
-            for pid in tree(vm.process.pid):
+        groups = [(vm.process.pid, tree(vm.process.pid)) for vm in started]
+        if zygote:
+            groups.append((None, tree(zygote)))
+        for top, pids in groups:
+            for pid in pids:
                 pss = smaps_rollup(pid)["Pss"]
                 total += pss
-                roles[role_of(pid, vm.process.pid)].append(pss)
+                roles[role_of(pid, top, zygote)].append(pss)
         return total, {role: statistics.mean(values) for role, values in roles.items()}
     finally:
         for vm in started:
@@ -97,8 +108,9 @@ def main() -> None:
     counts = [int(n) for n in options.counts.split(",")]
     stratovirt = str(Path(options.python).parent / "stratovirt")
     kernel = tiny_guest()
-    results = {n: {"ours": [], "qemu": [], "ours roles": [], "qemu roles": []} for n in counts}
-    with tempfile.TemporaryDirectory() as workdir:
+    sides = ("ours", "ours-zygote", "qemu")
+    results = {n: {key: [] for side in sides for key in (side, f"{side} roles")} for n in counts}
+    with tempfile.TemporaryDirectory() as workdir, Zygote(options.python, workdir) as zygote:
         disks = []
         for index in range(max(counts)):
             disk = f"{workdir}/disk{index}.img"
@@ -119,30 +131,35 @@ def main() -> None:
 
         for number in range(options.rounds):
             for n in counts:
-                for side, argvs in (("ours", ours(n)), ("qemu", qemu(n))):
+                for side, argvs, env, zygote_pid in (
+                        ("ours", ours(n), zygote.without, None),
+                        ("ours-zygote", ours(n), zygote.env, zygote.process.pid),
+                        ("qemu", qemu(n), None, None)):
                     for _, api in argvs:
                         if os.path.exists(api):
                             os.unlink(api)
-                    total, roles = measure(argvs)
+                    total, roles = measure(argvs, env, zygote_pid)
                     results[n][side].append(total / n / 1024)
                     results[n][f"{side} roles"].append(roles)
-                o, q = results[n]["ours"][-1], results[n]["qemu"][-1]
-                print(f"round {number + 1}, {n} VMs: per VM ours {o:.2f} MiB, QEMU {q:.2f} "
-                      f"MiB, ratio {o / q:.2f}", flush=True)
+                o, z, q = (results[n][side][-1] for side in sides)
+                print(f"round {number + 1}, {n} VMs: per VM ours {o:.2f} MiB (ratio {o / q:.2f}),"
+                      f" through the zygote {z:.2f} MiB (ratio {z / q:.2f}), QEMU {q:.2f} MiB",
+                      flush=True)
     print(f"{options.rounds} rounds, interleaved; summed PSS per VM, median (spread)")
     for n in counts:
-        o, q = results[n]["ours"], results[n]["qemu"]
-        ratios = [a / b for a, b in zip(o, q)]
-        print(f"{n} VMs: ours {statistics.median(o):.2f} MiB ({spread(o)}), QEMU "
-              f"{statistics.median(q):.2f} MiB ({spread(q)}), ratio "
-              f"{statistics.median(ratios):.2f} ({min(ratios):.2f}..{max(ratios):.2f})")
-        per_role = collections.defaultdict(list)
-        for rounds in (results[n]["ours roles"], results[n]["qemu roles"]):
-            for roles in rounds:
+        q = results[n]["qemu"]
+        print(f"{n} VMs: QEMU {statistics.median(q):.2f} MiB ({spread(q)})")
+        for side in sides:
+            o = results[n][side]
+            ratios = [a / b for a, b in zip(o, q)]
+            per_role = collections.defaultdict(list)
+            for roles in results[n][f"{side} roles"]:
                 for role, kib in roles.items():
                     per_role[role].append(kib / 1024)
-        print("    PSS per process: " + ", ".join(
-            f"{role} {statistics.median(v):.2f} MiB" for role, v in per_role.items()))
+            print(f"  {side}: {statistics.median(o):.2f} MiB ({spread(o)}), ratio "
+                  f"{statistics.median(ratios):.2f} ({min(ratios):.2f}..{max(ratios):.2f}); "
+                  "PSS per process: " + ", ".join(
+                      f"{role} {statistics.median(v):.2f}" for role, v in per_role.items()))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from . import timeline  # first: its import is the timeline's "process start"
 import gc
 import sys
 
+from .zygote import client as zygote
+
 EXIT_CONFIG = 2
 EXIT_INTERRUPTED = 130
 
@@ -41,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
 def run() -> None:
     """The program (the console script, python -m vmm)."""
     if sys.argv[1:2] not in (["seccomp"], ["metrics"]):
+        status = zygote.run(sys.argv)       # a zygote on this host forks the launcher
+        if status is not None:
+            sys.exit(status)
         # No collection while the VMM starts: its imports allocate objects by the
         # hundred thousand and none of them is garbage; collecting would cost ~6 ms of
         # the start. The launcher freezes what it has before each fork (vmm/children.py)

@@ -34,6 +34,13 @@ def _write(when: float, step: str) -> None:
     _log.debug("timeline: +%.1f ms %s (monotonic %.6f)", (when - _origin) * 1000, step, when)
 
 
+def restart(origin: float) -> None:
+    """A launcher forked by the zygote (vmm/zygote/): the VM's start is its caller's."""
+    global _origin, _cpu_at_origin, _pending
+    _origin, _cpu_at_origin = origin, 0.0
+    _pending = [(origin, "process start"), (time.monotonic(), "forked by the zygote")]
+
+
 def started(debug: bool) -> None:
     """Called by log.setup(): write what waited (debug) or stop keeping anything."""
     global _log, _pending

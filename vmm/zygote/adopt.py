@@ -1,0 +1,124 @@
+"""What the zygote's child must become to be the caller's launcher, and the check that
+it can: the policy in vmm/zygote/__init__.py, "Trust".
+
+refusal() runs in the zygote before it forks and reads the caller's /proc entry (the
+caller is blocked in its request meanwhile); become() runs in the child.
+"""
+
+import os
+import resource
+import signal
+import sys
+
+import prctl
+
+from .. import timeline
+
+_STATUS_KEYS = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb",
+                "NoNewPrivs", "Seccomp")
+_NAMESPACES = ("mnt", "net", "pid", "ipc", "uts", "user", "cgroup", "time")
+_CGROUP_V2_ROOT = "/sys/fs/cgroup"
+
+
+def refusal(pid: int) -> str | None:
+    """Why a child of the zygote could not be what process `pid` would be, or None."""
+    try:
+        theirs, ours = _status(pid), _status("self")
+        for key in _STATUS_KEYS:
+            if theirs.get(key) != ours.get(key):
+                return f"the caller's {key} ({theirs.get(key)}) is not the zygote's ({ours.get(key)})"
+        for name in _NAMESPACES:
+            if _inode(f"/proc/{pid}/ns/{name}") != _inode(f"/proc/self/ns/{name}"):
+                return f"the caller is in another {name} namespace"
+        if _inode(f"/proc/{pid}/root") != _inode("/"):
+            return "the caller has another root directory"
+        if _read(f"/proc/{pid}/attr/current") != _read("/proc/self/attr/current"):
+            return "the caller has another LSM label"
+        if _cgroup_move(pid) is None:
+            return "the caller is in other cgroup v1 hierarchies"
+    except OSError as error:
+        return f"the caller's /proc entry: {error.strerror}"
+    return None
+
+
+def become(pid: int, message: dict, cwd: int) -> None:
+    """Take on the caller's attributes (its fds are already in place)."""
+    os.setsid()         # not the zygote's process group: a signal to it is not to the VMs
+    os.fchdir(cwd)
+    os.umask(int(_status(pid)["Umask"], 8))
+    for name in dir(resource):
+        if name.startswith("RLIMIT_"):
+            number = getattr(resource, name)
+            resource.setrlimit(number, resource.prlimit(pid, number))
+    os.sched_setaffinity(0, os.sched_getaffinity(pid))
+    os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, pid))
+    with open("/proc/self/oom_score_adj", "w") as ours:
+        ours.write(_read(f"/proc/{pid}/oom_score_adj"))
+    move = _cgroup_move(pid)
+    if move:
+        with open(os.path.join(_CGROUP_V2_ROOT, move.lstrip("/"), "cgroup.procs"), "w") as procs:
+            procs.write(str(os.getpid()))
+    os.environb.clear()
+    os.environb.update(message["env"])
+    sys.argv = list(message["argv"])
+    prctl.set_name(os.path.basename(sys.argv[0] if sys.argv else "stratovirt"))
+    for number in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+                   signal.SIGUSR2, signal.SIGCHLD):
+        signal.signal(number, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.set_wakeup_fd(-1)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    _fresh_stdio()
+    timeline.restart(message["started"])
+
+
+def _fresh_stdio() -> None:
+    """sys.stdin/stdout/stderr as a new interpreter would open them on these fds."""
+    import io
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            setattr(sys, name, None)
+            continue
+        tty = os.isatty(fd)
+        line = mode == "w" and (tty or fd == 2)
+        stream = io.open(fd, mode, buffering=1 if line else -1, encoding="utf-8",
+                         errors="backslashreplace" if fd == 2 else "strict", closefd=False)
+        setattr(sys, name, stream)
+        setattr(sys, f"__{name}__", stream)
+
+
+def _cgroup_move(pid: int) -> str | None:
+    """'' when the caller is in the zygote's cgroups, a cgroup v2 path to join, or None
+    when it is elsewhere under cgroup v1 (not followed)."""
+    theirs, ours = _read(f"/proc/{pid}/cgroup"), _read("/proc/self/cgroup")
+    if theirs == ours:
+        return ""
+    lines = theirs.splitlines()
+    if len(lines) == 1 and lines[0].startswith("0::") and len(ours.splitlines()) == 1:
+        return lines[0][3:]
+    return None
+
+
+def _status(pid) -> dict[str, str]:
+    fields = {}
+    for line in _read(f"/proc/{pid}/status").splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
+
+
+def _inode(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError as error:
+        if path.endswith("/attr/current"):      # no LSM: the same for everyone
+            return ""
+        raise error

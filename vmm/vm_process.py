@@ -61,7 +61,10 @@ def main(config: MachineConfig, kvm_fd: int, channel: socket.socket) -> int:
     timeline.mark("start message received")
     memory = GuestMemory(fds[0], config.machine.mem_size,
                          dont_dump=config.machine.omit_vm_memory)
-    api_listener = socket.socket(fileno=fds[1])
+    # The api-channel first: it greets and negotiates while the machine is built, and
+    # runs commands once the vCPUs run (attach(), below).
+    qmp = QmpServer(socket.socket(fileno=fds[1]), config.seccomp)
+    qmp.start()
     devices = []        # each slot with its vhost-user connection, or its vhost-vsock fd
     for fields, fd in zip(slots, fds[2:]):
         slot = Slot(**{key: tuple(value) if isinstance(value, list) else value
@@ -79,10 +82,10 @@ def main(config: MachineConfig, kvm_fd: int, channel: socket.socket) -> int:
     for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(number, lambda *_: machine.shutdown("host-signal", guest=False))
     hotplug = Hotplug(config, machine.slots, memory, machine.emit, control.Requester(channel))
-    qmp = QmpServer(api_listener, machine, hotplug)
     timeline.mark("machine built")
-    # Everything is open and registered with KVM: confine the process before any thread
-    # starts, so each thread inherits this filter and stacks its own (vcpu, api) on it.
+    # Everything is open and registered with KVM: confine the process before any other
+    # thread starts, so each inherits this filter and stacks its own (vcpu) on it. The
+    # QMP thread, already running, took this filter itself (sandbox.confine, ahead_of).
     sandbox.confine("vm", seccomp=config.seccomp)
 
     stop_input = threading.Event()
@@ -94,8 +97,7 @@ def main(config: MachineConfig, kvm_fd: int, channel: socket.socket) -> int:
     if config.metrics_file:
         threading.Thread(target=_push_vcpu_exits, args=(machine, channel, stop_input),
                          name="vmm-metrics", daemon=True).start()
-    # Last: a client that gets the QMP greeting finds the vCPUs running.
-    qmp.start()
+    qmp.attach(machine, hotplug)
     control.send(channel, {"event": "running"})
     outcome = machine.wait()
     stop_input.set()

@@ -4,13 +4,14 @@ the api-channel reached at the jail's path on the host, every process inspected 
 
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from jailer.cgroups import Cgroup, remove, v2_mount
+
+from .qmp import running
 
 JAILER = Path(sys.executable).parent / "stratovirt-jailer"
 
@@ -58,21 +59,15 @@ class JailedVm:
         return path
 
     def wait_for_api(self, inside: str = "/run/api.sock", timeout: float = 30) -> Path:
-        """Until the QMP greeting comes through the jail's socket: the VM is then up,
-        every backend started and its vCPUs running."""
+        """Until the api-channel answers query-status through the jail's socket: the VM
+        is then up, every backend started and its vCPUs running."""
         path = self.wait_for(inside, timeout)
         deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with socket.socket(socket.AF_UNIX) as probe:
-                    probe.settimeout(max(0.1, deadline - time.monotonic()))
-                    probe.connect(str(path))
-                    if b'"QMP"' in probe.recv(4096):
-                        return path
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"no QMP greeting; {self.communicate()}") from None
-                time.sleep(0.02)
+        while not running(str(path), deadline - time.monotonic()):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"no QMP greeting; {self.communicate()}") from None
+            time.sleep(0.02)
+        return path
 
     def descendants(self) -> list[int]:
         """Every process below the jailer's supervisor, parents first."""

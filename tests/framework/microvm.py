@@ -6,11 +6,12 @@ checks on exit that nothing was left behind, like Firecracker's framework does.
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from .qmp import running
 
 
 class Microvm:
@@ -35,19 +36,15 @@ class Microvm:
         return self
 
     def wait_for_api(self, timeout: float = 30) -> None:
-        """Until the QMP greeting arrives: the VM is then up and its vCPUs started."""
+        """Until the api-channel answers query-status: the VM is then up and its vCPUs
+        started."""
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"no QMP greeting; {self.communicate()}")
-            try:
-                with socket.socket(socket.AF_UNIX) as probe:
-                    probe.settimeout(max(0.1, deadline - time.monotonic()))
-                    probe.connect(str(self.api))
-                    if b'"QMP"' in probe.recv(4096):
-                        return
-            except OSError:
-                time.sleep(0.02)
+            if running(str(self.api), deadline - time.monotonic()):
+                return
+            time.sleep(0.02)
 
     def communicate(self, timeout: float = 60) -> tuple[int, str, str]:
         out, err = self.process.communicate(timeout=timeout)

@@ -1,8 +1,32 @@
 """Talking QMP with the real client from PyPI (qemu.qmp), synchronously for tests."""
 
 import asyncio
+import json
+import socket
 
 from qemu.qmp import QMPClient
+
+
+def running(path: str, timeout: float) -> bool:
+    """Whether the api-channel at `path` says the VM runs: greeting, qmp_capabilities,
+    then query-status, whose reply waits until the vCPUs run (the server greets while
+    the machine is still being built: vmm/qmp/server.py). False if it cannot be asked
+    yet (no socket, refused, closed)."""
+    try:
+        with socket.socket(socket.AF_UNIX) as probe:
+            probe.settimeout(max(0.1, timeout))
+            probe.connect(path)
+            stream = probe.makefile("rwb")
+            if b'"QMP"' not in stream.readline():
+                return False
+            for command in ("qmp_capabilities", "query-status"):
+                stream.write(json.dumps({"execute": command}).encode() + b"\n")
+                stream.flush()
+                if "return" not in json.loads(stream.readline() or b"{}"):
+                    return False
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 class Events:

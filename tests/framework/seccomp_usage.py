@@ -53,6 +53,7 @@ from pathlib import Path
 from vmm.sandbox import usage as recorder
 
 from .guest import tiny_guest
+from .qmp import running
 
 REPO = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
@@ -121,14 +122,9 @@ def _wait_for_api(workdir: Path, traced: Traced, timeout: float = 60) -> None:
     while time.monotonic() < deadline:
         if traced.process.poll() is not None:
             raise AssertionError(f"{traced.name}: ended before its QMP greeting")
-        try:
-            with socket.socket(socket.AF_UNIX) as probe:
-                probe.settimeout(5)
-                probe.connect(str(workdir / "api.sock"))
-                if b'"QMP"' in probe.recv(4096):
-                    return
-        except OSError:
-            time.sleep(0.05)
+        if running(str(workdir / "api.sock"), 5):
+            return
+        time.sleep(0.05)
     raise AssertionError(f"{traced.name}: no QMP greeting")
 
 

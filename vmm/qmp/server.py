@@ -5,6 +5,11 @@ The listening socket is bound by the launcher (so the path exists before the VM 
 is removed by the launcher on every exit path); this thread accepts on it and serves
 every client from one poll loop, with no blocking call on any client:
 
+- It starts as soon as the vm process has its start message, while the machine is
+  being built (docs/performance.md, "Start-up"): clients are greeted and negotiate
+  capabilities at once; any other command waits, unread, until the machine is
+  attached, which is once its vCPUs run, so a client's first query-status finds the
+  VM running (as QEMU's does).
 - Each client is greeted at once. One more than MAX_CLIENTS gets an error line and is
   closed: never silence.
 - Input goes through json_stream (nesting and size limits, strict parsing); every bad
@@ -80,6 +85,7 @@ class _Client:
         self.stream = json_stream.JsonStream()
         self.out = bytearray(GREETING)
         self.negotiated = False
+        self.held: list = []            # read before the machine was attached
         self.fds: deque[int] = deque()
         self.closed = False
 
@@ -94,11 +100,14 @@ class _Client:
 
 
 class QmpServer(threading.Thread):
-    def __init__(self, listener: socket.socket, machine, hotplug):
+    def __init__(self, listener: socket.socket, seccomp: bool):
         super().__init__(name="vmm-qmp", daemon=True)
         self._listener = listener
-        self._machine = machine
-        self._hotplug = hotplug
+        self._seccomp = seccomp
+        self._machine = self._hotplug = None     # attach()
+        self._attached = False                   # seen by the loop: held commands run
+        self._confined = threading.Event()
+        self._confine_error: str | None = None
         self._clients: dict[int, _Client] = {}
         self._lock = threading.Lock()          # the clients' output queues
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -107,9 +116,18 @@ class QmpServer(threading.Thread):
         self._throttled = False
         self._refilled = time.monotonic()
         self._poller = select.poll()
-        machine.listeners.append(self.emit)
 
     # Any thread.
+
+    def attach(self, machine, hotplug) -> None:
+        """The machine is running: commands may reach it (the vm process's main thread)."""
+        self._confined.wait()
+        if self._confine_error:
+            machine.fail(self._confine_error)
+            return
+        self._machine, self._hotplug = machine, hotplug
+        machine.listeners.append(self.emit)
+        self._kick()
 
     def emit(self, event: str, data: dict) -> None:
         line = _line({"event": event, "data": data, "timestamp": _timestamp()})
@@ -139,14 +157,15 @@ class QmpServer(threading.Thread):
         """Confined (the `api` profile, this thread only) before the first client."""
         prctl.set_name(self.name)
         try:
-            sandbox.confine("api", thread=True, seccomp=self._machine.config.seccomp)
+            sandbox.confine("api", thread=True, seccomp=self._seccomp, ahead_of="vm")
         except Exception:
             log.exception("the QMP thread could not be confined")
-            self._machine.fail("the QMP thread could not be confined")
+            self._confine_error = "the QMP thread could not be confined"
             return
+        finally:
+            self._confined.set()
         self._poller.register(self._listener, _IN)
         self._poller.register(self._wake, _IN)
-        self._poller.register(self._hotplug.broker.fileno(), _IN)
         timeline.mark("api-channel served (QMP thread confined)")
         try:
             self._loop()
@@ -192,7 +211,7 @@ class QmpServer(threading.Thread):
                     for _ in range(ACCEPTS_PER_ROUND):
                         if self._closing or not self._accept():
                             break
-                elif fd == self._hotplug.broker.fileno():
+                elif self._attached and fd == self._hotplug.broker.fileno():
                     if events & _GONE:         # the launcher is gone; the VM ends with it
                         self._poller.unregister(fd)
                 elif (client := self._clients.get(fd)) is not None:
@@ -200,14 +219,27 @@ class QmpServer(threading.Thread):
                         self._read(client)
                     elif events & _GONE:
                         self._drop(client, None)
+            if self._hotplug is not None and not self._attached:
+                self._run_held()
             # The launcher's news about backends, read here or set aside by a request's
             # wait for its reply; handled between commands, as every slot change is.
-            if self._hotplug.broker.has_events or any(
-                    fd == self._hotplug.broker.fileno() and events & _IN for fd, events in ready):
+            if self._attached and (self._hotplug.broker.has_events or any(
+                    fd == self._hotplug.broker.fileno() and events & _IN for fd, events in ready)):
                 self._hotplug.backend_events()
             self._flush_all()
             if deadline is not None and (time.monotonic() >= deadline or not self._pending()):
                 return
+
+    def _run_held(self) -> None:
+        """The machine was attached: from now on commands run; those held run first."""
+        self._attached = True
+        self._poller.register(self._hotplug.broker.fileno(), _IN)
+        for client in list(self._clients.values()):
+            held, client.held = client.held, []
+            for item in held:
+                if client.closed:
+                    break
+                self._handle(client, item)
 
     def _pending(self) -> bool:
         with self._lock:
@@ -265,12 +297,18 @@ class QmpServer(threading.Thread):
             return
         for item in client.stream.feed(data):
             self._tokens -= 1
-            if isinstance(item, json_stream.BadInput):
-                self._reply(client, QmpError("GenericError", item.desc).reply())
+            if client.held or (client.negotiated and not self._attached):
+                client.held.append(item)            # in order, once the machine runs
             else:
-                self._execute(client, item.value)
+                self._handle(client, item)
             if client.closed:
                 return
+
+    def _handle(self, client: _Client, item) -> None:
+        if isinstance(item, json_stream.BadInput):
+            self._reply(client, QmpError("GenericError", item.desc).reply())
+        else:
+            self._execute(client, item.value)
 
     def _execute(self, client: _Client, request) -> None:
         reply: dict
@@ -351,7 +389,7 @@ class QmpServer(threading.Thread):
                 self._drop(client, f"it stopped reading ({queued} bytes queued)")
             else:
                 reading = queued < SOFT_QUEUE_BYTES and not self._closing \
-                    and not self._throttled
+                    and not self._throttled and not client.held
                 wanted = (_IN if reading else 0) | (_OUT if queued else 0)
                 self._poller.modify(client.sock, wanted)
 

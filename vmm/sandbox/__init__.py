@@ -54,7 +54,7 @@ def prepare() -> None:
 
 def confine(role: str, *, seccomp: bool = True, thread: bool = False,
             name: str | None = None, log_fd: int | None = None,
-            reach: str | None = None) -> None:
+            reach: str | None = None, ahead_of: str | None = None) -> None:
     """Confine the calling thread (thread=True) or process (thread=False) as `role`.
 
     Rules for the caller:
@@ -72,6 +72,11 @@ def confine(role: str, *, seccomp: bool = True, thread: bool = False,
       new user, mount and IPC namespaces (empty_root.py), before its capabilities go;
       `reach` is the one directory its root may hold (vsock's socket directory). Failing
       that, EmptyRootError: the backend never runs unjailed.
+    - A thread started before its process is confined (the vm process's QMP thread, so
+      that the api-channel answers while the machine is being built) names the role
+      its process will have, `ahead_of`: it first takes what it would otherwise have
+      inherited (no_new_privs, an empty capability set, that role's filter), and then
+      its own filter stacks on it as usual.
     - seccomp=False (-disable-seccomp) skips the filter and nothing else.
     - `name` sets the thread's name (comm), which `stratovirt seccomp check` reads;
       `log_fd` is where a violation is reported (default: the log's fd, else stderr).
@@ -91,6 +96,16 @@ def confine(role: str, *, seccomp: bool = True, thread: bool = False,
                 privileges.prepare()        # /proc/sys is gone once the root is empty
                 empty_root.enter(reach)
             privileges.drop_capabilities()
+    if thread and ahead_of:
+        privileges.no_new_privs()
+        privileges.drop_capabilities()
+        if seccomp:
+            # Loaded under that role's process name (vmm-vm) and named back after: the
+            # usage recorder tells whose filter a thread loads by the thread's name.
+            own = privileges.name()
+            privileges.set_name(f"vmm-{ahead_of}")
+            _seccomp.install_program(_filters[ahead_of])
+            privileges.set_name(own)
     if not seccomp:
         return
     if thread:

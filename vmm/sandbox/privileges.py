@@ -25,6 +25,10 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
     prctl.set_pdeathsig(sig)
 
 
+def name() -> str:
+    return prctl.get_name()
+
+
 def set_name(name: str) -> None:
     """The thread's name (comm, 15 bytes): how the auditor tells roles apart."""
     prctl.set_name(name[:15])

@@ -55,13 +55,14 @@ int main(int argc, char **argv)
 {
     const char *given = getenv("STRATOVIRT_STANDIN");
     int connection, pid;
-    (void)argc, (void)argv;
+    (void)argc;
     if (!given || sscanf(given, "%d:%d", &connection, &pid) != 2) {
         fprintf(stderr, "stratovirt-standin: run by stratovirt only\n");
         return 2;
     }
     launcher = syscall(SYS_pidfd_open, pid, 0);
-    prctl(PR_SET_NAME, "stratovirt", 0, 0, 0);
+    const char *base = strrchr(argv[0], '/');     /* the name an exec of ARGS gives */
+    prctl(PR_SET_NAME, base ? base + 1 : argv[0], 0, 0, 0);
     /* launcher < 0: it has ended already; the zygote's message says how. */
     struct sigaction action = {.sa_handler = forward};
     sigemptyset(&action.sa_mask);

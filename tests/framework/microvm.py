@@ -28,11 +28,11 @@ class Microvm:
         self.stdin = stdin
         self.process: subprocess.Popen | None = None
 
-    def spawn(self, pass_fds=()) -> "Microvm":
+    def spawn(self, pass_fds=(), env: dict | None = None) -> "Microvm":
         """pass_fds: extra files the VMM starts with (Kata's fds= and vhostfd=)."""
         self.process = subprocess.Popen(self.argv, stdin=self.stdin, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, cwd=self.workdir,
-                                        pass_fds=pass_fds)
+                                        pass_fds=pass_fds, env=env)
         return self
 
     def wait_for_api(self, timeout: float = 30) -> None:

@@ -61,7 +61,7 @@ def become(pid: int, message: dict, cwd: int) -> None:
     os.environb.clear()
     os.environb.update(message["env"])
     sys.argv = list(message["argv"])
-    prctl.set_name(os.path.basename(sys.argv[0] if sys.argv else "stratovirt"))
+    prctl.set_name(message["name"][:15])       # as an exec of the caller's command
     for number in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
                    signal.SIGUSR2, signal.SIGCHLD):
         signal.signal(number, signal.SIG_DFL)

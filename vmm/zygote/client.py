@@ -38,9 +38,9 @@ def run(argv: list[str]) -> int | None:
         _signal.signal(_signal.SIGINT, _signal.default_int_handler)
         return None
     os.set_inheritable(sock.fileno(), True)
-    environment = dict(os.environ, STRATOVIRT_STANDIN=f"{sock.fileno()}:{launcher}")
+    environment = dict(os.environb, STRATOVIRT_STANDIN=f"{sock.fileno()}:{launcher}".encode())
     try:
-        os.execve(STANDIN, argv, environment)
+        os.execve(STANDIN, _command_line(), environment)     # ps shows what it showed
     except OSError as error:        # the VM runs without its stand-in: end it
         print(f"stratovirt: error: {STANDIN}: {error.strerror}", file=sys.stderr)
         return 1
@@ -56,6 +56,7 @@ def _ask(sock, argv: list[str]) -> int | None:
         return None
     try:
         wire.send(sock, {"argv": argv, "env": dict(os.environb), "fds": fds,
+                         "name": os.path.basename(_command_line()[0]).decode(errors="replace"),
                          "started": STARTED}, [cwd, *fds])
         reply = wire.receive(sock)
     except (OSError, wire.WireError):
@@ -69,6 +70,12 @@ def _ask(sock, argv: list[str]) -> int | None:
         if fd > 2:
             os.set_inheritable(fd, False)
     return reply[0]["ready"]
+
+
+def _command_line() -> list[bytes]:
+    """This process's argv as exec'd (`python -m vmm ...`, not sys.argv's rewrite)."""
+    with open("/proc/self/cmdline", "rb") as f:
+        return f.read().rstrip(b"\0").split(b"\0")
 
 
 def _inherited() -> list[int]:

@@ -71,6 +71,7 @@ def _listen(path: str) -> socket.socket:
     old = os.umask(0o077)
     try:
         listener.bind(path)
+        os.chmod(path, 0o600)
     finally:
         os.umask(old)
     listener.listen(64)
@@ -189,6 +190,7 @@ class Zygote:
         shape = (isinstance(message, dict)
                  and isinstance(message.get("argv"), list) and isinstance(message.get("env"), dict)
                  and isinstance(message.get("fds"), list) and isinstance(message.get("started"), float)
+                 and isinstance(message.get("name"), str)
                  and all(isinstance(word, str) for word in message["argv"])
                  and all(isinstance(k, bytes) and isinstance(v, bytes)
                          for k, v in message["env"].items())

@@ -3,10 +3,10 @@
  * launcher (vmm/zygote/). It execs this so that a VM's stand-in costs a C program's
  * few hundred KiB rather than an interpreter's 4 MiB, per VM.
  *
- *     STRATOVIRT_STANDIN=FD:PID stratovirt-standin ARGS...   (vmm/zygote/client.py)
+ *     STRATOVIRT_STANDIN=FD:PID:NAME stratovirt-standin ARGS...   (vmm/zygote/client.py)
  *
- * ARGS are the `stratovirt` command line it replaces (so ps shows the VM as before), FD
- * its connection to the zygote, PID the launcher's. It forwards SIGTERM, SIGINT,
+ * ARGS and NAME are the command line and name of the `stratovirt` it replaces (so ps
+ * shows the VM as before), FD its connection to the zygote, PID the launcher's. It forwards SIGTERM, SIGINT,
  * SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 to the launcher (through a pidfd: never to a
  * reused pid), waits for the one message the zygote sends when the launcher has ended
  * (its exit status as a marshal int: vmm/zygote/wire.py) and exits with that status, or
@@ -54,15 +54,14 @@ static int status_of(const unsigned char *message, ssize_t length, int *status)
 int main(int argc, char **argv)
 {
     const char *given = getenv("STRATOVIRT_STANDIN");
-    int connection, pid;
-    (void)argc;
-    if (!given || sscanf(given, "%d:%d", &connection, &pid) != 2) {
+    int connection, pid, name = 0;
+    (void)argc, (void)argv;
+    if (!given || sscanf(given, "%d:%d:%n", &connection, &pid, &name) != 2 || !name) {
         fprintf(stderr, "stratovirt-standin: run by stratovirt only\n");
         return 2;
     }
     launcher = syscall(SYS_pidfd_open, pid, 0);
-    const char *base = strrchr(argv[0], '/');     /* the name an exec of ARGS gives */
-    prctl(PR_SET_NAME, base ? base + 1 : argv[0], 0, 0, 0);
+    prctl(PR_SET_NAME, given + name, 0, 0, 0);
     /* launcher < 0: it has ended already; the zygote's message says how. */
     struct sigaction action = {.sa_handler = forward};
     sigemptyset(&action.sa_mask);

@@ -56,6 +56,16 @@ def zygote(tmp_path_factory):
     assert not zygote.socket.exists()
 
 
+@pytest.fixture
+def vms():
+    """Microvms this test spawns, killed if it failed before it ended them (a killed
+    stand-in ends its VM: the zygote sees it go)."""
+    spawned: list[Microvm] = []
+    yield spawned
+    for vm in spawned:
+        vm.kill()
+
+
 def status(pid: int) -> dict[str, str]:
     fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -81,10 +91,11 @@ def gone(pid: int, timeout: float = 30) -> bool:
 
 
 def test_a_vm_through_the_zygote_is_the_callers_confined_and_ends_with_its_status(
-        zygote, tmp_path, tiny_guest):
+        vms, zygote, tmp_path, tiny_guest):
     (tmp_path / "d0.img").write_bytes(bytes(1 << 20))
     marker = open(tmp_path / "marker", "w")          # an fd the caller passes, number kept
     vm = Microvm(tmp_path, tiny_guest, "-drive", "file=d0.img,id=d0", append="wait")
+    vms.append(vm)
     before = set(zygote.children())
     vm.spawn(pass_fds=(marker.fileno(),), env=zygote.env).wait_for_api()
     launcher = launcher_of(zygote, before)
@@ -113,10 +124,11 @@ def test_a_vm_through_the_zygote_is_the_callers_confined_and_ends_with_its_statu
     marker.close()
 
 
-def test_the_same_status_and_line_as_without_the_zygote(zygote, tmp_path, tiny_guest):
+def test_the_same_status_and_line_as_without_the_zygote(vms, zygote, tmp_path, tiny_guest):
     runs = []
     for env in (zygote.env, dict(os.environ, STRATOVIRT_ZYGOTE="")):
         vm = Microvm(tmp_path, tiny_guest, "-m", "64K")
+        vms.append(vm)
         vm.spawn(env=env)
         runs.append(vm.communicate())
     assert runs[0] == runs[1]
@@ -124,13 +136,15 @@ def test_the_same_status_and_line_as_without_the_zygote(zygote, tmp_path, tiny_g
     ended = []                          # the guest prints and ends the VM itself
     for env in (zygote.env, dict(os.environ, STRATOVIRT_ZYGOTE="")):
         vm = Microvm(tmp_path, tiny_guest)
+        vms.append(vm)
         code, out, _ = vm.spawn(env=env).communicate()
         ended.append((code, out.split(" virtio_mmio")[0]))
     assert ended[0] == ended[1] and ended[0][1].startswith("tiny guest"), ended
 
 
-def test_a_killed_caller_ends_its_vm(zygote, tmp_path, tiny_guest):
+def test_a_killed_caller_ends_its_vm(vms, zygote, tmp_path, tiny_guest):
     vm = Microvm(tmp_path, tiny_guest, append="wait")
+    vms.append(vm)
     before = set(zygote.children())
     vm.spawn(env=zygote.env).wait_for_api()
     launcher = launcher_of(zygote, before)
@@ -140,9 +154,11 @@ def test_a_killed_caller_ends_its_vm(zygote, tmp_path, tiny_guest):
     assert "went away: ending that VM" in zygote.log.read_text()
 
 
-def test_a_caller_in_another_network_namespace_runs_its_vm_itself(zygote, tmp_path, tiny_guest):
+def test_a_caller_in_another_network_namespace_runs_its_vm_itself(vms, zygote, tmp_path,
+                                                                   tiny_guest):
     with Netns("vmmzy") as ns:
         vm = Microvm(tmp_path, tiny_guest, append="wait")
+        vms.append(vm)
         vm.argv = ns.command(*vm.argv)
         before = set(zygote.children())
         vm.spawn(env=zygote.env).wait_for_api()
@@ -203,13 +219,14 @@ def test_no_zygote_or_an_empty_variable_means_the_caller_runs_it(tmp_path, monke
         assert client.run(["stratovirt"]) is None
 
 
-def test_a_zygote_whose_code_changed_refuses_and_exits(tmp_path, tiny_guest):
+def test_a_zygote_whose_code_changed_refuses_and_exits(vms, tmp_path, tiny_guest):
     zygote = Zygote(tmp_path)
     module = Path(client.__file__)
     before = module.stat()
     os.utime(module, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000_000))
     try:
         vm = Microvm(tmp_path, tiny_guest, "-m", "64K")
+        vms.append(vm)
         assert vm.spawn(env=zygote.env).communicate()[0] == 2      # run by the caller
         assert zygote.process.wait(30) == 0
     finally:
@@ -218,18 +235,21 @@ def test_a_zygote_whose_code_changed_refuses_and_exits(tmp_path, tiny_guest):
     assert not zygote.socket.exists()
 
 
-def test_a_launcher_killed_by_a_signal_kills_its_stand_in_with_it(zygote, tmp_path, tiny_guest):
+def test_a_launcher_killed_by_a_signal_kills_its_stand_in_with_it(vms, zygote, tmp_path,
+                                                                  tiny_guest):
     vm = Microvm(tmp_path, tiny_guest, append="wait")
+    vms.append(vm)
     before = set(zygote.children())
     vm.spawn(env=zygote.env).wait_for_api()
     os.kill(launcher_of(zygote, before), signal.SIGKILL)
     assert vm.communicate()[0] == -signal.SIGKILL       # as a caller of the launcher sees
 
 
-def test_a_daemon_through_the_zygote(zygote, tmp_path, tiny_guest):
+def test_a_daemon_through_the_zygote(vms, zygote, tmp_path, tiny_guest):
     pidfile = tmp_path / "vm.pid"
     vm = Microvm(tmp_path, tiny_guest, "-daemonize", "-pidfile", str(pidfile), serial=False,
                  append="wait")
+    vms.append(vm)
     assert vm.spawn(env=zygote.env).communicate() == (0, "", "")
     daemon = int(pidfile.read_text())
     assert os.getsid(daemon) not in (os.getsid(0), os.getsid(zygote.process.pid))

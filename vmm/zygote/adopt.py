@@ -26,7 +26,8 @@ def refusal(pid: int) -> str | None:
         theirs, ours = _status(pid), _status("self")
         for key in _STATUS_KEYS:
             if theirs.get(key) != ours.get(key):
-                return f"the caller's {key} ({theirs.get(key)}) is not the zygote's ({ours.get(key)})"
+                return (f"the caller's {key} ({theirs.get(key)}) is not the zygote's "
+                        f"({ours.get(key)})")
         for name in _NAMESPACES:
             if _inode(f"/proc/{pid}/ns/{name}") != _inode(f"/proc/self/ns/{name}"):
                 return f"the caller is in another {name} namespace"

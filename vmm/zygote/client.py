@@ -38,7 +38,8 @@ def run(argv: list[str]) -> int | None:
         _signal.signal(_signal.SIGINT, _signal.default_int_handler)
         return None
     os.set_inheritable(sock.fileno(), True)
-    environment = dict(os.environb, STRATOVIRT_STANDIN=f"{sock.fileno()}:{launcher}".encode())
+    environment = dict(os.environb,
+                       STRATOVIRT_STANDIN=f"{sock.fileno()}:{launcher}:{_name()}".encode())
     try:
         os.execve(STANDIN, _command_line(), environment)     # ps shows what it showed
     except OSError as error:        # the VM runs without its stand-in: end it
@@ -56,7 +57,7 @@ def _ask(sock, argv: list[str]) -> int | None:
         return None
     try:
         wire.send(sock, {"argv": argv, "env": dict(os.environb), "fds": fds,
-                         "name": os.path.basename(_command_line()[0]).decode(errors="replace"),
+                         "name": _name(),
                          "started": STARTED}, [cwd, *fds])
         reply = wire.receive(sock)
     except (OSError, wire.WireError):
@@ -70,6 +71,12 @@ def _ask(sock, argv: list[str]) -> int | None:
         if fd > 2:
             os.set_inheritable(fd, False)
     return reply[0]["ready"]
+
+
+def _name() -> str:
+    """This process's name (comm: a console script's, not its interpreter's)."""
+    with open("/proc/self/comm") as f:
+        return f.read().rstrip("\n")
 
 
 def _command_line() -> list[bytes]:

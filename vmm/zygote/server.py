@@ -10,6 +10,7 @@ exit once every VM forked so far has ended.
 """
 
 import argparse
+import fcntl
 import gc
 import importlib
 import logging
@@ -18,7 +19,9 @@ import pkgutil
 import select
 import signal
 import socket
+import struct
 import sys
+import traceback
 
 from . import DEFAULT_SOCKET, adopt, wire
 
@@ -27,7 +30,8 @@ _SKIPPED = (".main", ".__main__", ".zygote.server")   # programs with their own 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="stratovirt-zygote", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="stratovirt-zygote",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--socket", default=DEFAULT_SOCKET, help=f"default {DEFAULT_SOCKET}")
     path = parser.parse_args(argv).socket
     handler = logging.StreamHandler()       # its own, not the root logger's: the
@@ -44,10 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         log.error("%s: %s", path, error.strerror)
         return 1
+    zygote = Zygote(listener, path, files)
     try:
-        Zygote(listener, path, files).serve()
+        zygote.serve()
     finally:
-        _unlink(path)
+        zygote.stop()
     return 0
 
 
@@ -110,9 +115,11 @@ class Zygote:
         self.stopping = False
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         for number in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(number, self._stop)
+            signal.signal(number, self.stop)
 
-    def _stop(self, *_):
+    def stop(self, *_) -> None:
+        """Stop listening (SIGTERM, SIGINT, stale code); serve() returns once the VMs
+        forked so far have ended."""
         if not self.stopping:
             self.stopping = True
             self.poll.unregister(self.listener)
@@ -185,18 +192,9 @@ class Zygote:
         if self.stopping:
             return "the zygote is stopping"
         if _fingerprint(self.files) != self.marks:
-            self._stop()
+            self.stop()
             return "the installed code changed since the zygote started; restart it"
-        shape = (isinstance(message, dict)
-                 and isinstance(message.get("argv"), list) and isinstance(message.get("env"), dict)
-                 and isinstance(message.get("fds"), list) and isinstance(message.get("started"), float)
-                 and isinstance(message.get("name"), str)
-                 and all(isinstance(word, str) for word in message["argv"])
-                 and all(isinstance(k, bytes) and isinstance(v, bytes)
-                         for k, v in message["env"].items())
-                 and len(fds) == len(message["fds"]) + 1
-                 and all(isinstance(fd, int) and 0 <= fd < 1 << 20 for fd in message["fds"]))
-        if not shape:
+        if not _well_formed(message, fds):
             return "a malformed request"
         return adopt.refusal(_peer(connection)[0])
 
@@ -230,12 +228,11 @@ class Zygote:
             gc.disable()        # as `stratovirt` runs: none until the launcher supervises
             from .. import cli
             status = cli.main(sys.argv[1:])
-        except SystemExit as exit:
-            status = exit.code if isinstance(exit.code, int) else (exit.code is not None)
+        except SystemExit as exit:      # as the interpreter would end with it
+            status = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
             if isinstance(exit.code, str):
                 print(exit.code, file=sys.stderr)
         except BaseException:
-            import traceback
             traceback.print_exc()
         finally:
             for stream in (sys.stdout, sys.stderr):
@@ -269,8 +266,23 @@ class Zygote:
                 return
 
 
+def _well_formed(message, fds: list[int]) -> bool:
+    """The request's fields (vmm/zygote/wire.py), each of its type, checked before any
+    is used; the fds that came are the caller's cwd and one per number in "fds"."""
+    if not isinstance(message, dict) or set(message) != {"argv", "env", "fds", "name", "started"}:
+        return False
+    argv, env, numbers = message["argv"], message["env"], message["fds"]
+    return (isinstance(argv, list) and all(isinstance(word, str) for word in argv)
+            and isinstance(env, dict)
+            and all(isinstance(k, bytes) and isinstance(v, bytes) for k, v in env.items())
+            and isinstance(numbers, list)
+            and all(isinstance(fd, int) and 0 <= fd < 1 << 20 for fd in numbers)
+            and len(fds) == len(numbers) + 1
+            and isinstance(message["name"], str) and isinstance(message["started"], float))
+
+
 def _peer(connection: socket.socket) -> tuple[int, int, int]:
-    import struct
+    """pid, uid, gid of the caller when it connected (SO_PEERCRED)."""
     return struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                       struct.calcsize("3i")))
 
@@ -296,5 +308,4 @@ def _arrange(connection: int, cwd: int, received: list[int], targets: list[int])
 
 
 def _move(fd: int, above: int) -> int:
-    import fcntl
     return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, above)

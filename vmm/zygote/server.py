@@ -15,7 +15,6 @@ import gc
 import importlib
 import logging
 import os
-import pkgutil
 import select
 import signal
 import socket
@@ -26,7 +25,19 @@ import traceback
 from . import DEFAULT_SOCKET, adopt, wire
 
 log = logging.getLogger("stratovirt.zygote")
-_SKIPPED = (".main", ".__main__", ".zygote.server")   # programs with their own click lines
+# What a launcher, its vm process and its backends run: the launcher's and the vm
+# process's imports, including those they make only for some VMs (each device kind's
+# attach module, the vhost-vsock device, the metrics file), and nothing else: not the
+# auditor or usage recorder (`stratovirt seccomp`, never a VM), not the backend
+# programs' command lines (click), not libseccomp's binding (filters come from the
+# cache). A module not here still works in a child, imported there (and not shared).
+PRELOAD = ("vmm.cli", "vmm.config", "vmm.launcher", "vmm.vm_process", "vmm.broker",
+           "vmm.restart", "vmm.metrics", "vmm.hotplug", "vmm.boot.loader", "vmm.boot.kernel",
+           "vmm.machine.memory", "vmm.machine.vcpu", "vmm.machine.vm", "vmm.qmp.server",
+           "vmm.devices.virtio.mmio", "vmm.devices.virtio.attach",
+           "vmm.devices.virtio.block.attach", "vmm.devices.virtio.net.attach",
+           "vmm.devices.virtio.console.attach", "vmm.devices.virtio.vsock.attach",
+           "vmm.devices.virtio.vsock.vhost", "vmm.devices.virtio.rng.attach")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,12 +68,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def preload() -> list[str]:
-    """Every module of vmm that a launcher, vm process or backend may run, imported and
-    frozen, so the children share them; returns the files to watch for staleness."""
-    import vmm
-    for module in pkgutil.walk_packages(vmm.__path__, "vmm."):
-        if not module.name.endswith(_SKIPPED):
-            importlib.import_module(module.name)
+    """PRELOAD imported and frozen, so the children share them; returns the files to
+    watch for staleness (every module of ours that came with them)."""
+    for name in PRELOAD:
+        importlib.import_module(name)
     gc.collect()
     gc.freeze()         # what the children share is never visited by a collection
     return sorted({m.__file__ for m in list(sys.modules.values())

@@ -5,6 +5,7 @@ refusal() runs in the zygote before it forks and reads the caller's /proc entry 
 caller is blocked in its request meanwhile); become() runs in the child.
 """
 
+import io
 import os
 import resource
 import signal
@@ -75,7 +76,6 @@ def become(pid: int, message: dict, cwd: int) -> None:
 
 def _fresh_stdio() -> None:
     """sys.stdin/stdout/stderr as a new interpreter would open them on these fds."""
-    import io
     for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
         try:
             os.fstat(fd)

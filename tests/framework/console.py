@@ -17,12 +17,12 @@ class Timeout(Exception):
 
 
 class Vm:
-    def __init__(self, argv: list[str], timeout: float | None = None, pass_fds=()):
+    def __init__(self, argv: list[str], timeout: float | None = None, pass_fds=(), env=None):
         # $CONSOLE_TIMEOUT: for slower runs, e.g. under strace (scripts/seccomp_usage.py).
         timeout = timeout or float(os.environ.get("CONSOLE_TIMEOUT", 300))
         self.deadline = time.monotonic() + timeout
         self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, pass_fds=pass_fds)
+                                        stderr=subprocess.STDOUT, pass_fds=pass_fds, env=env)
         self._unseen = ""
         self._partial = ""
 

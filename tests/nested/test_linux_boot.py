@@ -1,7 +1,7 @@
 """Debian's stock kernel booted by our VMM as L2 inside the nested rig, as a bzImage and
 as an ELF vmlinux: ACPI discovery of the vCPUs, interrupts, the serial console both
 ways, reboot, Kata's 2.x line (virtio-rng, vhost-vsock and a tap passed as fds), QMP
-through qemu.qmp, daemon mode. One L1 boot runs every check (tests/nested/l1/boot_checks.py), and the
+through qemu.qmp, daemon mode, a VM through the zygote. One L1 boot runs every check (tests/nested/l1/boot_checks.py), and the
 jailer's (tests/nested/test_jailer.py) after them."""
 
 import pytest
@@ -100,3 +100,13 @@ def test_daemonize_pidfile_and_log(checks):
     assert daemon["alive"] and daemon["gone"]
     assert not daemon["pidfile_left"] and not daemon["api_left"]
     assert daemon["log_roles"] == ["launcher", "vm"] and daemon["log_shutdown"]
+
+
+def test_a_debian_guest_through_the_zygote(checks):
+    [zygote] = checks.get("zygote", [None])
+    assert zygote, checks["why"]
+    assert zygote["ready"] and zygote["launchers"] == 1
+    assert zygote["standin"] == "stratovirt-standin"
+    assert zygote["children"] == ["vmm-blk-rootfs", "vmm-vm"] and zygote["seccomp"] == ["2"]
+    assert zygote["status"] == 0 and not zygote["api_left"]
+    assert zygote["zygote_status"] == 0 and not zygote["refused"]

@@ -293,11 +293,60 @@ def daemon() -> None:
            log_shutdown="shutdown: host-qmp-quit" in text)
 
 
+def zygote() -> None:
+    """A VM through stratovirt-zygote (vmm/zygote/): the caller becomes the C stand-in,
+    the launcher is the zygote's child with its own children confined; the guest boots,
+    takes input, reboots, and its status comes back through the stand-in."""
+    sock, api = "/tmp/zygote/z.sock", "/tmp/zygote-vm.sock"
+    server = subprocess.Popen(["stratovirt-zygote", "--socket", sock], stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        ready = server.stderr.readline()
+        vm = Vm(initrd_vm(api, "-smp", "2", "-serial", "stdio", "-drive",
+                          "file=/l2/rootfs.ext4,id=rootfs,readonly=true"),
+                env=dict(os.environ, STRATOVIRT_ZYGOTE=sock))
+        try:
+            vm.expect("initramfs: ready")
+            launchers = _children(server.pid)
+            below = [pid for launcher in launchers for pid in _children(launcher)]
+            names = sorted(_comm(pid) for pid in below)
+            seccomp = sorted({_status(pid)["Seccomp"] for pid in below})
+            standin = os.readlink(f"/proc/{vm.process.pid}/exe")
+            vm.send("echo typed-$((6*7))\n")
+            vm.expect(r"^typed-42$")
+            vm.send("reboot -f\n")
+            status = vm.wait()
+        finally:
+            vm.kill()
+    finally:
+        server.terminate()
+        stopped = server.wait(60)
+    log = ready + server.stderr.read()
+    report("zygote", ready="ready on" in ready, launchers=len(launchers), children=names,
+           seccomp=seccomp, standin=os.path.basename(standin), status=status,
+           api_left=os.path.exists(api), zygote_status=stopped, refused="refused" in log)
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(child) for child in f.read().split()]
+
+
+def _comm(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read().strip()
+
+
+def _status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.split(":\t", 1) for line in f.read().splitlines() if ":\t" in line)
+
+
 if __name__ == "__main__":
     failed = 0
     for check in (lambda: boot_shell("2", "256M", "/l2/vmlinuz"),
                   lambda: boot_shell("4", "512M", "/l2/vmlinux"),
-                  seed_example, kata, qmp_session, daemon):
+                  seed_example, kata, qmp_session, daemon, zygote):
         try:
             check()
         except Exception as error:      # a check that breaks is reported; the others run

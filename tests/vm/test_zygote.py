@@ -257,3 +257,23 @@ def test_a_daemon_through_the_zygote(vms, zygote, tmp_path, tiny_guest):
     os.kill(daemon, signal.SIGTERM)
     assert gone(daemon)
     assert vm.leftovers() == []
+
+
+def test_vms_started_at_once_each_get_their_own_launcher(vms, zygote, tmp_path, tiny_guest):
+    before = set(zygote.children())
+    for index in range(5):
+        workdir = tmp_path / f"vm{index}"
+        workdir.mkdir()
+        vm = Microvm(workdir, tiny_guest, append="wait")
+        vms.append(vm)
+        vm.spawn(env=zygote.env)
+    for vm in vms:
+        vm.wait_for_api()
+    launchers = set(zygote.children()) - before
+    assert len(launchers) == 5
+    assert {os.readlink(f"/proc/{pid}/cwd") for pid in launchers} == \
+        {str(vm.workdir) for vm in vms}
+    for vm in vms:
+        vm.process.send_signal(signal.SIGTERM)
+    assert [vm.communicate()[0] for vm in vms] == [0] * 5
+    assert all(gone(pid) for pid in launchers)

@@ -114,6 +114,12 @@ def test_a_vm_through_the_zygote_is_the_callers_confined_and_ends_with_its_statu
     assert {"vmm-vm", "vmm-blk-d0"} <= set(names)
     for pid in names.values():
         assert status(pid)["Seccomp"] == "2", pid
+    # The auditor, given the stand-in (as `pgrep -o stratovirt` finds it), checks the VM.
+    audit = subprocess.run([sys.executable, "-m", "vmm", "seccomp", "check",
+                            str(vm.process.pid)], capture_output=True, text=True, timeout=60)
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    assert f"checking its launcher, {launcher}" in audit.stdout
+    assert {"vmm-vm", "vmm-blk-d0"} <= {line.split()[2] for line in audit.stdout.splitlines()[2:]}
     # SIGTERM to the stand-in: forwarded, the VM ends in order, its status comes back.
     vm.process.send_signal(signal.SIGTERM)
     code, out, err = vm.communicate()

@@ -18,6 +18,7 @@ Errors are one line on stderr (exit status 2), never a traceback.
 
 import errno as errno_names
 import json
+import os
 import re
 import sys
 import textwrap
@@ -140,7 +141,13 @@ def diff(role1, role2):
                    "should carry; exit status 1 if any differs.")
 def check(pid, deep):
     """Every thread of PID and of its descendants: role, seccomp mode, filters; with
-    --deep, the filters themselves proven equal to the profiles' exported BPF."""
+    --deep, the filters themselves proven equal to the profiles' exported BPF. The
+    stand-in of a VM started through the zygote stands for its launcher."""
+    launcher = _launcher_of_standin(pid)
+    if launcher:
+        click.echo(f"{pid} is the stand-in of a VM the zygote forked (vmm/zygote/); "
+                   f"checking its launcher, {launcher}")
+        pid = launcher
     rows = list(_tasks(pid))
     click.echo(f"{'PID':>8} {'TID':>8} {'NAME':16} {'ROLE':11} {'SECCOMP':8} FILTERS")
     unfiltered = 0
@@ -271,6 +278,20 @@ def _tasks(root: int):
                 continue
             yield (pid, tid, name, role_of(name, process_name, pid == root),
                    int(status.get("Seccomp", "0")), int(status.get("Seccomp_filters", "0")))
+
+
+def _launcher_of_standin(pid: int) -> int | None:
+    """The launcher pid a stand-in (native/standin.c) was given, if pid is one."""
+    try:
+        if not os.readlink(f"/proc/{pid}/exe").endswith("/stratovirt-standin"):
+            return None
+        environment = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for entry in environment:
+        if entry.startswith(b"STRATOVIRT_STANDIN="):
+            return int(entry.split(b"=", 1)[1].split(b":")[1])
+    return None
 
 
 def _read(path: str) -> str:

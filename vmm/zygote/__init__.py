@@ -29,12 +29,13 @@ Trust (who may ask, and what the child may become), written down once here:
 - A zygote whose code is older than the installed code (a module's mtime or size
   changed) refuses everyone, stops listening and exits once its VMs have ended.
 
-What a user of it gives up, documented in docs/performance.md: every VM forked from one
-zygote shares its address-space layout and Python's hash secret (as Android's apps
-do); the launcher's /proc/PID/cmdline is the zygote's; a cgroup move of the
-`stratovirt` process after the start does not follow to the VM's processes; the zygote
-itself is not seccomp-confined (it does what a launcher does before its own filter:
-docs/seccomp.md).
+What a user of it gives up: every VM forked from one zygote shares its address-space
+layout and Python's hash secret (as Android's apps do); the launcher's
+/proc/PID/cmdline is the zygote's; a cgroup move of the `stratovirt` process after the
+start does not follow to the VM's processes; signals other than the six forwarded
+(SIGSTOP, SIGCONT, SIGWINCH...) reach only the stand-in; the zygote itself is not
+seccomp-confined (it does what a launcher does before its own filter: docs/seccomp.md),
+nor is the stand-in (it holds one socket to the zygote and no guest input).
 """
 
 DEFAULT_SOCKET = "/run/stratovirt/zygote.sock"

@@ -1,15 +1,17 @@
 """What the zygote's child must become to be the caller's launcher, and the check that
 it can: the policy in vmm/zygote/__init__.py, "Trust".
 
-refusal() runs in the zygote before it forks and reads the caller's /proc entry (the
-caller is blocked in its request meanwhile); become() runs in the child.
+examine() runs in the zygote before it forks and reads the caller's /proc entry once;
+become() runs in the child, which is forked with what examine() found.
 """
 
+import functools
 import io
 import os
 import resource
 import signal
 import sys
+from dataclasses import dataclass
 
 import prctl
 
@@ -21,33 +23,67 @@ _NAMESPACES = ("mnt", "net", "pid", "ipc", "uts", "user", "cgroup", "time")
 _CGROUP_V2_ROOT = "/sys/fs/cgroup"
 
 
-def refusal(pid: int) -> str | None:
-    """Why a child of the zygote could not be what process `pid` would be, or None."""
+@dataclass(frozen=True)
+class Caller:
+    """What examine() read of a caller that the child needs (it is forked with it)."""
+    pid: int
+    umask: int
+    cgroup: str         # '' (the zygote's own) or the cgroup v2 path to join
+
+
+@dataclass(frozen=True)
+class _Identity:
+    """What must be the same in the caller and the zygote, as /proc shows it."""
+    status: tuple
+    namespaces: tuple
+    root: tuple
+    label: str
+
+    @classmethod
+    def of(cls, pid, status: dict[str, str]) -> "_Identity":
+        return cls(tuple(status.get(key) for key in _STATUS_KEYS),
+                   tuple(_inode(f"/proc/{pid}/ns/{name}") for name in _NAMESPACES),
+                   _inode(f"/proc/{pid}/root"), _label(pid))
+
+
+@functools.cache
+def _ours() -> _Identity:
+    """The zygote's own, read once: nothing it does changes these (its cgroup, which an
+    administrator may move, is read at each request)."""
+    return _Identity.of("self", _status("self"))
+
+
+def examine(pid: int) -> Caller | str:
+    """The caller, or why a child of the zygote could not be what process `pid` would
+    be (the caller is blocked in its request meanwhile)."""
     try:
-        theirs, ours = _status(pid), _status("self")
-        for key in _STATUS_KEYS:
-            if theirs.get(key) != ours.get(key):
-                return (f"the caller's {key} ({theirs.get(key)}) is not the zygote's "
-                        f"({ours.get(key)})")
-        for name in _NAMESPACES:
-            if _inode(f"/proc/{pid}/ns/{name}") != _inode(f"/proc/self/ns/{name}"):
-                return f"the caller is in another {name} namespace"
-        if _inode(f"/proc/{pid}/root") != _inode("/"):
-            return "the caller has another root directory"
-        if _read(f"/proc/{pid}/attr/current") != _read("/proc/self/attr/current"):
-            return "the caller has another LSM label"
-        if _cgroup_move(pid) is None:
-            return "the caller is in other cgroup v1 hierarchies"
+        status = _status(pid)
+        theirs, ours = _Identity.of(pid, status), _ours()
+        umask = int(status["Umask"], 8)
+        cgroup = _cgroup_move(_read(f"/proc/{pid}/cgroup"), _read("/proc/self/cgroup"))
     except OSError as error:
         return f"the caller's /proc entry: {error.strerror}"
-    return None
+    for key, mine, other in zip(_STATUS_KEYS, ours.status, theirs.status):
+        if mine != other:
+            return f"the caller's {key} ({other}) is not the zygote's ({mine})"
+    for name, mine, other in zip(_NAMESPACES, ours.namespaces, theirs.namespaces):
+        if mine != other:
+            return f"the caller is in another {name} namespace"
+    if theirs.root != ours.root:
+        return "the caller has another root directory"
+    if theirs.label != ours.label:
+        return "the caller has another LSM label"
+    if cgroup is None:
+        return "the caller is in other cgroup v1 hierarchies"
+    return Caller(pid, umask, cgroup)
 
 
-def become(pid: int, message: dict, cwd: int) -> None:
+def become(caller: Caller, message: dict, cwd: int) -> None:
     """Take on the caller's attributes (its fds are already in place)."""
+    pid = caller.pid
     os.setsid()         # not the zygote's process group: a signal to it is not to the VMs
     os.fchdir(cwd)
-    os.umask(int(_status(pid)["Umask"], 8))
+    os.umask(caller.umask)
     for name in dir(resource):
         if name.startswith("RLIMIT_"):
             number = getattr(resource, name)
@@ -56,9 +92,9 @@ def become(pid: int, message: dict, cwd: int) -> None:
     os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, pid))
     with open("/proc/self/oom_score_adj", "w") as ours:
         ours.write(_read(f"/proc/{pid}/oom_score_adj"))
-    move = _cgroup_move(pid)
-    if move:
-        with open(os.path.join(_CGROUP_V2_ROOT, move.lstrip("/"), "cgroup.procs"), "w") as procs:
+    if caller.cgroup:
+        with open(os.path.join(_CGROUP_V2_ROOT, caller.cgroup.lstrip("/"), "cgroup.procs"),
+                  "w") as procs:
             procs.write(str(os.getpid()))
     os.environb.clear()
     os.environb.update(message["env"])
@@ -90,10 +126,9 @@ def _fresh_stdio() -> None:
         setattr(sys, f"__{name}__", stream)
 
 
-def _cgroup_move(pid: int) -> str | None:
+def _cgroup_move(theirs: str, ours: str) -> str | None:
     """'' when the caller is in the zygote's cgroups, a cgroup v2 path to join, or None
     when it is elsewhere under cgroup v1 (not followed)."""
-    theirs, ours = _read(f"/proc/{pid}/cgroup"), _read("/proc/self/cgroup")
     if theirs == ours:
         return ""
     lines = theirs.splitlines()
@@ -115,11 +150,13 @@ def _inode(path: str) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _read(path: str) -> str:
+def _label(pid) -> str:
     try:
-        with open(path) as f:
-            return f.read()
-    except OSError as error:
-        if path.endswith("/attr/current"):      # no LSM: the same for everyone
-            return ""
-        raise error
+        return _read(f"/proc/{pid}/attr/current")
+    except OSError:             # no LSM: the same for everyone
+        return ""
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()

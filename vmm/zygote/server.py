@@ -176,20 +176,20 @@ class Zygote:
             connection.close()
             return
         message, fds = received
-        why = self._refusal(connection, message, fds)
-        if why:
-            log.info("refused: %s", why)
+        caller = self._refusal(message, fds) or adopt.examine(_peer(connection)[0])
+        if isinstance(caller, str):         # why not
+            log.info("refused: %s", caller)
             for fd in fds:
                 os.close(fd)
             try:
-                wire.send(connection, {"refused": why})
+                wire.send(connection, {"refused": caller})
             except OSError:
                 pass
             connection.close()
             return
         pid = os.fork()
         if pid == 0:
-            self._child(connection, message, fds)
+            self._child(connection, caller, message, fds)
         for fd in fds:
             os.close(fd)
         pidfd = os.pidfd_open(pid)
@@ -197,7 +197,8 @@ class Zygote:
         self.poll.register(pidfd, select.POLLIN)
         self.poll.register(connection, select.POLLIN | select.POLLHUP)
 
-    def _refusal(self, connection, message: dict, fds: list[int]) -> str | None:
+    def _refusal(self, message: dict, fds: list[int]) -> str | None:
+        """Why no request is served now, or this one is not a request."""
         if self.stopping:
             return "the zygote is stopping"
         if _fingerprint(self.files) != self.marks:
@@ -205,14 +206,14 @@ class Zygote:
             return "the installed code changed since the zygote started; restart it"
         if not _well_formed(message, fds):
             return "a malformed request"
-        return adopt.refusal(_peer(connection)[0])
+        return None
 
-    def _child(self, connection: socket.socket, message: dict, fds: list[int]) -> None:
+    def _child(self, connection: socket.socket, caller: adopt.Caller, message: dict,
+               fds: list[int]) -> None:
         """Become the caller's launcher; never returns."""
         status, zygote_log = 1, 2
         log.handlers.clear()
         try:
-            pid = _peer(connection)[0]
             # The zygote's sockets let go of their numbers (arranged below), unclosed.
             for held in (self.listener, *self.callers.values(),
                          *(caller for _, caller in self.vms.values())):
@@ -221,7 +222,7 @@ class Zygote:
             cwd, *theirs = fds
             connection, cwd, zygote_log = _arrange(connection.detach(), cwd, theirs,
                                                    message["fds"])
-            adopt.become(pid, message, cwd)
+            adopt.become(caller, message, cwd)
             os.close(cwd)
             os.close(zygote_log)
             wire.send(connection, {"ready": os.getpid()})

@@ -109,14 +109,18 @@ def spawn(name: str, role: str, keep_fds: list[int], body: Callable[[], int],
     return Child(pid, name, os.pidfd_open(pid))
 
 
-def _only(keep_fds: list[int], stdin: bool) -> None:
-    keep = sorted(set(keep_fds) | {0, 1, 2} | set(vmm_log.open_fds()))
-    low = 3
-    for fd in keep:
-        if fd >= low:
+def close_all_but(keep) -> None:
+    """Close every fd of this process but those in `keep` (a forked child's start)."""
+    low = 0
+    for fd in sorted(set(keep)):
+        if fd > low:        # never an empty range: closerange(0, 0) closes every fd
             os.closerange(low, fd)
-            low = fd + 1
+        low = max(low, fd + 1)
     os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+
+
+def _only(keep_fds: list[int], stdin: bool) -> None:
+    close_all_but({*keep_fds, 0, 1, 2, *vmm_log.open_fds()})
     if not stdin:
         null = os.open(os.devnull, os.O_RDONLY | os.O_NOFOLLOW)   # the launcher's filter wants it
         os.dup2(null, 0)

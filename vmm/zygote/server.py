@@ -22,6 +22,7 @@ import struct
 import sys
 import traceback
 
+from .. import children
 from . import DEFAULT_SOCKET, adopt, wire
 
 log = logging.getLogger("stratovirt.zygote")
@@ -303,14 +304,7 @@ def _arrange(connection: int, cwd: int, received: list[int], targets: list[int])
     the child cannot become the launcher after all), moved above them all."""
     above = max([*targets, 2]) + 1
     moved = [_move(fd, above) for fd in [connection, cwd, 2, *received]]
-    keep = set(moved)
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd not in keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+    children.close_all_but(moved)
     for fd, target in zip(moved[3:], targets):
         os.dup2(fd, target, inheritable=True)
         os.close(fd)
